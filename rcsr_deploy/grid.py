@@ -1,0 +1,151 @@
+"""Quantization grids: per-(row, group) scale and integer zero point, and round-to-grid.
+
+Dequantization everywhere in this project (quantizer, checkpoint, plugin, kernels) is
+
+    w[o, i] = (q[o, i] - z[o, g(i)]) * s[o, g(i)],     q in {0, ..., 2**bits - 1}
+
+with ``g(i) = i // group_size`` (static groups) or ``g(i) = group_index[i]`` (dynamic act-order
+groups), ``s`` stored as float16 and ``z`` an integer.  Symmetric grids are GPTQ's: ``z = 2**(bits-1)``
+and ``s = 2 max|w| / (2**bits - 1)``, levels ``-2**(bits-1) s ... (2**(bits-1) - 1) s`` (vLLM's
+"uint4b8" for 4 bits).  Asymmetric grids map ``[min(w, 0), max(w, 0)]`` onto ``[0, 2**bits - 1]``.
+
+Scales are rounded to float16 *before* any rounding decision so that the codes chosen by the
+quantizer are optimal for the scales actually stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import RcsrError
+
+FP16_MIN_SCALE = 2.0 ** -14  # smallest normal float16: scales below it lose precision in storage
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    group_size: int  # -1 = per output channel (one group spanning the whole row)
+    sym: bool = True
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def groups(self, in_features: int) -> int:
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def validate(self, in_features: int, name: str = "layer") -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise RcsrError(f"bits={self.bits} is not supported (choose 2, 3, 4 or 8)")
+        if self.group_size != -1 and self.group_size not in (32, 64, 128):
+            raise RcsrError(f"group size {self.group_size} is not supported (choose 32, 64, 128 or -1 for per-channel)")
+        if self.group_size != -1 and in_features % self.group_size:
+            raise RcsrError(
+                f"group size {self.group_size} does not divide in-features {in_features} of {name}")
+        if in_features % 32:
+            raise RcsrError(f"in-features {in_features} of {name} is not a multiple of 32 (packed format)")
+
+
+def _minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0):
+    """Scale/zero of each row of ``w`` ([..., n]) for the range shrunk by ``shrink``."""
+    maxq = spec.maxq
+    if spec.sym:
+        xmax = w.abs().amax(-1) * shrink
+        scale = 2 * xmax / maxq
+        scale = _fp16_scale(scale)
+        zero = torch.full_like(scale, float(1 << (spec.bits - 1)))
+    else:
+        xmin = w.amin(-1).clamp(max=0) * shrink
+        xmax = w.amax(-1).clamp(min=0) * shrink
+        scale = _fp16_scale((xmax - xmin) / maxq)
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    return scale.clamp(min=FP16_MIN_SCALE).to(torch.float16).to(torch.float32)
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Nearest grid code (float tensor of integers) of ``w`` for broadcastable scale/zero."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return (quantize_to_grid(w, scale, zero, maxq) - zero) * scale
+
+
+def compute_grid(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    clip: str = "minmax",
+    weights: torch.Tensor | None = None,
+    drift_lambda: float = 0.0,
+    drift_weights: torch.Tensor | None = None,
+    grid_points: int = 20,
+    max_shrink: float = 0.5,
+    columns: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales and zeros of ``w`` ([out, in]) -> (scale, zero), each ``[out, n_groups]`` fp32.
+
+    ``columns`` (optional permutation of ``range(in)``) forms groups from consecutive entries of
+    ``w[:, columns]`` (dynamic act-order groups); by default groups are consecutive columns.
+
+    ``clip``:
+      * ``"minmax"``: the full range of each group.
+      * ``"mse"``: per group, search range shrink factors ``1, 1 - max_shrink/grid_points, ...`` and keep
+        the one minimising ``sum_i c_i (w_i - fq(w_i))^2``, with ``c = weights`` (per input column,
+        e.g. diag(H): the output-error proxy of AWQ/GPTQ clip search; 1 when None).
+        SARQC (grid-search pipeline) adds ``drift_lambda * sum_i d_i (w_i - fq(w_i))^2`` with
+        ``d = drift_weights`` (saliency), so the searched loss is
+        ``sum_i (c_i + lambda d_i) (w_i - fq(w_i))^2`` evaluated per candidate.
+    """
+    out_f, in_f = w.shape
+    spec.validate(in_f)
+    glen = spec.group_len(in_f)
+    ng = spec.groups(in_f)
+    wp = w if columns is None else w[:, columns]
+    wg = wp.reshape(out_f, ng, glen).float()
+    if clip == "minmax":
+        return _minmax_params(wg, spec)
+    if clip != "mse":
+        raise RcsrError(f"unknown clip mode {clip!r} (minmax or mse)")
+    c = torch.ones(in_f, device=w.device) if weights is None else weights.float().to(w.device)
+    if drift_lambda and drift_weights is not None:
+        c = c + drift_lambda * drift_weights.float().to(w.device)
+    if columns is not None:
+        c = c[columns]
+    cg = c.reshape(1, ng, glen)
+    best_err = torch.full((out_f, ng), float("inf"), device=w.device)
+    best_scale, best_zero = _minmax_params(wg, spec)
+    for k in range(grid_points + 1):
+        shrink = 1.0 - max_shrink * k / grid_points
+        scale, zero = _minmax_params(wg, spec, shrink)
+        err = ((fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq) - wg) ** 2 * cg).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``[out, n_groups]`` -> ``[out, in]`` following static groups or ``g_idx``."""
+    if g_idx is not None:
+        return t[:, g_idx.long()]
+    return t.repeat_interleave(spec.group_len(in_features), dim=1)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
+               g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 weights from codes ``[out, in]`` and ``[out, n_groups]`` scale/zero."""
+    in_f = codes.shape[1]
+    s = expand_groups(scale.float(), spec, in_f, g_idx)
+    z = expand_groups(zero.float(), spec, in_f, g_idx)
+    return (codes.float() - z) * s

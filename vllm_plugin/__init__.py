@@ -1,0 +1,3 @@
+"""vLLM plugin placeholder (filled in by the plugin work)."""
+def register() -> None:
+    return None
