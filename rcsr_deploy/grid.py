@@ -85,9 +85,9 @@ def compute_grid(
     spec: QuantSpec,
     *,
     clip: str = "minmax",
-    weights: torch.Tensor | None = None,
+    H: torch.Tensor | None = None,
     drift_lambda: float = 0.0,
-    drift_weights: torch.Tensor | None = None,
+    w_fp: torch.Tensor | None = None,
     grid_points: int = 20,
     max_shrink: float = 0.5,
     columns: torch.Tensor | None = None,
@@ -99,35 +99,50 @@ def compute_grid(
 
     ``clip``:
       * ``"minmax"``: the full range of each group.
-      * ``"mse"``: per group, search range shrink factors ``1, 1 - max_shrink/grid_points, ...`` and keep
-        the one minimising ``sum_i c_i (w_i - fq(w_i))^2``, with ``c = weights`` (per input column,
-        e.g. diag(H): the output-error proxy of AWQ/GPTQ clip search; 1 when None).
-        SARQC (grid-search pipeline) adds ``drift_lambda * sum_i d_i (w_i - fq(w_i))^2`` with
-        ``d = drift_weights`` (saliency), so the searched loss is
-        ``sum_i (c_i + lambda d_i) (w_i - fq(w_i))^2`` evaluated per candidate.
+      * ``"mse"``: per group ``g``, try range shrink factors ``1, 1 − max_shrink/grid_points, …,
+        1 − max_shrink`` and keep the one minimising the group's loss for the rounded weights
+        ``q = RTN(w_g)``:
+
+            loss_g = e_g H_gg e_gᵀ + λ Σ_{j∈g} s_j (w_fp,j − q_j)²,   e_g = w_g − q_g,
+
+        with ``H_gg`` the group's diagonal block of the calibration Gram matrix (output-error proxy,
+        AWQ/GPTQ-style clip search; identity when ``H`` is None) and the SARQC drift term (saliency
+        ``s = diag H``, drift measured from the FP weights ``w_fp``; off when ``λ = 0``).
     """
     out_f, in_f = w.shape
     spec.validate(in_f)
     glen = spec.group_len(in_f)
     ng = spec.groups(in_f)
-    wp = w if columns is None else w[:, columns]
+    perm = columns if columns is not None else None
+    wp = w if perm is None else w[:, perm]
     wg = wp.reshape(out_f, ng, glen).float()
     if clip == "minmax":
         return _minmax_params(wg, spec)
     if clip != "mse":
         raise RcsrError(f"unknown clip mode {clip!r} (minmax or mse)")
-    c = torch.ones(in_f, device=w.device) if weights is None else weights.float().to(w.device)
-    if drift_lambda and drift_weights is not None:
-        c = c + drift_lambda * drift_weights.float().to(w.device)
-    if columns is not None:
-        c = c[columns]
-    cg = c.reshape(1, ng, glen)
+    if H is not None:
+        Hp = H.float() if perm is None else H.float()[perm][:, perm]
+        blocks = torch.stack([Hp[g * glen:(g + 1) * glen, g * glen:(g + 1) * glen] for g in range(ng)])
+        sal = torch.diagonal(Hp).reshape(1, ng, glen)
+    else:
+        blocks = None
+        sal = torch.ones(1, ng, glen, device=w.device)
+    drift = drift_lambda > 0 and w_fp is not None
+    if drift:
+        fg = (w_fp if perm is None else w_fp[:, perm]).reshape(out_f, ng, glen).float()
     best_err = torch.full((out_f, ng), float("inf"), device=w.device)
     best_scale, best_zero = _minmax_params(wg, spec)
     for k in range(grid_points + 1):
         shrink = 1.0 - max_shrink * k / grid_points
         scale, zero = _minmax_params(wg, spec, shrink)
-        err = ((fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq) - wg) ** 2 * cg).sum(-1)
+        q = fake_quant(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), spec.maxq)
+        e = wg - q
+        if blocks is None:
+            err = (e * e).sum(-1)
+        else:
+            err = torch.einsum("ogi,gij,ogj->og", e, blocks, e)
+        if drift:
+            err = err + drift_lambda * (sal * (fg - q) ** 2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

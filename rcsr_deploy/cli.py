@@ -1,0 +1,152 @@
+"""The ``rcsr`` command line: quantize, eval, serve, bench, export.
+
+Every user error ends as one ``error: ...`` line on stderr with exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import RcsrError
+
+
+def _group_size(value: str) -> int:
+    v = str(value).strip().lower()
+    if v in ("channel", "per-channel", "-1"):
+        return -1
+    try:
+        return int(v)
+    except ValueError:
+        raise RcsrError(f"--group-size must be 32, 64, 128 or 'channel', got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="rcsr-deploy")
+def cli(verbose: int) -> None:
+    """rcsr-deploy: regularized-calibration successive-rounding PTQ, and serving with vLLM."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.option("--model", "model", default="default", show_default=True,
+              help="HF model id, local HF folder, or 'default' (embedded SmolLM2-135M-Instruct).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "gptaq", "snrq", "ksnrq"]), default="snrq", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
+@click.option("--group-size", "group_size", default="128", show_default=True, help="32, 64, 128 or 'channel'.")
+@click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (GPTQ uint-b8 style) or asymmetric grid.")
+@click.option("--beam", type=int, default=None, help="K-SNRQ beams per row (ksnrq only; default 4).")
+@click.option("--alpha", default="sample", show_default=True, help="'sample' (Beta per sequence), 'closed-form', or a number in [0,1].")
+@click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
+@click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
+@click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True, help="Grid range: full range or H-weighted clip search.")
+@click.option("--act-order", "act_order", type=click.Choice(["none", "static", "dynamic"]), default="static", show_default=True,
+              help="Decode order diag(H)-descending with static groups, with groups in decode order (stores group_index), or natural order.")
+@click.option("--calib", default="sotu", show_default=True, help="Calibration text: sotu, wikitext2, c4, or a local text file/glob.")
+@click.option("--nsamples", type=int, default=128, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--percdamp", type=float, default=0.01, show_default=True, help="Damping as a fraction of mean(diag H).")
+@click.option("--batch-size", "batch_size", type=int, default=8, show_default=True, help="Calibration forward batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
+             calib, nsamples, seqlen, seed, percdamp, batch_size, device, resume, overwrite, no_progress):
+    """Quantize a causal LM into a packed rcsr checkpoint."""
+    from .calibrate import QuantizeConfig
+    from .pipeline import quantize_to_checkpoint
+
+    if beam is None:
+        beam = 4 if method == "ksnrq" else 1
+    cfg = QuantizeConfig(method=method, bits=bits, group_size=_group_size(group_size), sym=sym, beam=beam,
+                         alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
+                         act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
+                         calib=calib, batch_size=batch_size)
+    report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
+                                    progress=not no_progress)
+    click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "
+               f"g{cfg.group_size} {'sym' if sym else 'asym'})")
+
+
+@cli.command("eval")
+@click.option("--model", "model", default="default", show_default=True,
+              help="FP model (id, folder, 'default') or an rcsr checkpoint folder (evaluated dequantized).")
+@click.option("--data", default="mobydick", show_default=True, help="mobydick, wikitext2, c4, or a local text file/glob.")
+@click.option("--seqlen", type=int, default=1024, show_default=True)
+@click.option("--max-tokens", "max_tokens", type=int, default=40960, show_default=True, help="Evaluate on the first T tokens.")
+@click.option("--batch-size", "batch_size", type=int, default=1, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--no-progress", is_flag=True)
+def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_progress):
+    """Perplexity of an FP model or of a quantized checkpoint (fake-quant reference)."""
+    import time
+
+    import torch
+
+    from .assets import load_model, resolve_model
+    from .checkpoint import load_fake_quant_model
+    from .data import eval_tokens
+    from .evaluate import perplexity
+    from .pipeline import resolve_device
+
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    path = resolve_model(model)
+    cfg_file = Path(path) / "config.json"
+    quantized = cfg_file.exists() and "quantization_config" in json.loads(cfg_file.read_text())
+    if quantized:
+        m, tok = load_fake_quant_model(path, dtype=torch.float32, device=dev)
+    else:
+        m, tok = load_model(path, dtype=torch.float32, device=dev)
+    tokens = eval_tokens(data, tok, max_tokens)
+    res = perplexity(m, tokens, seqlen, bos_token_id=tok.bos_token_id, batch_size=batch_size, device=dev,
+                     progress=not no_progress)
+    res.update(model=str(model), data=data, quantized=bool(quantized), seconds=time.perf_counter() - t0)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        click.echo(f"perplexity {res['ppl']:.4f} on {res['tokens']} tokens of {data} ({model})")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model_dir", type=click.Path())
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model_dir, vllm_args):
+    """Serve a checkpoint with vLLM's OpenAI server: rcsr serve DIR [vLLM args...]."""
+    try:
+        from vllm_plugin.serve import serve_command
+    except ImportError as e:  # pragma: no cover
+        raise RcsrError(f"vLLM plugin unavailable: {e}") from None
+    sys.exit(serve_command(model_dir, list(vllm_args)))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except RcsrError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""``rcsr quantize`` end to end: model → calibration engine → packed checkpoint (+ report)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calibrate import QuantizeConfig, find_decoder_layers, linear_modules, quantize_model
+from .errors import RcsrError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RcsrError(f"--device {device} requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise RcsrError(f"unknown device {device!r} (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.rcsr-work"
+
+
+def check_layers_fit(model, cfg: QuantizeConfig) -> None:
+    """Fail early (before any calibration) when a layer cannot take the grid."""
+    layers, prefix = find_decoder_layers(model)
+    for i, block in enumerate(layers):
+        for n, m in linear_modules(block).items():
+            cfg.spec.validate(m.in_features, f"{prefix}.{i}.{n}")
+
+
+def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeConfig, *, device: str = "auto",
+                           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Quantize ``model_name`` and write the checkpoint atomically to ``out_dir``; returns the report."""
+    from .assets import load_model, resolve_model
+    from .checkpoint import QuantizedTensor, save_quantized
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise RcsrError(f"output directory {out_dir} already exists (pass --overwrite to replace it)")
+    device = resolve_device(device)
+    path = resolve_model(model_name)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
+    model.eval()
+    check_layers_fit(model, cfg)
+    load_s = time.perf_counter() - t0
+    results, report = quantize_model(model, tokenizer, cfg, device=device, work_dir=work_dir_for(out_dir),
+                                     resume=resume, model_id=str(model_name), progress=progress)
+    spec = cfg.spec
+    linears = dict(model.named_modules())
+    quantized = {}
+    for name, r in results.items():
+        bias = linears[name].bias
+        quantized[name] = QuantizedTensor(codes=r.codes, scale=r.scale, zero=r.zero, g_idx=r.g_idx, spec=spec,
+                                          bias=None if bias is None else bias.detach().cpu())
+    qcfg = {
+        "quant_method": "rcsr",
+        "format_version": 1,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "sym": cfg.sym,
+        "act_order": cfg.act_order if cfg.method not in ("rtn",) else "none",
+        "packing": "int32-lsb-bitstream",
+        "scale_dtype": "float16",
+        "quantized_modules": sorted(quantized),
+        "method": {k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order")},
+        "rcsr_version": __version__,
+    }
+    if cfg.method == "rtn":
+        # RTN never reorders columns; groups are static.
+        qcfg["act_order"] = "none"
+    report.update({
+        "model": str(model_name),
+        "model_path": str(path),
+        "load_seconds": load_s,
+        "device": device,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+    })
+    extra = {"quant_report.json": json.dumps(report, indent=1, default=float)}
+    png = _plot_report(report)
+    if png is not None:
+        extra["quant_report.png"] = png
+    save_quantized(model, quantized, out_dir, qcfg, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite)
+    import shutil
+    shutil.rmtree(work_dir_for(out_dir), ignore_errors=True)
+    return report
+
+
+def _plot_report(report: dict) -> bytes | None:
+    """Per-block relative output error of every module, as PNG bytes."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # pragma: no cover - matplotlib is a dependency; plotting is best-effort
+        return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    key = "rel_output_error"
+    for entry in report["layers"]:
+        for mod, info in entry["modules"].items():
+            v = info.get(key, info.get("rel_weight_error"))
+            if v is not None:
+                series.setdefault(mod.split(".")[-1], []).append((entry["block"], v))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for mod, pts in sorted(series.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=mod)
+    cfg = report["config"]
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("relative error ‖(W−Q)X̃‖²/‖WX̃‖²" if any("rel_output_error" in i for e in report["layers"] for i in e["modules"].values()) else "relative weight error")
+    ax.set_title(f"{cfg['method']} W{cfg['bits']} g{cfg['group_size']} {'sym' if cfg['sym'] else 'asym'}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
