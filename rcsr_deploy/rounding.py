@@ -129,6 +129,12 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
     width = min(2 * K, maxq + 1)  # candidate codes per beam (the K nearest lie among them)
     offsets = torch.arange(width, device=dev, dtype=torch.float32)
     rows = torch.arange(R, device=dev)
+    row_base = (rows * K).unsqueeze(1)  # flat index of beam 0 of each row in [R*K, ...] views
+
+    def regather(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
+        """t[r, k, :] <- t[r, parent[r, k], :] (row copies via index_select, much faster than gather)."""
+        flat = (row_base + parent).reshape(-1)
+        return t.reshape(R * K, -1).index_select(0, flat).reshape(t.shape)
 
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
@@ -137,9 +143,9 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
             tail = torch.matmul(E[:, :, :b0], A[:b0, b0:b1])  # [R, K, B]
         else:
             tail = torch.zeros(R, K, B, dtype=torch.float32, device=dev)
-        Eb = torch.zeros(R, K, B, dtype=torch.float32, device=dev)
-        Cb = torch.zeros(R, K, B, dtype=torch.uint8, device=dev)
-        origin = None  # ancestor (beam index at block start) of each beam; None = identity
+        e_hist = torch.empty(R, K, B, dtype=torch.float32, device=dev)  # by beam index *at* that column
+        q_hist = torch.empty(R, K, B, dtype=torch.uint8, device=dev)
+        parents = []  # beam back-pointers per column (K > 1)
         for jj in range(B):
             j = b0 + jj
             w = Wp[:, j].unsqueeze(1)  # [R, 1]
@@ -156,26 +162,30 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
                 cand = start.unsqueeze(-1) + offsets  # [R, K, width]
                 vals = (cand - z.unsqueeze(-1)) * s.unsqueeze(-1)
                 tot = cost.unsqueeze(-1) + (t2[j] * (what.unsqueeze(-1) - vals) ** 2).double()
-                best, idx = torch.topk(tot.reshape(R, -1), K, dim=1, largest=False, sorted=True)
+                cost, idx = torch.topk(tot.reshape(R, -1), K, dim=1, largest=False, sorted=True)
                 parent = torch.div(idx, width, rounding_mode="floor")
                 q = cand.reshape(R, -1).gather(1, idx)
                 v = vals.reshape(R, -1).gather(1, idx)
-                cost = best
-                g3 = parent.unsqueeze(-1).expand(R, K, B)
-                tail = tail.gather(1, g3)
-                Eb = Eb.gather(1, g3)
-                Cb = Cb.gather(1, g3)
-                origin = parent if origin is None else origin.gather(1, parent)
+                parents.append(parent)
+                if jj + 1 < B:
+                    tail = regather(tail, parent)
             e = w - v  # [R, K]
-            Eb[:, :, jj] = e
-            Cb[:, :, jj] = q.to(torch.uint8)
+            e_hist[:, :, jj] = e
+            q_hist[:, :, jj] = q.to(torch.uint8)
             if jj + 1 < B:
                 tail[:, :, jj + 1:] += e.unsqueeze(-1) * A[j, j + 1:b1]
-        if origin is not None and b0:
-            g = origin.unsqueeze(-1).expand(R, K, b0)
-            E[:, :, :b0] = E[:, :, :b0].gather(1, g)
-            C[:, :, :b0] = C[:, :, :b0].gather(1, g)
-        E[:, :, b0:b1] = Eb
-        C[:, :, b0:b1] = Cb
+        if K == 1:
+            E[:, :, b0:b1] = e_hist
+            C[:, :, b0:b1] = q_hist
+            continue
+        # Backtrack each final beam through the block, then re-gather the history before the block.
+        idx = torch.arange(K, device=dev).expand(R, K)
+        for jj in range(B - 1, -1, -1):
+            E[:, :, b0 + jj] = e_hist[:, :, jj].gather(1, idx)
+            C[:, :, b0 + jj] = q_hist[:, :, jj].gather(1, idx)
+            idx = parents[jj].gather(1, idx)
+        if b0:
+            E[:, :, :b0] = regather(E[:, :, :b0].contiguous(), idx)
+            C[:, :, :b0] = regather(C[:, :, :b0].contiguous(), idx)
     best = torch.argmin(cost, dim=1)
     return C[rows, best], cost[rows, best]
