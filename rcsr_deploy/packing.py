@@ -29,28 +29,33 @@ def check_packable(in_features: int, bits: int) -> None:
         raise RcsrError(f"in-features {in_features} is not a multiple of 32, which the packed format requires")
 
 
-def pack_codes(codes: torch.Tensor, bits: int, *, row_chunk: int = 1024) -> torch.Tensor:
+def _slots(bits: int):
+    """For code k of a 32-code run: (word, shift, spills into the next word)."""
+    return [((k * bits) // 32, (k * bits) % 32, (k * bits) % 32 + bits > 32) for k in range(32)]
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[out, in]`` (values in ``[0, 2**bits)``) into int32 ``[out, in*bits/32]``."""
     if codes.dim() != 2:
         raise RcsrError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() and not torch.equal(codes, codes.round()):
+        raise RcsrError("codes must be whole numbers")
     out_f, in_f = codes.shape
     width = packed_width(in_f, bits)
     c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= (1 << bits)):
         raise RcsrError(f"codes out of range for {bits}-bit packing")
-    result = torch.empty(out_f, width, dtype=torch.int32, device=codes.device)
-    bit_pos = torch.arange(bits, device=codes.device)
-    word_w = torch.ones(32, dtype=torch.int64, device=codes.device) << torch.arange(32, device=codes.device)
-    for r0 in range(0, out_f, row_chunk):
-        block = c[r0:r0 + row_chunk]
-        bitstream = (block.unsqueeze(-1) >> bit_pos) & 1            # [rows, in, bits], LSB first
-        words = bitstream.reshape(block.shape[0], width, 32)        # stream bits -> words
-        u32 = (words * word_w).sum(-1)                              # 0 <= u32 < 2**32
-        result[r0:r0 + row_chunk] = torch.where(u32 >= 2**31, u32 - 2**32, u32).to(torch.int32)
-    return result
+    runs = c.reshape(out_f, in_f // 32, 32)
+    words = torch.zeros(out_f, in_f // 32, bits, dtype=torch.int64, device=codes.device)
+    for k, (w, sh, spill) in enumerate(_slots(bits)):
+        words[:, :, w] |= (runs[:, :, k] << sh) & 0xFFFFFFFF
+        if spill:
+            words[:, :, w + 1] |= runs[:, :, k] >> (32 - sh)
+    words = words.reshape(out_f, width)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, *, row_chunk: int = 1024) -> torch.Tensor:
+def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int32 ``[out, in*bits/32]`` -> uint8 codes ``[out, in]``."""
     width = packed_width(in_features, bits)
     if packed.dim() != 2 or packed.shape[1] != width or packed.dtype != torch.int32:
@@ -58,12 +63,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int, *, row_chunk
             f"packed codes must be int32 [out, {width}] for {in_features} in-features at {bits} bits, "
             f"got {packed.dtype} {tuple(packed.shape)}")
     out_f = packed.shape[0]
-    result = torch.empty(out_f, in_features, dtype=torch.uint8, device=packed.device)
-    shifts = torch.arange(32, device=packed.device)
-    code_w = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
-    for r0 in range(0, out_f, row_chunk):
-        words = packed[r0:r0 + row_chunk].to(torch.int64) & 0xFFFFFFFF
-        bitstream = (words.unsqueeze(-1) >> shifts) & 1             # [rows, width, 32]
-        bitstream = bitstream.reshape(words.shape[0], in_features, bits)
-        result[r0:r0 + row_chunk] = (bitstream * code_w).sum(-1).to(torch.uint8)
-    return result
+    words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(out_f, in_features // 32, bits)
+    mask = (1 << bits) - 1
+    result = torch.empty(out_f, in_features // 32, 32, dtype=torch.uint8, device=packed.device)
+    for k, (w, sh, spill) in enumerate(_slots(bits)):
+        v = words[:, :, w] >> sh
+        if spill:
+            v = v | (words[:, :, w + 1] << (32 - sh))
+        result[:, :, k] = (v & mask).to(torch.uint8)
+    return result.reshape(out_f, in_features)

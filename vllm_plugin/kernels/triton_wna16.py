@@ -1,0 +1,390 @@
+"""Triton W{2,3,4,8}A16 GEMM for rcsr checkpoints: load-time repacking and ``y = x @ W^T (+ b)``.
+
+Public API (importable without CUDA, vLLM or Triton; Triton is imported on first use):
+
+* :func:`is_available` -- Triton importable and CUDA present (or ``TRITON_INTERPRET=1``).
+* :func:`prepare` -- canonical checkpoint tensors -> :class:`PreparedWeight` (kernel layout).
+* :func:`matmul` -- ``[..., in] @ W^T -> [..., out]`` in the activation dtype, fp32 accumulation.
+* :func:`warmup` -- run the autotuner for the usual M buckets before CUDA-graph capture.
+
+Kernel layout (docs/KERNELS.md has the bit diagrams):
+
+* codes are stored K-major and packed along the *output* dimension: ``qweight[k, j]`` (int32) holds
+  the codes of output channels ``j*P .. j*P+P-1`` at input ``k``, slot ``t`` in bits
+  ``[t*b, (t+1)*b)`` with ``b`` the plane width and ``P = 32 // b``.  Unpacking a
+  ``[BLOCK_K, BLOCK_N]`` tile is one load of ``[BLOCK_K, BLOCK_N / P]`` words, ``log2 P``
+  ``tl.interleave`` steps, one shift and one mask.
+* 3-bit codes are split into two planes with no wasted bit: the low 2 bits in a 2-bit plane
+  (``qweight``, 16 per word) and bit 2 in a 1-bit plane (``qweight_hi``, 32 per word): 3 words per
+  32 codes, the same 3 bits per weight as the canonical bitstream, and no code straddles words.
+* out-features are padded to a multiple of 128 (zero codes, zero scales) so every row of every
+  plane is 16-byte aligned; the kernels mask the padding.
+* scales fp16 ``[n_groups, out_pad]`` and zeros uint8 ``[n_groups, out_pad]`` (asymmetric only;
+  symmetric uses the constant ``2**(bits-1)`` in the kernel).
+* act order: the input columns are sorted by ``g_idx`` once here (stable), so groups become
+  contiguous; ``perm`` is stored and :func:`matmul` gathers ``x[:, perm]`` once per call.  When the
+  sorted groups are exactly ``group_size`` long (GPTQ-style act order) the kernel then runs the plain
+  static-group code; otherwise ``group_ids`` (sorted ``g_idx``) is kept and read per K row.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from rcsr_deploy.errors import RcsrError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+N_ALIGN = 128          # out-features padding of the repacked planes
+SKINNY_MAX_M = 16      # M <= this: split-K GEMV-style path; above: tiled GEMM
+_MAX_M_BUCKET = 4096   # autotune buckets: powers of two, everything above shares the last
+_INT32_LIMIT = 2 ** 31 - 1
+_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M", "num_warps", "num_stages")
+
+
+class KernelInputError(RcsrError, ValueError):
+    """A weight/activation the Triton kernels cannot take (one clear line)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Availability and lazy Triton import
+# ----------------------------------------------------------------------------------------------
+def _interpret_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def is_available() -> bool:
+    """True when Triton imports and either CUDA is present or ``TRITON_INTERPRET=1`` is set."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - any broken install means "not available"
+        return False
+    return _interpret_env() or torch.cuda.is_available()
+
+
+_JIT = None
+
+
+def _jit():
+    """The JIT module, (re)imported so that its kernels match the current TRITON_INTERPRET."""
+    global _JIT
+    if _JIT is None:
+        try:
+            _JIT = importlib.import_module(".triton_wna16_jit", __package__)
+        except ImportError as exc:
+            raise RcsrError(f"the Triton kernels need the 'triton' package ({exc})") from exc
+    if _JIT.INTERPRET != _JIT.interpret_requested():
+        _JIT = importlib.reload(_JIT)
+    return _JIT
+
+
+# ----------------------------------------------------------------------------------------------
+# Prepared (repacked) weight
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PreparedWeight:
+    """One quantized linear in the kernel layout (see the module docstring)."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int                      # -1 = one group per output channel
+    sym: bool
+    out_pad: int                         # out_features rounded up to N_ALIGN
+    qweight: torch.Tensor                # int32 [in, out_pad * plane_bits / 32]
+    scales: torch.Tensor                 # float16 [n_groups, out_pad]
+    qweight_hi: torch.Tensor | None = None   # int32 [in, out_pad / 32], 3-bit only (bit 2 of each code)
+    zeros: torch.Tensor | None = None        # uint8 [n_groups, out_pad], asymmetric only
+    perm: torch.Tensor | None = None         # int64 [in]: kernel column j reads input column perm[j]
+    group_ids: torch.Tensor | None = None    # int32 [in]: group of kernel column j (uneven act-order groups)
+
+    @property
+    def plane_bits(self) -> int:
+        return 2 if self.bits == 3 else self.bits
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors (non-None) by field name, e.g. to register them as buffers."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for the weight (codes, scales, zeros, group ids)."""
+        return sum(t.numel() * t.element_size() for n, t in self.tensors().items() if n != "perm")
+
+    def to(self, device) -> "PreparedWeight":
+        return replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
+
+
+def _unpack_rows(qw: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Canonical int32 bitstream rows ``[r, in*bits/32]`` -> int64 codes ``[r, in]``."""
+    rows = qw.shape[0]
+    if bits != 3:
+        ppw = 32 // bits
+        shifts = torch.arange(ppw, device=qw.device, dtype=torch.int32) * bits
+        return ((qw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, in_features).long()
+    # 3 bits: 32 codes per 3 words; code c starts at stream bit 3c, codes 10 and 21 straddle words.
+    w = qw.reshape(rows, in_features // 32, 3).long() & 0xFFFFFFFF
+    start = torch.arange(32, device=qw.device) * 3
+    word, shift = start // 32, start % 32
+    lo = w[..., word] >> shift
+    hi = w[..., (word + 1).clamp(max=2)] << (32 - shift)
+    return torch.where(shift > 29, lo | hi, lo).reshape(rows, in_features) & 7
+
+
+def _pack_along_n(codes_t: torch.Tensor, plane_bits: int) -> torch.Tensor:
+    """int64 codes ``[K, C]`` (C % 32 == 0) -> int32 words ``[K, C*plane_bits/32]`` packed along C."""
+    ppw = 32 // plane_bits
+    k, c = codes_t.shape
+    shifts = torch.arange(ppw, device=codes_t.device, dtype=torch.int64) * plane_bits
+    words = (codes_t.reshape(k, c // ppw, ppw) << shifts).sum(-1)     # disjoint bits: sum == or
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def _fail(msg: str):
+    raise KernelInputError(msg)
+
+
+def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+            g_idx: torch.Tensor | None, bits: int, group_size: int, sym: bool) -> PreparedWeight:
+    """Repack one linear from the canonical checkpoint layout (docs/FORMAT.md) to the kernel layout.
+
+    ``qweight`` int32 ``[out, in*bits/32]``, ``scales`` float16 ``[out, n_groups]``, ``zeros``
+    integer ``[out, n_groups]`` (asymmetric only, else None), ``g_idx`` int ``[in]`` (dynamic act
+    order only, else None).  Runs on the tensors' device; the result lives there too.
+    """
+    if bits not in SUPPORTED_BITS:
+        _fail(f"bits={bits} is not supported by the Triton kernels (choose 2, 3, 4 or 8)")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        _fail(f"group size {group_size} is not supported by the Triton kernels (choose 32, 64, 128 or -1)")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
+        _fail(f"qweight must be a 2-D int32 tensor, got {getattr(qweight, 'dtype', type(qweight))} "
+              f"{tuple(getattr(qweight, 'shape', ()))}")
+    out_f, width = qweight.shape
+    if width == 0 or out_f == 0 or (width * 32) % bits or ((width * 32) // bits) % 32:
+        _fail(f"qweight width {width} is not a whole number of 32-code runs at {bits} bits "
+              f"(in-features must be a positive multiple of 32)")
+    in_f = width * 32 // bits
+    if group_size != -1 and in_f % group_size:
+        _fail(f"group size {group_size} does not divide in-features {in_f}")
+    n_groups = 1 if group_size == -1 else in_f // group_size
+    dev = qweight.device
+    if scales.dtype != torch.float16 or tuple(scales.shape) != (out_f, n_groups):
+        _fail(f"scales must be float16 [{out_f}, {n_groups}], got {scales.dtype} {tuple(scales.shape)}")
+    if sym and zeros is not None:
+        _fail("zeros were given for a symmetric weight (symmetric uses the constant 2**(bits-1))")
+    if not sym:
+        if zeros is None:
+            _fail("an asymmetric weight needs zeros [out, n_groups]")
+        if zeros.dtype.is_floating_point or tuple(zeros.shape) != (out_f, n_groups):
+            _fail(f"zeros must be integer [{out_f}, {n_groups}], got {zeros.dtype} {tuple(zeros.shape)}")
+        if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= (1 << bits)):
+            _fail(f"zero points out of range for {bits} bits")
+
+    perm = group_ids = None
+    if g_idx is not None:
+        if g_idx.dtype.is_floating_point or tuple(g_idx.shape) != (in_f,):
+            _fail(f"g_idx must be integer [{in_f}], got {g_idx.dtype} {tuple(g_idx.shape)}")
+        g = g_idx.to(device=dev, dtype=torch.int64)
+        if int(g.min()) < 0 or int(g.max()) >= n_groups:
+            _fail(f"g_idx values must lie in [0, {n_groups})")
+        if group_size != -1:
+            perm = torch.argsort(g, stable=True)
+            g_sorted = g[perm]
+            if not torch.equal(g_sorted, torch.arange(in_f, device=dev) // group_size):
+                group_ids = g_sorted.to(torch.int32)
+            if torch.equal(perm, torch.arange(in_f, device=dev)):
+                perm = None
+
+    plane = 2 if bits == 3 else bits
+    out_pad = -(-out_f // N_ALIGN) * N_ALIGN
+    qw_new = torch.empty(in_f, out_pad * plane // 32, dtype=torch.int32, device=dev)
+    qh_new = torch.empty(in_f, out_pad // 32, dtype=torch.int32, device=dev) if bits == 3 else None
+    # Row chunks (a multiple of N_ALIGN) bound the int64 temporaries to ~2**24 elements.
+    chunk = max(N_ALIGN, (2 ** 24 // in_f) // N_ALIGN * N_ALIGN)
+    for n0 in range(0, out_pad, chunk):
+        n1 = min(n0 + chunk, out_pad)
+        codes = _unpack_rows(qweight[n0:min(n1, out_f)], bits, in_f)        # [c, in]
+        if perm is not None:
+            codes = codes[:, perm]
+        codes_t = torch.zeros(in_f, n1 - n0, dtype=torch.int64, device=dev)
+        codes_t[:, :codes.shape[0]] = codes.t()
+        if bits == 3:
+            qw_new[:, n0 // 16:n1 // 16] = _pack_along_n(codes_t & 3, 2)
+            qh_new[:, n0 // 32:n1 // 32] = _pack_along_n(codes_t >> 2, 1)
+        else:
+            qw_new[:, n0 * bits // 32:n1 * bits // 32] = _pack_along_n(codes_t, bits)
+
+    def _kmajor(t, dtype):
+        out = torch.zeros(n_groups, out_pad, dtype=dtype, device=dev)
+        out[:, :out_f] = t.to(device=dev, dtype=dtype).t()
+        return out
+
+    return PreparedWeight(
+        in_features=in_f, out_features=out_f, bits=bits, group_size=group_size, sym=sym,
+        out_pad=out_pad, qweight=qw_new, qweight_hi=qh_new, scales=_kmajor(scales, torch.float16),
+        zeros=None if sym else _kmajor(zeros, torch.uint8), perm=perm, group_ids=group_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# matmul
+# ----------------------------------------------------------------------------------------------
+def _pow2_at_least(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def m_bucket(m: int) -> int:
+    """Autotune bucket of M: the next power of two, capped at 4096."""
+    return min(_pow2_at_least(m), _MAX_M_BUCKET)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 SXM; only used for the interpreter's heuristic config
+
+
+def default_config(m: int, n: int, k: int, device: torch.device | str = "cuda") -> dict:
+    """Heuristic launch config (used under the interpreter and for untuned keys during graph capture)."""
+    device = torch.device(device)
+    if m <= SKINNY_MAX_M:
+        bn = 128 if n >= 2048 else 64 if n > 32 else 32
+        bk = 128 if k >= 128 else 64 if k >= 64 else 32
+        n_tiles, k_tiles = -(-n // bn), -(-k // bk)
+        split = 1
+        while split < 16 and 2 * split <= k_tiles and n_tiles * split < 2 * _sm_count(device):
+            split *= 2
+        return {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 1,
+                "num_warps": 4, "num_stages": 4}
+    bm = 32 if m <= 32 else 64 if m <= 64 else 128
+    return {"BLOCK_M": bm, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
+            "num_warps": 8 if bm == 128 else 4, "num_stages": 3}
+
+
+def _check_config(cfg: dict) -> dict:
+    unknown = set(cfg) - set(_CONFIG_KEYS)
+    if unknown:
+        _fail(f"unknown config keys {sorted(unknown)} (known: {', '.join(_CONFIG_KEYS)})")
+    full = {"SPLIT_K": 1, "GROUP_M": 8, "num_warps": 4, "num_stages": 3, **cfg}
+    for key, low in (("BLOCK_M", 16), ("BLOCK_N", 32), ("BLOCK_K", 32)):
+        v = full.get(key)
+        if not isinstance(v, int) or v < low or v & (v - 1):
+            _fail(f"config {key} must be a power of two >= {low}, got {v!r}")
+    if not isinstance(full["SPLIT_K"], int) or full["SPLIT_K"] < 1:
+        _fail(f"config SPLIT_K must be a positive integer, got {full['SPLIT_K']!r}")
+    return full
+
+
+_TUNED_KEYS: set = set()
+
+
+def _launch_meta(pw: PreparedWeight, has_bias: bool) -> dict:
+    return dict(BITS=pw.bits, PLANE_BITS=pw.plane_bits, GROUP_SIZE=0 if pw.group_size == -1 else pw.group_size,
+                HAS_ZEROS=pw.zeros is not None, HAS_GIDX=pw.group_ids is not None, HAS_BIAS=has_bias)
+
+
+def matmul(x: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None = None, *,
+           config: dict | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for ``x`` ``[..., in]`` fp16/bf16/fp32 -> ``[..., out]`` in ``x.dtype``.
+
+    M (the product of the leading dims) <= 16 takes the skinny split-K path, larger M the tiled
+    path; both are autotuned on CUDA (key: M bucket, N, K, quantization constexprs, dtypes).
+    ``config`` (keys ``BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, GROUP_M, num_warps, num_stages``) forces a
+    launch config instead (tests, benchmarks).
+    """
+    if not isinstance(pw, PreparedWeight):
+        raise TypeError(f"pw must be a PreparedWeight (from prepare()), got {type(pw).__name__}")
+    k, n = pw.in_features, pw.out_features
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != k:
+        _fail(f"activation must have {k} features in its last dim, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        _fail(f"activation dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
+    if x.device != pw.device:
+        _fail(f"activation is on {x.device} but the weight is on {pw.device}")
+    if bias is not None:
+        if tuple(bias.shape) != (n,) or not bias.dtype.is_floating_point:
+            _fail(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+        bias = bias.to(pw.device).contiguous()
+    jit = _jit()
+    if x.device.type != "cuda" and not jit.INTERPRET:
+        _fail("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests)")
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if pw.perm is not None:
+        x2 = x2.index_select(1, pw.perm)           # act order: one gather per call, not per tile
+    elif x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, n)
+
+    # The kernel indexes activations/outputs with int32 offsets: split absurdly tall inputs.
+    rows = max(1, (_INT32_LIMIT // max(x2.stride(0), n, 1)) // 256 * 256)
+    if m > rows:
+        out = torch.cat([_matmul_2d(jit, x2[r:r + rows], pw, bias, config) for r in range(0, m, rows)])
+    else:
+        out = _matmul_2d(jit, x2, pw, bias, config)
+    return out.reshape(*lead, n)
+
+
+def _matmul_2d(jit, x2: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None,
+               config: dict | None) -> torch.Tensor:
+    m, k = x2.shape
+    n = pw.out_features
+    skinny = m <= SKINNY_MAX_M
+    bucket = m_bucket(m)
+    meta = _launch_meta(pw, bias is not None)
+    tune_key = (skinny, bucket, n, k, tuple(meta.values()), x2.dtype, None if bias is None else bias.dtype)
+    if config is None and (jit.INTERPRET or (torch.cuda.is_current_stream_capturing()
+                                             and tune_key not in _TUNED_KEYS)):
+        # No autotuning under the interpreter, nor inside CUDA-graph capture (benchmarking there
+        # would break the capture): use the heuristic config.
+        config = default_config(m, n, k, x2.device)
+    cfg = None if config is None else _check_config(config)
+
+    atomic = (cfg["SPLIT_K"] > 1) if cfg is not None else skinny
+    out = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
+           else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    args = (x2, pw.qweight, pw.qweight_hi, pw.scales, pw.zeros, pw.group_ids, bias, out,
+            m, n, k, pw.out_pad, x2.stride(0), out.stride(0), pw.qweight.stride(0),
+            0 if pw.qweight_hi is None else pw.qweight_hi.stride(0), bucket)
+
+    def grid(meta_):
+        return (-(-m // meta_["BLOCK_M"]) * -(-n // meta_["BLOCK_N"]), meta_["SPLIT_K"])
+
+    if cfg is None:
+        kernel = jit.wna16_gemm_skinny_tuned if skinny else jit.wna16_gemm_tiled_tuned
+        kernel[grid](*args, **meta)
+        _TUNED_KEYS.add(tune_key)
+    else:
+        launch = {kk: cfg[kk] for kk in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M")}
+        jit.wna16_gemm_kernel[grid](*args, **meta, **launch,
+                                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if out.dtype != x2.dtype:
+        out = out.to(x2.dtype)
+    return out
+
+
+def warmup(pw: PreparedWeight, dtype: torch.dtype = torch.float16, *, bias: bool = False,
+           m_values=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)) -> None:
+    """Autotune every M bucket of ``m_values`` for this weight now (call before CUDA-graph capture).
+
+    Nothing to do (returns at once) off CUDA or under the interpreter, where no autotuning runs.
+    """
+    if pw.device.type != "cuda" or _jit().INTERPRET:
+        return
+    b = torch.zeros(pw.out_features, dtype=dtype, device=pw.device) if bias else None
+    for m in m_values:
+        matmul(torch.zeros(m, pw.in_features, dtype=dtype, device=pw.device), pw, b)
