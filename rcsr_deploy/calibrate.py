@@ -515,9 +515,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
                 try:
                     for b0, xq in q_iter:
                         xf = next(fp_iter)[1] if fp_iter is not None else None
-                        for k in range(xq.shape[0]):
-                            stats.add(xq[k], None if xf is None else xf[k],
-                                      dx_scale=1.0 if alphas is None else float(alphas[b0 + k]))
+                        scale = 1.0 if alphas is None else alphas[b0:b0 + xq.shape[0]]
+                        stats.add(xq, xf, dx_scale=scale)
                 finally:  # removes the hooks even if a generator is left suspended
                     q_iter.close()
                     if fp_iter is not None:

@@ -56,23 +56,26 @@ class LayerStats:
         self.D = torch.zeros_like(self.H) if with_d else None
         self.tokens = 0
 
-    def add(self, x_q: torch.Tensor, x_fp: torch.Tensor | None = None, dx_scale: float = 1.0) -> None:
-        """Add one sequence: ``x_q``/``x_fp`` are ``[..., in]`` inputs on the quantized / FP path."""
-        a = x_q.reshape(-1, x_q.shape[-1]).float()
-        n = a.shape[0]
+    def add(self, x_q: torch.Tensor, x_fp: torch.Tensor | None = None, dx_scale=1.0) -> None:
+        """Add sequences: ``x_q``/``x_fp`` are ``[B, L, in]`` (or ``[L, in]``) inputs on the quantized /
+        FP path; ``dx_scale`` (float or ``[B]``) scales each sequence's ``ΔX`` (sampled α)."""
+        if x_q.dim() == 2:
+            x_q = x_q.unsqueeze(0)
+            x_fp = None if x_fp is None else x_fp.unsqueeze(0)
+        a = x_q.float()
         if not torch.isfinite(a).all():
             raise RcsrError("non-finite (NaN/Inf) activations reached a linear layer during calibration")
+        n = a.shape[0] * a.shape[1]
         total = self.tokens + n
         keep = self.tokens / total
-        self.H.mul_(keep)
-        a_s = a * math.sqrt(2.0 / total)
-        self.H.addmm_(a_s.T, a_s)
+        a_s = a.reshape(-1, a.shape[-1]) * math.sqrt(2.0 / total)
+        self.H.mul_(keep).addmm_(a_s.T, a_s)
         if self.D is not None:
             if x_fp is None:
                 raise ValueError("x_fp is required when D is accumulated")
-            dx = (x_fp.reshape(-1, x_fp.shape[-1]).float() - a) * (dx_scale * math.sqrt(2.0 / total))
-            self.D.mul_(keep)
-            self.D.addmm_(dx.T, a_s)
+            scale = torch.as_tensor(dx_scale, dtype=torch.float32, device=a.device).reshape(-1, 1, 1)
+            dx = ((x_fp.float() - a) * (scale * math.sqrt(2.0 / total))).reshape(-1, a.shape[-1])
+            self.D.mul_(keep).addmm_(dx.T, a_s)
         self.tokens = total
 
 

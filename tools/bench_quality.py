@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Quality benchmark: quantize the model with several methods/settings, evaluate perplexity.
+
+Each (setting, method, seed) row: ``rcsr quantize`` in-process (wall time of the whole layer loop,
+forward passes included) → fake-quant perplexity on the evaluation text.  Rows are appended to a
+JSONL file as they finish, so an interrupted run continues where it stopped (rows already present
+are skipped).  ``--summary`` prints the markdown table for docs/RESULTS.md.
+
+Example (the docs/RESULTS.md run)::
+
+    python tools/bench_quality.py --out runs/quality.jsonl --settings w3g64 --methods all \
+        --nsamples 32 --seqlen 512 --eval-tokens 40960 --seeds 0
+    python tools/bench_quality.py --out runs/quality.jsonl --summary
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+SETTINGS = {
+    "w3g64": dict(bits=3, group_size=64, sym=True),
+    "w4pc": dict(bits=4, group_size=-1, sym=True),
+    "w2g64": dict(bits=2, group_size=64, sym=True),
+    "w4g64": dict(bits=4, group_size=64, sym=True),
+    "w3g128": dict(bits=3, group_size=128, sym=True),
+}
+METHODS = {
+    "rtn": dict(method="rtn"),
+    "gptq": dict(method="gptq"),
+    "gptaq": dict(method="gptaq"),
+    "snrq": dict(method="snrq", alpha="sample"),
+    "snrq-cf": dict(method="snrq", alpha="closed-form"),
+    "ksnrq4": dict(method="ksnrq", alpha="sample", beam=4),
+    "ksnrq8": dict(method="ksnrq", alpha="sample", beam=8),
+    "snrq-sarqc": dict(method="snrq", alpha="sample", sarqc_lambda=0.1),
+    "rtn-sarqc": dict(method="rtn", clip="mse", sarqc_lambda=0.1),
+}
+
+
+def machine_info() -> dict:
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    import transformers
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": torch.get_num_threads(),
+        "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_tile" in flags,
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+    }
+
+
+def _done(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            keys.add((r["setting"], r["method"], r["seed"], r.get("nsamples"), r.get("seqlen")))
+    return keys
+
+
+@click.command()
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="runs/quality.jsonl", show_default=True)
+@click.option("--model", default="default", show_default=True)
+@click.option("--settings", default="w3g64", show_default=True, help=f"comma list of {', '.join(SETTINGS)}")
+@click.option("--methods", default="all", show_default=True, help=f"comma list of fp, {', '.join(METHODS)} or all")
+@click.option("--seeds", default="0", show_default=True)
+@click.option("--calib", default="sotu", show_default=True)
+@click.option("--eval-data", "eval_data", default="mobydick", show_default=True)
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=512, show_default=True)
+@click.option("--eval-tokens", "eval_tokens_n", type=int, default=40960, show_default=True)
+@click.option("--eval-seqlen", type=int, default=1024, show_default=True)
+@click.option("--act-order", "act_order", default="static", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--summary", is_flag=True, help="Only print the markdown table of what --out holds.")
+def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, seqlen, eval_tokens_n, eval_seqlen,
+         act_order, device, summary):
+    out = Path(out_path)
+    if summary:
+        print(render_summary(out))
+        return
+    from rcsr_deploy.assets import load_model, resolve_model
+    from rcsr_deploy.calibrate import QuantizeConfig
+    from rcsr_deploy.checkpoint import load_fake_quant_model
+    from rcsr_deploy.data import eval_tokens
+    from rcsr_deploy.evaluate import perplexity
+    from rcsr_deploy.pipeline import quantize_to_checkpoint, resolve_device
+
+    dev = resolve_device(device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = _done(out)
+    info = machine_info()
+    path = resolve_model(model)
+    _, tok = load_model(path)
+    tokens = eval_tokens(eval_data, tok, eval_tokens_n)
+    method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
+    if methods == "all":
+        method_names = ["fp"] + method_names
+
+    def record(row):
+        row.update(machine=info, model=model, eval_data=eval_data, eval_tokens=int(tokens.numel()),
+                   eval_seqlen=eval_seqlen, calib=calib, nsamples=nsamples, seqlen=seqlen, act_order=act_order,
+                   when=time.strftime("%Y-%m-%d %H:%M:%S"))
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("setting", "method", "seed", "ppl", "quant_seconds")}), flush=True)
+
+    if "fp" in method_names and ("fp", "fp", 0, nsamples, seqlen) not in done:
+        m, _ = load_model(path)
+        r = perplexity(m, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+        record({"setting": "fp", "method": "fp", "seed": 0, "ppl": r["ppl"], "quant_seconds": 0.0})
+        del m
+    for setting in settings.split(","):
+        for name in method_names:
+            if name == "fp":
+                continue
+            for seed in (int(s) for s in seeds.split(",")):
+                if (setting, name, seed, nsamples, seqlen) in done:
+                    continue
+                kw = {**SETTINGS[setting], **METHODS[name]}
+                cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order, **kw)
+                tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))
+                try:
+                    rep = quantize_to_checkpoint(path, tmp / "q", cfg, device=dev, progress=True)
+                    qm, _ = load_fake_quant_model(tmp / "q", device=dev)
+                    r = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+                    alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
+                    record({"setting": setting, "method": name, "seed": seed, "ppl": r["ppl"],
+                            "quant_seconds": rep["seconds"], "config": rep["config"],
+                            "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
+                            "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors"))})
+                    del qm
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render_summary(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by: dict[tuple, list] = {}
+    for r in rows:
+        by.setdefault((r["setting"], r["method"]), []).append(r)
+    lines = ["| setting | method | ppl (mean ± sd over seeds) | seeds | quant. time (s) | mean α |",
+             "|---|---|---|---|---|---|"]
+    for (setting, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0] != "fp", kv[0][0], list(METHODS).index(kv[0][1]) if kv[0][1] in METHODS else -1)):
+        p = torch.tensor([r["ppl"] for r in rs], dtype=torch.float64)
+        t = sum(r["quant_seconds"] for r in rs) / len(rs)
+        sd = f" ± {p.std().item():.2f}" if len(rs) > 1 else ""
+        al = [r.get("mean_alpha") for r in rs if r.get("mean_alpha") is not None]
+        lines.append(f"| {setting} | {method} | {p.mean().item():.2f}{sd} | {len(rs)} | {t:.0f} | "
+                     f"{(sum(al) / len(al)) if al else float('nan'):.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
