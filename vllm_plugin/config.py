@@ -1,0 +1,114 @@
+"""``RcsrConfig``: vLLM's view of an rcsr checkpoint's ``quantization_config`` (format_version 1)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+
+from rcsr_deploy.checkpoint import validate_quant_config
+from rcsr_deploy.errors import RcsrError
+
+from .errors import RcsrPluginError
+
+QUANT_METHOD = "rcsr"
+_QKV = ("q", "k", "v")
+
+
+def parse_quant_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Validated fields of a ``quantization_config`` dict (RcsrPluginError naming the bad field)."""
+    try:
+        qc = validate_quant_config(config)
+    except RcsrError as e:
+        raise RcsrPluginError(str(e)) from None
+    return {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"],
+            "act_order": qc["act_order"], "quantized_modules": list(qc["quantized_modules"])}
+
+
+class RcsrConfig(QuantizationConfig):
+    """Weight-only integer quantization with group-wise fp16 scales (rcsr-deploy checkpoints)."""
+
+    def __init__(self, bits: int, group_size: int, sym: bool, act_order: str,
+                 quantized_modules: list[str]):
+        super().__init__()
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.act_order = act_order
+        self.quantized_modules = list(quantized_modules)
+        self._quantized = set(self.quantized_modules)
+
+    def __repr__(self) -> str:
+        return (f"RcsrConfig(bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "
+                f"act_order={self.act_order!r}, {len(self.quantized_modules)} quantized modules)")
+
+    # --- QuantizationConfig interface -----------------------------------------------------------
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70  # CUDA only (Triton kernel); vLLM does not check it on CPU
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the quantization_config lives in config.json
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RcsrConfig":
+        return cls(**parse_quant_config(config))
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        """Follow the model's HF -> vLLM module renames (fused names are handled per layer)."""
+        self.quantized_modules = hf_to_vllm_mapper.apply_list(self.quantized_modules)
+        self._quantized = set(self.quantized_modules)
+
+    @staticmethod
+    def get_checkpoint_weight_mapper():
+        """Drop nothing: our act-order tensor is ``group_index`` and every tensor is used (the base
+        class drops ``.g_idx``; a stray one in an rcsr checkpoint should fail loudly instead)."""
+        from vllm.model_executor.models.utils import WeightsMapper
+
+        return WeightsMapper()
+
+    def hf_names(self, prefix: str) -> list[str]:
+        """HF (unfused) module names behind a vLLM layer prefix, in shard order."""
+        parent, _, proj = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(proj)
+        if not parts or prefix in self._quantized:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head, attention: unquantized
+        names = self.hf_names(prefix)
+        quantized = [n in self._quantized for n in names]
+        if all(quantized):
+            from .linear import RcsrLinearMethod
+
+            return RcsrLinearMethod(self, prefix, names)
+        if not any(quantized):
+            return UnquantizedLinearMethod()
+        q = [n for n, f in zip(names, quantized) if f]
+        u = [n for n, f in zip(names, quantized) if not f]
+        raise RcsrPluginError(
+            f"{prefix}: vLLM runs {', '.join(names)} as one fused layer, but quantized_modules lists only "
+            f"{', '.join(q)} (not {', '.join(u)}); quantize all of them or none")
+
+    @staticmethod
+    def shard_index(shard_id) -> int | None:
+        """Index into :meth:`hf_names` of a vLLM loader shard id (``'q'``/``'k'``/``'v'`` or int)."""
+        if shard_id is None:
+            return None
+        if isinstance(shard_id, str):
+            return _QKV.index(shard_id)
+        if isinstance(shard_id, tuple):
+            return shard_id[0] if len(shard_id) == 1 else None
+        return int(shard_id)

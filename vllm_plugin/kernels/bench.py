@@ -1,0 +1,146 @@
+"""Micro-benchmark of the plugin's kernels against a dense ``F.linear``.
+
+    python -m vllm_plugin.kernels.bench [--threads 1] [--bits 4] [--group 64] [--m 1,16]
+                                        [--dtypes bfloat16,float32] [--shapes 576x576,...]
+
+Shapes are ``out x in`` (default: the default model's SmolLM2-135M layers, unfused and vLLM-fused).
+Prints the CPU's features first; timings are microseconds per call (best of several batches, the
+kernels taking turns, so that other processes' load affects them alike).
+Weights are random codes (the kernels' speed does not depend on their values).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from rcsr_deploy.packing import pack_codes
+
+from . import KERNELS, LayerSpec, QuantWeights
+
+DEFAULT_SHAPES = "576x576,192x576,1536x576,576x1536,960x576,3072x576"
+
+
+def cpu_features() -> str:
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    feats = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16") if f in flags]
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return f"{model or 'cpu'}; flags: {' '.join(feats) or '?'}; torch AMX tile: {amx}; torch {torch.__version__}"
+
+
+def time_calls(fns: dict, min_time: float = 0.15, rounds: int = 7) -> dict:
+    """Microseconds per call of each function: the best of ``rounds`` batches, the functions taking
+    turns batch by batch (so that load from other processes hits all of them alike)."""
+    per_batch = {}
+    for name, fn in fns.items():
+        for _ in range(2):
+            fn()
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < min_time / rounds or n < 2:
+            fn()
+            n += 1
+        per_batch[name] = n
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = per_batch[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t) / n)
+    return {name: v * 1e6 for name, v in best.items()}
+
+
+def time_call(fn, min_time: float = 0.15) -> float:
+    return time_calls({"f": fn}, min_time)["f"]
+
+
+def make_layer(out_f: int, in_f: int, bits: int, group: int, sym: bool, seed: int = 0) -> QuantWeights:
+    g = torch.Generator().manual_seed(seed)
+    ng = 1 if group == -1 else in_f // group
+    codes = torch.randint(0, 1 << bits, (out_f, in_f), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out_f, ng, generator=g) * 0.02 + 1e-3).half()
+    zeros = None if sym else torch.randint(0, 1 << bits, (out_f, ng), generator=g, dtype=torch.uint8)
+    return QuantWeights(pack_codes(codes, bits), scales, zeros, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bits", default="4")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--m", default="1,16")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES)
+    ap.add_argument("--kernels", default=",".join(k for k in KERNELS if k != "triton"))
+    ap.add_argument("--min-time", type=float, default=0.15)
+    ap.add_argument("--split-int4", action="store_true",
+                    help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"# {cpu_features()}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cpus")
+    print("# microseconds per call; 'dense' = F.linear on a dense weight of the activation dtype")
+    ms = [int(m) for m in args.m.split(",")]
+    names = [k for k in args.kernels.split(",") if k]
+    if args.split_int4 and "torch_int4" in names:
+        i = names.index("torch_int4")
+        names[i:i + 1] = ["i4:mm", "i4:dense"]
+    header = f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
+    print(header)
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for dname in args.dtypes.split(","):
+            dt = getattr(torch, dname)
+            for shape in args.shapes.split(","):
+                out_f, in_f = (int(v) for v in shape.split("x"))
+                w = make_layer(out_f, in_f, bits, args.group, not args.asym)
+                spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
+                kernels = {}
+                for n in names:
+                    base = "torch_int4" if n.startswith("i4:") else n
+                    if KERNELS[base].unsupported_reason(spec) is None:
+                        k = KERNELS[base](spec)
+                        k.prepare(w)
+                        if n == "i4:mm":
+                            k.dense_min_m = 1 << 62
+                        elif n == "i4:dense":
+                            k.dense_min_m = 0
+                        kernels[n] = k
+                dense = torch.randn(out_f, in_f).to(dt)
+                for m in ms:
+                    x = torch.randn(m, in_f).to(dt)
+                    fns = {"dense": lambda: F.linear(x, dense)}
+                    for n, k in kernels.items():
+                        fns[n] = (lambda k: lambda: k.apply(x))(k)
+                    t = time_calls(fns, args.min_time * (1 + len(fns)))
+                    t_dense = t["dense"]
+                    cols = [f"{t[n]:11.1f}" if n in t else f"{'-':>11}" for n in names]
+                    print(f"{bits:>4} {dname[:8]:>8} {shape:>10} {m:>4} {t_dense:8.1f} " + " ".join(cols), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
