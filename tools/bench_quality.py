@@ -71,7 +71,7 @@ def _done(path: Path) -> set[tuple]:
     for line in path.read_text().splitlines():
         if line.strip():
             r = json.loads(line)
-            keys.add((r["setting"], r["method"], r["seed"], r.get("nsamples"), r.get("seqlen")))
+            keys.add((r["setting"], r["method"], r["seed"], r.get("nsamples"), r.get("seqlen"), r.get("blocks", "")))
     return keys
 
 
@@ -89,9 +89,11 @@ def _done(path: Path) -> set[tuple]:
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True)
 @click.option("--act-order", "act_order", default="static", show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--blocks", default="", help="Quantize only these decoder blocks (timing runs), e.g. 0-5.")
+@click.option("--no-eval", is_flag=True, help="Timing only: skip perplexity.")
 @click.option("--summary", is_flag=True, help="Only print the markdown table of what --out holds.")
 def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, seqlen, eval_tokens_n, eval_seqlen,
-         act_order, device, summary):
+         act_order, device, blocks, no_eval, summary):
     out = Path(out_path)
     if summary:
         print(render_summary(out))
@@ -122,7 +124,7 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
             f.write(json.dumps(row) + "\n")
         print(json.dumps({k: row[k] for k in ("setting", "method", "seed", "ppl", "quant_seconds")}), flush=True)
 
-    if "fp" in method_names and ("fp", "fp", 0, nsamples, seqlen) not in done:
+    if "fp" in method_names and ("fp", "fp", 0, nsamples, seqlen, "") not in done:
         m, _ = load_model(path)
         r = perplexity(m, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
         record({"setting": "fp", "method": "fp", "seed": 0, "ppl": r["ppl"], "quant_seconds": 0.0})
@@ -132,21 +134,27 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
             if name == "fp":
                 continue
             for seed in (int(s) for s in seeds.split(",")):
-                if (setting, name, seed, nsamples, seqlen) in done:
+                if (setting, name, seed, nsamples, seqlen, blocks) in done:
                     continue
                 kw = {**SETTINGS[setting], **METHODS[name]}
-                cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order, **kw)
+                cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order,
+                                     blocks=blocks, **kw)
                 tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))
                 try:
                     rep = quantize_to_checkpoint(path, tmp / "q", cfg, device=dev, progress=True)
-                    qm, _ = load_fake_quant_model(tmp / "q", device=dev)
-                    r = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+                    if no_eval:
+                        r = {"ppl": float("nan")}
+                    else:
+                        qm, _ = load_fake_quant_model(tmp / "q", device=dev)
+                        r = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+                        del qm
                     alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
                     record({"setting": setting, "method": name, "seed": seed, "ppl": r["ppl"],
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
-                            "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors"))})
-                    del qm
+                            "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
+                            "blocks": blocks, "decode_seconds": sum(i.get("seconds", 0.0) for e in rep["layers"]
+                                                                   for i in e["modules"].values())})
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,316 @@
+"""Export 4/8-bit rcsr checkpoints to formats that stock tools load: GPTQ and compressed-tensors.
+
+``export_checkpoint(ckpt_dir, out_dir, fmt)`` rewrites every quantized linear of an rcsr checkpoint
+(format_version 1, docs/FORMAT.md) into
+
+* ``"gptq"`` -- the AutoGPTQ / GPTQModel / vLLM ``gptq`` layout: ``qweight`` int32 ``[in/p, out]``
+  (packed along ``in``), ``qzeros`` int32 ``[G, out/p]`` (packed along ``out``), ``scales`` float16
+  ``[G, out]``, ``g_idx`` int32 ``[in]``, with ``p = 32 / bits`` codes per word, least significant
+  bits first.  Symmetric checkpoints are written as GPTQ "v1" (``checkpoint_format: "gptq"``,
+  stored zero ``= zero - 1``, the historical convention every GPTQ reader expects); asymmetric ones
+  as ``"gptq_v2"`` (stored zero ``= zero``), because v1 cannot represent a zero point of 0.
+* ``"compressed-tensors"`` -- the ``pack-quantized`` format of the ``compressed-tensors`` library
+  (what llm-compressor writes): ``weight_packed`` int32 ``[out, in/p]``, ``weight_scale``
+  ``[out, G]``, ``weight_shape``, ``weight_zero_point`` (asymmetric, packed along ``out``) and
+  ``weight_g_idx`` (dynamic act order).  Packing and the config are produced with the library's own
+  functions (``pack_to_int32``, ``QuantizationConfig``, ``ModelCompressor.update_config``).
+
+Both map our grid exactly: ``w = (q - z) * s`` with the same integer codes ``q``, integer zero points
+``z`` and float16 scales ``s``.  Only 4 and 8 bits are exported; 2/3-bit checkpoints are served by the
+rcsr vLLM plugin.  Every other tensor (embeddings, norms, lm_head, biases) is copied unchanged, and
+so are the tokenizer / generation config files.  The output folder is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    CONFIG_NAME,
+    QuantizedTensor,
+    _atomic_dir,
+    _hf_config_without_quant,
+    _load_one,
+    _natural_key,
+    _quant_tensor_names,
+    _read_config_json,
+    _TensorReader,
+    _weight_files,
+    _write_safetensors,
+    parse_size,
+    read_quant_config,
+)
+from .errors import RcsrError
+from .grid import QuantSpec
+
+FORMATS = ("compressed-tensors", "gptq")
+EXPORT_BITS = (4, 8)
+#: informational file written next to the exported weights (where the export came from)
+EXPORT_INFO_NAME = "rcsr_export.json"
+
+
+def _normalize_format(fmt: str) -> str:
+    f = str(fmt).strip().lower().replace("_", "-")
+    if f not in FORMATS:
+        raise RcsrError(f"unknown export format {fmt!r} (choose {' or '.join(FORMATS)})")
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# GPTQ
+# --------------------------------------------------------------------------------------------------
+def pack_lsb_words(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` along ``dim`` into int32 words, ``32 // bits`` per word.
+
+    Value ``j`` of a run of ``32 // bits`` occupies bits ``[j*bits, (j+1)*bits)`` of its word (least
+    significant first), the GPTQ / AutoGPTQ packing for 4 and 8 bits.
+    """
+    if bits not in EXPORT_BITS:
+        raise RcsrError(f"GPTQ packing supports 4 and 8 bits, got {bits}")
+    per = 32 // bits
+    v = values.to(torch.int64).movedim(dim, -1)
+    n = v.shape[-1]
+    if n % per:
+        raise RcsrError(f"cannot pack {n} values of {bits} bits into whole int32 words "
+                        f"(needs a multiple of {per})")
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
+        raise RcsrError(f"values out of range for {bits}-bit packing")
+    v = v.reshape(*v.shape[:-1], n // per, per)
+    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim).contiguous()
+
+
+def _static_g_idx(qt: QuantizedTensor) -> torch.Tensor:
+    in_f = qt.in_features
+    return (torch.arange(in_f) // qt.spec.group_len(in_f)).to(torch.int32)
+
+
+def gptq_tensors(qt: QuantizedTensor, prefix: str, *, v2: bool) -> dict[str, torch.Tensor]:
+    """GPTQ tensors ``{prefix}.qweight/.qzeros/.scales/.g_idx`` of one quantized linear (no bias).
+
+    ``v2=False``: stored zero points are ``zero - 1`` (GPTQ v1 checkpoints); ``v2=True``: ``zero``.
+    """
+    bits = qt.spec.bits
+    per = 32 // bits
+    out_f = qt.out_features
+    if out_f % per:
+        raise RcsrError(f"{prefix}: {out_f} out-features cannot be packed into GPTQ qzeros "
+                        f"(needs a multiple of {per} at {bits} bits)")
+    codes = qt.codes.to(torch.int64)
+    zeros = qt.zero.to(torch.int64)
+    if not v2:
+        if bool((zeros < 1).any()):     # export_checkpoint uses v2 for asymmetric grids
+            raise RcsrError(f"{prefix}: a zero point of 0 cannot be stored in GPTQ v1 (zero - 1)")
+        zeros = zeros - 1
+    g_idx = qt.g_idx.to(torch.int32) if qt.g_idx is not None else _static_g_idx(qt)
+    return {
+        f"{prefix}.qweight": pack_lsb_words(codes.t(), bits, dim=0),               # [in/p, out]
+        f"{prefix}.qzeros": pack_lsb_words(zeros.t(), bits, dim=1),                # [G, out/p]
+        f"{prefix}.scales": qt.scale.to(torch.float16).t().contiguous(),           # [G, out]
+        f"{prefix}.g_idx": g_idx.contiguous(),                                     # [in]
+    }
+
+
+def gptq_quant_config(qc: dict, unquantized_linears: Iterable[str] = ()) -> dict:
+    """The ``quantization_config`` of the GPTQ export of an rcsr checkpoint with config ``qc``."""
+    gs = qc["group_size"]
+    desc_act = qc["act_order"] == "dynamic" and gs != -1
+    fmt = "gptq" if qc["sym"] else "gptq_v2"
+    out = {
+        "quant_method": "gptq",
+        "bits": qc["bits"],
+        "group_size": gs,
+        "desc_act": desc_act,
+        "sym": qc["sym"],
+        "static_groups": False,
+        "true_sequential": True,
+        "lm_head": False,
+        "checkpoint_format": fmt,
+        "format": fmt,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"rcsr-deploy:{__version__}"]},
+    }
+    skip = sorted(unquantized_linears, key=_natural_key)
+    if skip:
+        # GPTQModel / vLLM "dynamic" rules: "-:" = leave the matching module unquantized.
+        out["dynamic"] = {"-:" + _exact_regex(m): {} for m in skip}
+    return out
+
+
+def _exact_regex(name: str) -> str:
+    import re
+
+    return "^" + re.escape(name) + "$"
+
+
+# --------------------------------------------------------------------------------------------------
+# compressed-tensors
+# --------------------------------------------------------------------------------------------------
+def _ct():
+    try:
+        import compressed_tensors
+        from compressed_tensors.compressors import ModelCompressor, pack_to_int32
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    except ImportError as e:
+        raise RcsrError("export to compressed-tensors needs the compressed-tensors package "
+                        f"(pip install compressed-tensors): {e}") from e
+    return compressed_tensors, ModelCompressor, pack_to_int32, QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+
+def _signed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned grid values ``[0, 2**bits)`` -> compressed-tensors' signed int8 ``v - 2**(bits-1)``."""
+    return (values.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def compressed_tensors_tensors(qt: QuantizedTensor, prefix: str) -> dict[str, torch.Tensor]:
+    """compressed-tensors ``pack-quantized`` tensors of one quantized linear (no bias).
+
+    compressed-tensors stores the signed values ``q - 2**(bits-1)`` and ``z - 2**(bits-1)``;
+    ``pack_to_int32`` adds the offset back, so the stored nibbles/bytes are our ``q`` and ``z``.
+    """
+    _, _, pack_to_int32, *_ = _ct()
+    bits = qt.spec.bits
+    out: dict[str, torch.Tensor] = {
+        f"{prefix}.weight_packed": pack_to_int32(_signed(qt.codes, bits), bits).contiguous(),
+        f"{prefix}.weight_scale": qt.scale.to(torch.float16).contiguous(),
+        f"{prefix}.weight_shape": torch.tensor([qt.out_features, qt.in_features], dtype=torch.int64),
+    }
+    if not qt.spec.sym:
+        out[f"{prefix}.weight_zero_point"] = pack_to_int32(_signed(qt.zero, bits), bits, packed_dim=0).contiguous()
+    if qt.g_idx is not None and qt.spec.group_size != -1:
+        out[f"{prefix}.weight_g_idx"] = qt.g_idx.to(torch.int32).contiguous()
+    return out
+
+
+def compressed_tensors_quant_config(qc: dict, ignore: Iterable[str] = ("lm_head",)):
+    """The compressed-tensors ``QuantizationConfig`` object of the export of ``qc``."""
+    _, _, _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
+    gs = qc["group_size"]
+    act = qc["act_order"]
+    actorder = None if act == "none" else "group" if (act == "dynamic" and gs != -1) else "static"
+    weights = QuantizationArgs(
+        num_bits=qc["bits"], type="int", symmetric=qc["sym"],
+        strategy="channel" if gs == -1 else "group", group_size=None if gs == -1 else gs,
+        actorder=actorder, dynamic=False, scale_dtype=torch.float16,
+    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    return QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
+                              quantization_status="compressed",
+                              ignore=sorted(ignore, key=_natural_key))
+
+
+# --------------------------------------------------------------------------------------------------
+# whole checkpoint
+# --------------------------------------------------------------------------------------------------
+def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
+    """(names of every ``nn.Linear`` of the checkpoint's architecture, names of its output-embedding
+    linears such as ``lm_head``); the model is built on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    config = _hf_config_without_quant(ckpt_dir)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        raise RcsrError(f"{ckpt_dir}: cannot build the model from config.json ({e})") from e
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears, heads = [], set()
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            linears.append(n)
+            if m is head:
+                heads.add(n)
+    return linears, heads
+
+
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Tokenizer, generation config, chat template, reports...: every top-level file not in ``skip``."""
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors"):
+            shutil.copy2(p, dst / p.name)
+
+
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, fmt: str, *,
+                      overwrite: bool = False, max_shard_size: int | str = "2GB") -> Path:
+    """Export the rcsr checkpoint ``ckpt_dir`` to ``fmt`` ("gptq" or "compressed-tensors") in ``out_dir``.
+
+    Only 4- and 8-bit checkpoints are exported.  The result is a normal HF folder whose
+    ``config.json`` carries the target format's ``quantization_config``; it is written atomically
+    (temp folder + rename).  Returns the absolute ``out_dir``.
+    """
+    fmt = _normalize_format(fmt)
+    ckpt_dir = Path(ckpt_dir)
+    qc = read_quant_config(ckpt_dir)
+    if qc["bits"] not in EXPORT_BITS:
+        raise RcsrError(f"export to {fmt} supports 4 and 8 bits; 2/3-bit checkpoints are served by the "
+                        f"rcsr vLLM plugin (this checkpoint is {qc['bits']}-bit)")
+    out = Path(out_dir).absolute()
+    if out == ckpt_dir.absolute() or ckpt_dir.absolute() in out.parents:
+        raise RcsrError(f"{out}: the export must not be written into the source checkpoint {ckpt_dir}")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise RcsrError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+    shard_bytes = parse_size(max_shard_size)
+
+    modules = qc["quantized_modules"]
+    linears, heads = _linear_modules(ckpt_dir)
+    not_linear = sorted(set(modules) - set(linears), key=_natural_key)
+    if not_linear:
+        raise RcsrError(f"{ckpt_dir}: quantized module(s) {', '.join(not_linear[:3])} are not nn.Linear "
+                        "modules of the model in config.json")
+    quantized = set(modules)
+    unquantized = [n for n in linears if n not in quantized]
+
+    spec = QuantSpec(qc["bits"], qc["group_size"], qc["sym"])
+    dynamic = qc["act_order"] == "dynamic"
+    files = _weight_files(ckpt_dir)
+    quant_names = _quant_tensor_names(files, modules)
+    reader = _TensorReader(files)
+
+    if fmt == "compressed-tensors":
+        ct_config = compressed_tensors_quant_config(qc, ignore=unquantized)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        if name not in quant_names:
+            tensors[name] = reader.get(name)        # unchanged (embeddings, norms, lm_head, biases, ...)
+    for m in modules:                               # one layer at a time
+        qt = _load_one(reader, m, spec, dynamic)
+        if fmt == "gptq":
+            new = gptq_tensors(qt, m, v2=not spec.sym)
+        else:
+            new = compressed_tensors_tensors(qt, m)
+        clash = sorted(set(new) & set(tensors))
+        if clash:
+            raise RcsrError(f"{clash[0]}: already stored in the source checkpoint; cannot export over it")
+        tensors.update(new)
+        del qt
+
+    cfg = _read_config_json(ckpt_dir)
+    cfg.pop("quantization_config", None)
+    info = {"exported_by": f"rcsr-deploy {__version__}", "format": fmt, "source_quantization_config": qc}
+    with _atomic_dir(out, overwrite) as tmp:
+        _write_safetensors(tensors, tmp, shard_bytes)
+        del tensors
+        _copy_side_files(ckpt_dir, tmp, skip={CONFIG_NAME, "model.safetensors.index.json", EXPORT_INFO_NAME})
+        if fmt == "gptq":
+            # GPTQ readers quantize decoder-block linears only; lm_head is covered by "lm_head": false
+            cfg["quantization_config"] = gptq_quant_config(qc, [n for n in unquantized if n not in heads])
+            _write_json(tmp / CONFIG_NAME, cfg)
+        else:
+            _write_json(tmp / CONFIG_NAME, cfg)
+            _, ModelCompressor, *_ = _ct()
+            ModelCompressor(quantization_config=ct_config).update_config(str(tmp))
+        _write_json(tmp / EXPORT_INFO_NAME, info)
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
