@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README): installs everything into ./.venv if needed, then runs the whole suite
 # (unit tests, tiny-model end-to-end tests, real vLLM serving tests) on the CPU.
+# With arguments, runs `pytest ARGS` instead.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
@@ -8,4 +9,11 @@ bash scripts/bootstrap.sh
 export RCSR_CACHE="${RCSR_CACHE:-$here/.cache}"
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
 export TOKENIZERS_PARALLELISM=false
-exec "${RCSR_VENV:-$here/.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"
+py="${RCSR_VENV:-$here/.venv}/bin/python"
+if [ "$#" -gt 0 ]; then
+  exec "$py" -m pytest -q -p no:cacheprovider "$@"
+fi
+# The Triton kernels are tested under TRITON_INTERPRET=1, which Triton reads when a @triton.jit
+# function is created: they get a process of their own, where nothing imported Triton before.
+"$py" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+exec "$py" -m pytest -q -p no:cacheprovider --ignore=tests/test_triton_kernels.py
