@@ -129,6 +129,68 @@ def serve(model_dir, vllm_args):
     sys.exit(serve_command(model_dir, list(vllm_args)))
 
 
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--baseline", default=None,
+              help="FP model to compare with (folder or 'default'); default: the model recorded in the "
+                   "checkpoint's quant_report.json, else 'default'.")
+@click.option("--no-baseline", is_flag=True, help="Bench MODEL_DIR alone.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32", "auto"]), default="bfloat16",
+              show_default=True, help="Activation dtype of both models.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write every number plus machine info (CPU flags, cores, versions) to this file.")
+@click.option("--quick", is_flag=True, help="Smoke-test length: 16 output tokens, one timed iteration.")
+@click.option("--batch-sizes", "batch_sizes", default="1,16", show_default=True, help="Decode batch sizes.")
+@click.option("--input-len", "input_len", type=int, default=32, show_default=True)
+@click.option("--output-len", "output_len", type=int, default=None, help="Generated tokens per request [128; 16 with --quick].")
+@click.option("--iters", type=int, default=None, help="Timed iterations per run [3; 1 with --quick].")
+@click.option("--no-ttft", is_flag=True, help="Skip the TTFT run (batch 1, one output token).")
+@click.option("--compile", "compile_", is_flag=True, help="Let vLLM torch.compile the model (slow start) instead of --enforce-eager.")
+@click.option("--kv-cache-gib", "kv_cache_gib", type=int, default=1, show_default=True,
+              help="VLLM_CPU_KVCACHE_SPACE for the CPU build (unless already set in the environment).")
+@click.option("--timeout", type=float, default=1200, show_default=True, help="Seconds per vLLM process.")
+@click.option("--work-dir", "work_dir", type=click.Path(file_okay=False), default=None,
+              help="Keep vLLM's logs and JSON outputs here (default: a temporary folder, removed).")
+def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes, input_len, output_len, iters, no_ttft,
+          compile_, kv_cache_gib, timeout, work_dir):
+    """Serving speed/memory of a checkpoint vs its FP original, with vLLM's `bench latency`."""
+    from .bench import BenchConfig, format_report, parse_batch_sizes, run_bench
+
+    kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes), input_len=input_len, ttft=not no_ttft,
+              compile=compile_, kv_cache_gib=kv_cache_gib, timeout=timeout)
+    if output_len is not None:
+        kw["output_len"] = output_len
+    if iters is not None:
+        kw["iters"] = iters
+    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    if baseline is not None and no_baseline:
+        raise RcsrError("--baseline and --no-baseline exclude each other")
+    result = run_bench(model_dir, baseline, cfg, no_baseline=no_baseline, work_dir=work_dir,
+                       progress=lambda msg: click.echo(msg, err=True))
+    import shlex
+
+    result["command"] = "rcsr " + shlex.join(sys.argv[1:])
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(result, indent=1))
+    click.echo(format_report(result))
+
+
+@cli.command()
+@click.argument("ckpt_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
+              help="Target format (4/8-bit checkpoints only).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("--max-shard-size", "max_shard_size", default="2GB", show_default=True)
+def export(ckpt_dir, fmt, out_dir, overwrite, max_shard_size):
+    """Export an rcsr checkpoint to GPTQ or compressed-tensors for stock tools."""
+    from .export import export_checkpoint
+
+    export_checkpoint(ckpt_dir, out_dir, fmt, overwrite=overwrite, max_shard_size=max_shard_size)
+    click.echo(f"wrote {out_dir} ({fmt})")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Serving benchmark of several checkpoints of one model against its FP original (docs/RESULTS).
+
+    python tools/bench_serving.py --bits 4,3,2 --group-size 64 --method rtn [--quick]
+
+Quantizes the model (``rcsr quantize``; reused when the folder exists), then measures the FP model
+once and every checkpoint with :func:`rcsr_deploy.bench.bench_model` -- the numbers of
+``rcsr bench CKPT`` without re-running the baseline for each checkpoint -- and prints one markdown
+table plus the ratios.  Rounding method does not change serving speed (same packed format, same
+kernels), so RTN, which needs no calibration, is the default.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+@click.command()
+@click.option("--model", default="default", show_default=True)
+@click.option("--bits", default="4,3,2", show_default=True)
+@click.option("--group-size", "group_size", default="64", show_default=True)
+@click.option("--method", default="rtn", show_default=True)
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--work", default=str(HERE / "runs" / "serving"), show_default=True,
+              help="Checkpoints, vLLM logs and the result JSON go here.")
+@click.option("--quick", is_flag=True, help="16 output tokens, one timed iteration.")
+@click.option("--batch-sizes", "batch_sizes", default="1,16", show_default=True)
+def main(model, bits, group_size, method, dtype, work, quick, batch_sizes):
+    from rcsr_deploy.assets import resolve_model
+    from rcsr_deploy.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratios,
+                                   table_header, table_rows)
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes))
+    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    fp_dir = resolve_model(model)
+    ckpts = []
+    for b in [int(x) for x in bits.split(",")]:
+        out = work / f"{Path(fp_dir).name}-{method}-w{b}g{group_size}"
+        if not out.exists():
+            click.echo(f"quantizing W{b} g{group_size} ({method}) -> {out}", err=True)
+            subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "quantize", "--model", model, "--method", method,
+                            "--bits", str(b), "--group-size", str(group_size), "--out", str(out), "--no-progress"],
+                           check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        ckpts.append(out)
+    machine = machine_info()
+    t0 = time.perf_counter()
+    logs = work / "logs"
+
+    def progress(msg: str) -> None:
+        click.echo(f"[{time.perf_counter() - t0:6.0f}s] {msg}", err=True)
+
+    base = bench_model(fp_dir, cfg, logs, "fp", progress)
+    rows = [base]
+    result = {"command": "python tools/bench_serving.py " + shlex.join(sys.argv[1:]),
+              "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+              "machine": machine, "baseline": base, "checkpoints": {}, "ratios": {}}
+    for ck in ckpts:
+        res = bench_model(str(ck), cfg, logs, ck.name, progress)
+        rows.append(res)
+        result["checkpoints"][ck.name] = res
+        result["ratios"][ck.name] = ratios(res, base)
+    result["machine"]["load_average_end"] = list(os.getloadavg())
+    result["wall_s"] = time.perf_counter() - t0
+    (work / "serving.json").write_text(json.dumps(result, indent=1))
+    bs = list(cfg.batch_sizes)
+    lines = [f"machine: {machine_line(machine)}", "", *table_header(bs), *table_rows(rows, bs), ""]
+    for name, r in result["ratios"].items():
+        parts = [f"b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in bs if f"decode_speedup_b{b}" in r]
+        lines.append(f"{name}: decode {', '.join(parts)}; TTFT {r.get('ttft', float('nan')):.2f}x; "
+                     f"weights {r['weight_bytes_bf16_equivalent']:.3f}x bf16-eq ({r['weight_bytes_disk']:.3f}x on disk, "
+                     f"{r['weight_bytes_disk_vs_baseline_bf16']:.3f}x of the FP model's bf16 bytes); quantized linears "
+                     f"{r.get('quantized_linear_only', float('nan')):.3f}x; peak RSS {r['peak_rss']:.2f}x")
+    click.echo("\n".join(lines))
+    click.echo(f"\nwrote {work / 'serving.json'}", err=True)
+
+
+if __name__ == "__main__":
+    main()
