@@ -66,6 +66,7 @@ class QuantizeConfig:
     calib: str = "sotu"
     batch_size: int = 8
     blocks: str = ""  # subset of decoder blocks to quantize, e.g. "0-3" or "0,5" ("" = all)
+    lm_head: bool = False  # also quantize the output head (with a tied embedding: the shared table)
 
     @property
     def spec(self) -> QuantSpec:
@@ -161,6 +162,39 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
 
 def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+@dataclass
+class OutputHead:
+    """The output projection (``lm_head``) and what its calibration needs.
+
+    ``store_name`` is the module whose weight the checkpoint stores quantized: the head itself, or
+    — when the head is tied to the input embedding — the embedding (one table serves both, so both
+    the lookup and the logits then use the quantized weights).  ``norm`` is the final normalisation
+    that turns the last block's output into the head's input.
+    """
+
+    name: str
+    store_name: str
+    module: nn.Linear
+    norm: nn.Module
+    tied: bool
+
+
+def find_output_head(model: nn.Module) -> OutputHead:
+    """The model's output head, its final norm and whether it is tied (``--lm-head``)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise RcsrError(f"--lm-head: {type(model).__name__} has no nn.Linear output head")
+    names = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings()
+    tied = emb is not None and getattr(emb, "weight", None) is not None and emb.weight is head.weight
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise RcsrError(f"--lm-head: cannot find the final norm of {type(model).__name__} (expected decoder.norm)")
+    name = names[id(head)]
+    return OutputHead(name=name, store_name=names[id(emb)] if tied else name, module=head, norm=norm, tied=tied)
 
 
 class _Stop(Exception):
@@ -455,7 +489,11 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
     spec = cfg.spec
 
     selected = set(cfg.block_set(len(layers)))
-    last = max(selected)
+    # the head's inputs come out of the last block: with --lm-head every block is propagated
+    last = len(layers) - 1 if cfg.lm_head else max(selected)
+    head = find_output_head(model) if cfg.lm_head else None
+    if head is not None:
+        spec.validate(head.module.in_features, head.name)
     if not cfg.needs_calibration:
         for i in tqdm(sorted(selected), desc="rtn", disable=not progress):
             block = layers[i]
@@ -470,6 +508,11 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
                 results[f"{prefix}.{i}.{n}"] = r
                 _dequant_into(dict(block.named_modules())[n], r, spec)
             report_layers.append({"block": i, "modules": {n: r.info for n, r in blk.items()}})
+        if head is not None:
+            r = _head_result(wd, len(layers), head, spec, lambda: quantize_linear(
+                head.module.weight.data.to(device).float(), None, cfg, head.name))
+            results[head.store_name] = r
+            report_layers.append({"block": len(layers), "modules": {head.name: r.info}})
         return results, _report(cfg, report_layers, time.perf_counter() - t_start)
 
     windows = calibration_windows(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -542,7 +585,48 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
                               "modules": {n: r.info for n, r in blk.items()}})
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if head is not None:
+        t0 = time.perf_counter()
+        bar.set_postfix_str(head.name)
+
+        def run():
+            stats = _head_stats(head, q_stream, fp_stream, cfg, device, dtype, len(layers))
+            return quantize_linear(head.module.weight.data.to(device).float(), stats, cfg, head.name)
+
+        r = _head_result(wd, len(layers), head, spec, run)
+        results[head.store_name] = r
+        report_layers.append({"block": len(layers), "seconds": time.perf_counter() - t0,
+                              "modules": {head.name: r.info}})
     return results, _report(cfg, report_layers, time.perf_counter() - t_start)
+
+
+def _head_stats(head: OutputHead, q_stream, fp_stream, cfg: QuantizeConfig, device, dtype, index: int) -> LayerStats:
+    """``H``/``D`` of the head: its inputs are the final norm of each stream's last-block output."""
+    mode, _ = cfg.alpha_mode
+    stats = LayerStats(head.module.in_features, device, with_d=fp_stream is not None)
+    alphas = sample_alphas(q_stream.shape[0], cfg.alpha_m, _seed(cfg.seed, index, 0)) if mode == "sample" else None
+    norm = head.norm.to(device)
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, q_stream.shape[0], cfg.batch_size):
+                xq = norm(q_stream[b0:b0 + cfg.batch_size].to(device, dtype))
+                xf = None if fp_stream is None else norm(fp_stream[b0:b0 + cfg.batch_size].to(device, dtype))
+                scale = 1.0 if alphas is None else alphas[b0:b0 + xq.shape[0]]
+                stats.add(xq, xf, dx_scale=scale)
+    finally:
+        norm.to("cpu")
+    return stats
+
+
+def _head_result(wd: "WorkDir", index: int, head: OutputHead, spec: QuantSpec, quantize) -> LinearResult:
+    """Quantize the head (or reuse the saved result with --resume) and write its dequantized weight
+    back (with a tied head that is the input embedding too)."""
+    done = (wd.path / f"block_{index:04d}.safetensors").exists()
+    r = wd.load_block(index)[head.name] if done else quantize()
+    if not done:
+        wd.save_block(index, {head.name: r})
+    _dequant_into(head.module, r, spec)
+    return r
 
 
 def _seed(seed: int, block: int, group: int) -> int:

@@ -339,16 +339,23 @@ def _model_tensors(model, quantized: Mapping[str, QuantizedTensor]) -> dict[str,
             mod = model.get_submodule(m)
         except AttributeError as e:
             raise RcsrError(f"{m}: no such module in the model") from e
-        if not isinstance(mod, torch.nn.Linear):
-            raise RcsrError(f"{m}: only nn.Linear modules can be quantized, got {type(mod).__name__}")
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            raise RcsrError(f"{m}: only nn.Linear and (tied) nn.Embedding modules can be quantized, "
+                            f"got {type(mod).__name__}")
         if tuple(state[wkey].shape) != tuple(qt.codes.shape):
             raise RcsrError(f"{m}: codes are {_shape(qt.codes)} but the weight is {_shape(state[wkey])}")
+        targets = [tgt for tgt, src in tied.items() if src == wkey]
         for tgt, src in tied.items():
-            if wkey in (tgt, src):
-                raise RcsrError(f"{m}: its weight is tied ({tgt} = {src}); tied weights cannot be quantized")
-        if qt.bias is not None and mod.bias is None:
+            if wkey == tgt:
+                raise RcsrError(f"{m}: its weight is tied to {src}; quantize the tied source {src.rsplit('.', 1)[0]} "
+                                "(one table serves both)")
+        if isinstance(mod, torch.nn.Embedding) and not targets:
+            raise RcsrError(f"{m}: an embedding is quantized only as the table of a tied output head")
+        if qt.bias is not None and getattr(mod, "bias", None) is None:
             raise RcsrError(f"{m}: the QuantizedTensor has a bias but the module has none")
         del state[wkey]
+        for tgt in targets:  # the tied head is rebuilt from the quantized table when loading
+            state.pop(tgt, None)
     # tied weights: store the source once, like save_pretrained
     for tgt, src in tied.items():
         if tgt in state and src in state:

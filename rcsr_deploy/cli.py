@@ -55,11 +55,14 @@ def cli(verbose: int) -> None:
 @click.option("--percdamp", type=float, default=0.01, show_default=True, help="Damping as a fraction of mean(diag H).")
 @click.option("--batch-size", "batch_size", type=int, default=8, show_default=True, help="Calibration forward batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--lm-head/--no-lm-head", "lm_head", default=False, show_default=True,
+              help="Also quantize the output head with the same method (calibrated on the final-norm outputs); "
+                   "with tied embeddings this quantizes the shared embedding table.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
-             calib, nsamples, seqlen, seed, percdamp, batch_size, device, resume, overwrite, no_progress):
+             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from .calibrate import QuantizeConfig
     from .pipeline import quantize_to_checkpoint
@@ -69,7 +72,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     cfg = QuantizeConfig(method=method, bits=bits, group_size=_group_size(group_size), sym=sym, beam=beam,
                          alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                         calib=calib, batch_size=batch_size)
+                         calib=calib, batch_size=batch_size, lm_head=lm_head)
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                                     progress=not no_progress)
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "

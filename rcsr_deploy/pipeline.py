@@ -62,7 +62,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     linears = dict(model.named_modules())
     quantized = {}
     for name, r in results.items():
-        bias = linears[name].bias
+        bias = getattr(linears[name], "bias", None)  # a quantized tied embedding has none
         quantized[name] = QuantizedTensor(codes=r.codes, scale=r.scale, zero=r.zero, g_idx=r.g_idx, spec=spec,
                                           bias=None if bias is None else bias.detach().cpu())
     qcfg = {
@@ -75,6 +75,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
         "packing": "int32-lsb-bitstream",
         "scale_dtype": "float16",
         "quantized_modules": sorted(quantized),
+        "lm_head": cfg.lm_head,
         "method": {k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order")},
         "rcsr_version": __version__,
     }

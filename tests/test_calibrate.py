@@ -174,3 +174,54 @@ def test_bad_group_size_message(tokenizer, text_file, tmp_path):
     with pytest.raises(RcsrError, match="group size 128 does not divide in-features 64"):
         quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_lm_head_quantized_tied_and_untied(arch, tokenizer, text_file, tmp_path):
+    """--lm-head: the head is calibrated on the final-norm outputs and stored quantized; a tied head
+    is stored as the quantized embedding table (one table serves lookup and logits)."""
+    src = tmp_path / "fp"
+    model = _make_model(arch, tokenizer, src).eval()
+    tied = model.config.tie_word_embeddings
+    results = {}
+    for method in ("rtn", "snrq"):
+        out = tmp_path / method
+        cfg = QuantizeConfig(method=method, bits=3, group_size=32, sym=True, calib=str(text_file),
+                             nsamples=8, seqlen=64, seed=0, batch_size=4, lm_head=True)
+        report = quantize_to_checkpoint(str(src), out, cfg, device="cpu", progress=False)
+        qc = read_quant_config(out)
+        store = "model.embed_tokens" if tied else "lm_head"
+        assert store in qc["quantized_modules"] and qc["lm_head"] is True
+        assert ("lm_head" in qc["quantized_modules"]) == (not tied)
+        tensors = load_quantized_tensors(out)
+        head = tensors[store]
+        assert tuple(head.codes.shape) == (320, 64)
+        from safetensors import safe_open
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            keys = set(f.keys())
+        assert "lm_head.weight" not in keys and f"{store}.qweight" in keys
+        assert ("model.embed_tokens.weight" in keys) == (not tied)
+        qmodel, _ = load_fake_quant_model(out)
+        w = head.dequantize()
+        assert torch.equal(qmodel.get_output_embeddings().weight.detach(), w)
+        if tied:
+            assert torch.equal(qmodel.get_input_embeddings().weight.detach(), w)
+        else:  # the input embedding of an untied model stays in full precision
+            assert torch.equal(qmodel.get_input_embeddings().weight.detach(), model.get_input_embeddings().weight.detach())
+        info = report["layers"][-1]["modules"]["lm_head"]
+        results[method] = (qmodel, info)
+    tokens = _sampled_tokens(model)
+    fp = perplexity(model, tokens, 96, bos_token_id=1, progress=False)["ppl"]
+    q = perplexity(results["snrq"][0], tokens, 96, bos_token_id=1, progress=False)["ppl"]
+    assert torch.isfinite(torch.tensor(q)) and q > fp, (fp, q)
+    # the head was calibrated: its report carries the output error on the quantized-path inputs
+    assert 0 < results["snrq"][1]["rel_output_error"] < 1 and results["snrq"][1]["alpha"] is None
+
+
+def test_lm_head_group_must_divide(tokenizer, text_file, tmp_path):
+    src = tmp_path / "fp"
+    _make_model("llama", tokenizer, src)
+    cfg = QuantizeConfig(method="rtn", bits=4, group_size=128, lm_head=True)
+    with pytest.raises(RcsrError, match="does not divide in-features 64"):
+        quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    assert not (tmp_path / "q").exists()
