@@ -18,7 +18,9 @@
 Both map our grid exactly: ``w = (q - z) * s`` with the same integer codes ``q``, integer zero points
 ``z`` and float16 scales ``s``.  Only 4 and 8 bits are exported; 2/3-bit checkpoints are served by the
 rcsr vLLM plugin.  Every other tensor (embeddings, norms, lm_head, biases) is copied unchanged, and
-so are the tokenizer / generation config files.  The output folder is written atomically.
+so are the tokenizer / generation config files; a quantized vocabulary table (``--lm-head``: the
+tied embedding or ``lm_head``) is written dequantized in fp32, since those formats quantize decoder
+linears only.  The output folder is written atomically.
 """
 from __future__ import annotations
 
@@ -210,8 +212,9 @@ def compressed_tensors_quant_config(qc: dict, ignore: Iterable[str] = ("lm_head"
 # whole checkpoint
 # --------------------------------------------------------------------------------------------------
 def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
-    """(names of every ``nn.Linear`` of the checkpoint's architecture, names of its output-embedding
-    linears such as ``lm_head``); the model is built on the meta device (no memory, no weights)."""
+    """(names of every ``nn.Linear`` of the checkpoint's architecture, names of its vocabulary tables:
+    the output-embedding linear such as ``lm_head`` and the input embedding); the model is built on
+    the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
     config = _hf_config_without_quant(ckpt_dir)
@@ -221,12 +224,13 @@ def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
     except Exception as e:
         raise RcsrError(f"{ckpt_dir}: cannot build the model from config.json ({e})") from e
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     linears, heads = [], set()
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):
             linears.append(n)
-            if m is head:
-                heads.add(n)
+        if m is not None and (m is head or m is emb):
+            heads.add(n)
     return linears, heads
 
 
@@ -260,11 +264,14 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
 
     modules = qc["quantized_modules"]
     linears, heads = _linear_modules(ckpt_dir)
-    not_linear = sorted(set(modules) - set(linears), key=_natural_key)
+    not_linear = sorted(set(modules) - set(linears) - heads, key=_natural_key)
     if not_linear:
         raise RcsrError(f"{ckpt_dir}: quantized module(s) {', '.join(not_linear[:3])} are not nn.Linear "
                         "modules of the model in config.json")
-    quantized = set(modules)
+    # Stock GPTQ / compressed-tensors readers quantize decoder linears only: a quantized vocabulary
+    # table (--lm-head) is exported dequantized, in fp32 (exact).
+    tables = [m for m in modules if m in heads]
+    quantized = set(modules) - set(tables)
     unquantized = [n for n in linears if n not in quantized]
 
     spec = QuantSpec(qc["bits"], qc["group_size"], qc["sym"])
@@ -281,7 +288,11 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
             tensors[name] = reader.get(name)        # unchanged (embeddings, norms, lm_head, biases, ...)
     for m in modules:                               # one layer at a time
         qt = _load_one(reader, m, spec, dynamic)
-        if fmt == "gptq":
+        if m in tables:
+            new = {f"{m}.weight": qt.dequantize().contiguous()}
+            if qt.bias is not None:
+                new[f"{m}.bias"] = qt.bias
+        elif fmt == "gptq":
             new = gptq_tensors(qt, m, v2=not spec.sym)
         else:
             new = compressed_tensors_tensors(qt, m)
@@ -293,7 +304,8 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
 
     cfg = _read_config_json(ckpt_dir)
     cfg.pop("quantization_config", None)
-    info = {"exported_by": f"rcsr-deploy {__version__}", "format": fmt, "source_quantization_config": qc}
+    info = {"exported_by": f"rcsr-deploy {__version__}", "format": fmt, "source_quantization_config": qc,
+            "dequantized_tables": tables}
     with _atomic_dir(out, overwrite) as tmp:
         _write_safetensors(tensors, tmp, shard_bytes)
         del tensors

@@ -58,7 +58,7 @@ def synthetic(out_f: int, in_f: int, spec: QuantSpec, dynamic: bool, gen: torch.
 
 
 def make_ckpt(tmp_path: Path, bits: int, group_size: int, sym: bool, act_order: str, *, bias: bool = False,
-              tie: bool = True, only: str | None = None, name: str = "rcsr") -> Path:
+              tie: bool = True, only: str | None = None, name: str = "rcsr", head: bool = False) -> Path:
     """A synthetic rcsr checkpoint of a tiny Llama (every decoder linear, or those whose name has ``only``)."""
     model = tiny_model(bias=bias, tie=tie)
     spec = QuantSpec(bits, group_size, sym)
@@ -67,6 +67,10 @@ def make_ckpt(tmp_path: Path, bits: int, group_size: int, sym: bool, act_order: 
     for n, m in model.named_modules():
         if isinstance(m, torch.nn.Linear) and ".layers." in n and (only is None or only in n):
             q[n] = synthetic(m.out_features, m.in_features, spec, act_order == "dynamic", gen)
+    if head:  # --lm-head: the tied embedding table, or the untied lm_head
+        table = "model.embed_tokens" if tie else "lm_head"
+        w = model.get_submodule(table).weight
+        q[table] = synthetic(w.shape[0], w.shape[1], spec, act_order == "dynamic", gen)
     qc = {"quant_method": "rcsr", "format_version": 1, "bits": bits, "group_size": group_size, "sym": sym,
           "act_order": act_order, "quantized_modules": sorted(q), "method": {"name": "synthetic"}}
     out = ck.save_quantized(model, q, tmp_path / name, qc)
@@ -264,6 +268,27 @@ def test_partially_quantized_model(tmp_path):
     c = export_checkpoint(src, tmp_path / "ct", "compressed-tensors")
     raw = json.loads((c / "config.json").read_text())["quantization_config"]
     assert sorted(raw["ignore"]) == sorted(["lm_head"] + layer1)
+    dec = load_ct_with_transformers(c)
+    for k, v in ref.items():
+        assert torch.equal(dec[k].float(), v), k
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_quantized_head_exported_dequantized(tmp_path, tie):
+    """A quantized vocabulary table (--lm-head) leaves the export as an exact fp32 weight: the stock
+    formats quantize decoder linears only."""
+    src = make_ckpt(tmp_path, 4, 64, True, "static", tie=tie, head=True)
+    table = "model.embed_tokens" if tie else "lm_head"
+    ref = reference_state(src)
+    g = export_checkpoint(src, tmp_path / "gptq", "gptq")
+    t = read_tensors(g)
+    assert f"{table}.qweight" not in t and torch.equal(t[f"{table}.weight"], ref[f"{table}.weight"])
+    assert ("lm_head.weight" in t) == (not tie)
+    info = json.loads((g / "rcsr_export.json").read_text())
+    assert info["dequantized_tables"] == [table]
+    qc = json.loads((g / "config.json").read_text())["quantization_config"]
+    assert "dynamic" not in qc and qc["lm_head"] is False
+    c = export_checkpoint(src, tmp_path / "ct", "compressed-tensors")
     dec = load_ct_with_transformers(c)
     for k, v in ref.items():
         assert torch.equal(dec[k].float(), v), k

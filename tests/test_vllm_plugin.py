@@ -50,12 +50,12 @@ def make_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def make_model(seed: int = 0, vocab_size: int = 512, layers: int = 2):
+def make_model(seed: int = 0, vocab_size: int = 512, layers: int = 2, tie: bool = True):
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1,
+                      rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=1,
                       initializer_range=0.05)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32).eval()
@@ -79,9 +79,12 @@ def rtn(w: torch.Tensor, spec: grid.QuantSpec, dynamic: bool, gen: torch.Generat
 
 
 def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: bool, act_order: str,
-                     seed: int = 0, layers: int = 2) -> tuple[Path, Path]:
-    """(quantized checkpoint, dequantized fp32 reference) folders under ``root``."""
-    model = make_model(seed, layers=layers)
+                     seed: int = 0, layers: int = 2, head: bool = False, tie: bool = True) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 reference) folders under ``root``.
+
+    ``head``: quantize the output head too — stored as ``model.embed_tokens`` when tied (one table for
+    lookup and logits), as ``lm_head`` when not."""
+    model = make_model(seed, layers=layers, tie=tie)
     spec = grid.QuantSpec(bits, group_size, sym)
     gen = torch.Generator().manual_seed(seed + 1)
     quantized = {}
@@ -89,6 +92,9 @@ def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: 
         for lin in LINEARS:
             m = f"model.layers.{i}.{lin}"
             quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
+    if head:
+        m = "model.embed_tokens" if tie else "lm_head"
+        quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
     qc = {"quant_method": "rcsr", "format_version": 1, "bits": bits, "group_size": group_size, "sym": sym,
           "act_order": act_order, "quantized_modules": sorted(quantized), "method": {"name": "rtn"}}
     ckpt = save_quantized(model, quantized, root / name, qc, make_tokenizer())
@@ -164,9 +170,14 @@ def assert_same(got: list[dict], ref: list[dict], what: str) -> float:
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("rcsr-vllm")
     return {
-        "w4": write_checkpoint(root, "w4g64", bits=4, group_size=64, sym=True, act_order="static", seed=0),
-        "w2": write_checkpoint(root, "w2g32", bits=2, group_size=32, sym=False, act_order="dynamic", seed=1),
-        "w3": write_checkpoint(root, "w3pc", bits=3, group_size=-1, sym=False, act_order="none", seed=2),
+        # quantized tied head (the embedding table serves lookup and logits)
+        "w4": write_checkpoint(root, "w4g64", bits=4, group_size=64, sym=True, act_order="static", seed=0,
+                               head=True),
+        "w2": write_checkpoint(root, "w2g32", bits=2, group_size=32, sym=False, act_order="dynamic", seed=1,
+                               head=True),
+        # untied model: quantized lm_head, full-precision input embedding
+        "w3": write_checkpoint(root, "w3pc", bits=3, group_size=-1, sym=False, act_order="none", seed=2,
+                               head=True, tie=False),
     }
 
 
@@ -187,6 +198,10 @@ def test_plugin_matches_dequantized_reference(ckpts, reference):
     # every quantized layer went through the plugin, its kernel logged once with the vLLM prefix
     for layer in ("0.self_attn.qkv_proj", "0.self_attn.o_proj", "1.mlp.gate_up_proj", "1.mlp.down_proj"):
         assert f"rcsr: layer model.layers.{layer} -> kernel dequant" in log
+    # the quantized vocabulary tables: the tied embedding (w4, w2) and the untied lm_head (w3)
+    assert "rcsr: layer model.embed_tokens -> kernel dequant (4-bit, group 64" in log
+    assert "rcsr: layer model.embed_tokens -> kernel dequant (2-bit, group 32, asym, act_order dynamic" in log
+    assert "rcsr: layer lm_head -> kernel dequant (3-bit, group -1, asym" in log
 
 
 def test_plugin_torch_int4_paths(ckpts, reference):
@@ -216,7 +231,8 @@ def _edit(ckpt: Path, fn) -> None:
 def test_bad_checkpoints_fail_with_one_line_message(tmp_path):
     import shutil
 
-    ckpt, _ = write_checkpoint(tmp_path, "bad", bits=4, group_size=64, sym=True, act_order="static", seed=3)
+    ckpt, _ = write_checkpoint(tmp_path, "bad", bits=4, group_size=64, sym=True, act_order="static", seed=3,
+                               head=True)
     # 1) mis-shaped scales of one shard of the fused qkv layer
     shaped = tmp_path / "misshaped"
     shutil.copytree(ckpt, shaped)
@@ -228,9 +244,17 @@ def test_bad_checkpoints_fail_with_one_line_message(tmp_path):
     cfg = json.loads((version / "config.json").read_text())
     cfg["quantization_config"]["format_version"] = 7
     (version / "config.json").write_text(json.dumps(cfg))
+    # 3) the quantized embedding table lacks its scales
+    table = tmp_path / "table"
+    shutil.copytree(ckpt, table)
+    _edit(table, lambda t: t.pop("model.embed_tokens.scales"))
     code = GENERATE.replace("print(\"RESULT \"", "print(\"UNEXPECTED \"")
     r1 = run_script(code, json.dumps([("x", str(shaped))]), json.dumps(PROMPTS))
     r2 = run_script(code, json.dumps([("x", str(version))]), json.dumps(PROMPTS))
+    r3 = run_script(code, json.dumps([("x", str(table))]), json.dumps(PROMPTS))
+    log3 = r3.stdout + r3.stderr
+    assert r3.returncode != 0 and "UNEXPECTED" not in r3.stdout
+    assert "RcsrPluginError: rcsr: model.embed_tokens.scales is missing from the checkpoint" in log3, log3[-4000:]
     # vLLM logs the worker's exception (to stdout by default) and then fails start-up
     log1, log2 = r1.stdout + r1.stderr, r2.stdout + r2.stderr
     assert r1.returncode != 0 and "UNEXPECTED" not in r1.stdout

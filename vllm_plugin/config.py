@@ -14,6 +14,8 @@ from .errors import RcsrPluginError
 
 QUANT_METHOD = "rcsr"
 _QKV = ("q", "k", "v")
+#: last name component of input-embedding modules across HF architectures
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 
 
 def parse_quant_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +79,10 @@ class RcsrConfig(QuantizationConfig):
 
         return WeightsMapper()
 
+    def input_table(self) -> str | None:
+        """The quantized input-embedding table (a tied head's), if the checkpoint has one."""
+        return next((m for m in self.quantized_modules if m.rsplit(".", 1)[-1] in _EMBEDDING_NAMES), None)
+
     def hf_names(self, prefix: str) -> list[str]:
         """HF (unfused) module names behind a vLLM layer prefix, in shard order."""
         parent, _, proj = prefix.rpartition(".")
@@ -86,8 +92,21 @@ class RcsrConfig(QuantizationConfig):
         return [f"{parent}.{p}" if parent else p for p in parts]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        if isinstance(layer, VocabParallelEmbedding):
+            from .embedding import RcsrEmbeddingMethod, RcsrTiedHeadMethod
+
+            if not prefix and not isinstance(layer, ParallelLMHead):
+                # some vLLM models (Llama among them) build embed_tokens without a prefix
+                prefix = self.input_table() or ""
+            if prefix in self._quantized:  # a quantized head, or the table a tied head shares
+                return RcsrEmbeddingMethod(self, prefix)
+            if isinstance(layer, ParallelLMHead):
+                return RcsrTiedHeadMethod()  # unquantized unless tied to a quantized embedding
+            return None  # unquantized embedding
         if not isinstance(layer, LinearBase):
-            return None  # embeddings, lm_head, attention: unquantized
+            return None  # attention: unquantized
         names = self.hf_names(prefix)
         quantized = [n in self._quantized for n in names]
         if all(quantized):
