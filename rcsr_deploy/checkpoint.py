@@ -38,7 +38,8 @@ from .grid import QuantSpec, dequantize as grid_dequantize
 from .packing import pack_codes, unpack_codes
 
 QUANT_METHOD = "rcsr"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what the writer uses when a vocabulary table is quantized (section 9 of docs/FORMAT.md)
+READ_VERSIONS = (1, 2)  # 1: decoder linears only; 2: adds quantized vocabulary tables (lm_head / tied embedding)
 PACKING = "int32-lsb-bitstream"
 SCALE_DTYPE = "float16"
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -186,9 +187,10 @@ def validate_quant_config(qc: object, where: str = "quantization_config") -> dic
     if "format_version" not in qc:
         raise RcsrError(f"{where}.format_version is missing")
     ver = qc["format_version"]
-    if type(ver) is not int or ver != FORMAT_VERSION:
+    if type(ver) is not int or ver not in READ_VERSIONS:
         raise RcsrError(f"{where}.format_version {ver!r} is not supported "
-                        f"(this rcsr-deploy reads format_version {FORMAT_VERSION}; upgrade rcsr-deploy)")
+                        f"(this rcsr-deploy reads format_version {' and '.join(map(str, READ_VERSIONS))}; "
+                        "upgrade rcsr-deploy)")
     for key in ("bits", "group_size", "sym", "act_order", "quantized_modules"):
         if key not in qc:
             raise RcsrError(f"{where}.{key} is missing")
@@ -317,6 +319,13 @@ def _tied_weight_map(model) -> dict[str, str]:
         return {}
     src_name = next((f"{n}.weight" for n, mod in model.named_modules() if mod is src), None)
     return {k: src_name for k in keys if src_name} if src_name else {}
+
+
+def vocab_tables(model) -> set[str]:
+    """Module names of the model's vocabulary tables: the input embedding and the output head."""
+    mods = [f() for f in (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+            if f is not None]
+    return {n for n, m in model.named_modules() if any(m is t for t in mods if t is not None)}
 
 
 def _storage_key(t: torch.Tensor):
@@ -493,6 +502,10 @@ def save_quantized(
     except (TypeError, ValueError) as e:
         raise RcsrError(f"quantization_config is not JSON-serialisable ({e})") from e
 
+    tables = vocab_tables(model) & set(quantized)
+    if tables and qc["format_version"] < 2:
+        raise RcsrError(f"quantized vocabulary table(s) {', '.join(sorted(tables))} need format_version 2 "
+                        "(a format_version 1 reader would not know them)")
     tensors = _model_tensors(model, quantized)
     with _atomic_dir(out_dir, overwrite) as tmp:
         _write_safetensors(tensors, tmp, shard_bytes)

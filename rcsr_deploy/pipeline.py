@@ -67,7 +67,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
                                           bias=None if bias is None else bias.detach().cpu())
     qcfg = {
         "quant_method": "rcsr",
-        "format_version": 1,
+        "format_version": 2 if cfg.lm_head else 1,  # version 2: quantized vocabulary table
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "sym": cfg.sym,

@@ -71,7 +71,7 @@ def make_ckpt(tmp_path: Path, bits: int, group_size: int, sym: bool, act_order: 
         table = "model.embed_tokens" if tie else "lm_head"
         w = model.get_submodule(table).weight
         q[table] = synthetic(w.shape[0], w.shape[1], spec, act_order == "dynamic", gen)
-    qc = {"quant_method": "rcsr", "format_version": 1, "bits": bits, "group_size": group_size, "sym": sym,
+    qc = {"quant_method": "rcsr", "format_version": 2 if head else 1, "bits": bits, "group_size": group_size, "sym": sym,
           "act_order": act_order, "quantized_modules": sorted(q), "method": {"name": "synthetic"}}
     out = ck.save_quantized(model, q, tmp_path / name, qc)
     (out / "chat_template.jinja").write_text("{{ messages }}\n")    # side file to be copied

@@ -431,7 +431,7 @@ def test_save_validation_errors(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
     fails("quant_method is 'gptq'", cfg={**qc, "quant_method": "gptq"})
-    fails("format_version 2 is not supported", cfg={**qc, "format_version": 2})
+    fails("format_version 3 is not supported", cfg={**qc, "format_version": 3})
     fails(r"quantization_config\.bits 5 is not supported", cfg={**qc, "bits": 5})
     fails(r"quantization_config\.act_order 'sometimes'", cfg={**qc, "act_order": "sometimes"})
     fails(r"quantization_config\.sym is missing", cfg={k: v for k, v in qc.items() if k != "sym"})
@@ -453,7 +453,9 @@ def test_save_validation_errors(tmp_path):
 
     lm = QuantizedTensor(torch.zeros(512, 64, dtype=torch.uint8), torch.ones(512, 2), torch.full((512, 2), 8.0),
                          None, spec)
-    fails("lm_head: its weight is tied", qq={**q, "lm_head": lm},
+    fails("lm_head: its weight is tied to model.embed_tokens.weight", qq={**q, "lm_head": lm},
+          cfg={**qc, "format_version": 2, "quantized_modules": qc["quantized_modules"] + ["lm_head"]})
+    fails("vocabulary table.* lm_head need format_version 2", qq={**q, "lm_head": lm},
           cfg={**qc, "quantized_modules": qc["quantized_modules"] + ["lm_head"]})
     fails("model.nope: not a module", qq={**q, "model.nope": qt},
           cfg={**qc, "quantized_modules": qc["quantized_modules"] + ["model.nope"]})
@@ -590,8 +592,8 @@ def test_read_quant_config_errors(tmp_path):
         (lambda c: c.pop("quantization_config"), "has no quantization_config"),
         (lambda c: c["quantization_config"].update(quant_method="gptq"),
          "quantization_config.quant_method is 'gptq', expected 'rcsr'"),
-        (lambda c: c["quantization_config"].update(format_version=2),
-         "quantization_config.format_version 2 is not supported"),
+        (lambda c: c["quantization_config"].update(format_version=3),
+         "quantization_config.format_version 3 is not supported"),
         (lambda c: c["quantization_config"].pop("format_version"), "quantization_config.format_version is missing"),
         (lambda c: c["quantization_config"].update(bits=6), "quantization_config.bits 6 is not supported"),
         (lambda c: c["quantization_config"].update(bits=True), "quantization_config.bits True is not supported"),
@@ -658,3 +660,31 @@ def test_quantized_tensor_validation_and_parse_size():
     assert ck.parse_size(1234) == 1234 and ck.parse_size("40kb") == 40_000
     with pytest.raises(RcsrError, match="must be positive"):
         ck.parse_size(0)
+
+
+def test_quantized_table_needs_format_version_2(tmp_path):
+    """A quantized vocabulary table is new in format_version 2: the writer refuses to label it 1."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=96, tie_word_embeddings=True), dtype=torch.float32)
+    spec = grid.QuantSpec(4, 32, True)
+    w = model.model.embed_tokens.weight.detach()
+    scale, zero = grid.compute_grid(w, spec)
+    codes = grid.quantize_to_grid(w, grid.expand_groups(scale, spec, 64), grid.expand_groups(zero, spec, 64), spec.maxq)
+    q = {"model.embed_tokens": QuantizedTensor(codes=codes.to(torch.uint8), scale=scale, zero=zero, g_idx=None,
+                                               spec=spec)}
+    qc = {"quant_method": "rcsr", "format_version": 1, "bits": 4, "group_size": 32, "sym": True,
+          "act_order": "none", "quantized_modules": ["model.embed_tokens"]}
+    with pytest.raises(RcsrError, match="model.embed_tokens need format_version 2"):
+        ck.save_quantized(model, q, tmp_path / "v1", qc)
+    assert not (tmp_path / "v1").exists()
+    out = ck.save_quantized(model, q, tmp_path / "v2", {**qc, "format_version": 2})
+    fq, _ = ck.load_fake_quant_model(out)
+    assert torch.equal(fq.lm_head.weight.detach(), q["model.embed_tokens"].dequantize())
+    # the tied head is a table of its own only as the embedding's source: quantizing it by name is refused
+    with pytest.raises(RcsrError, match="tied to model.embed_tokens.weight; quantize the tied source"):
+        ck.save_quantized(model, {"lm_head": q["model.embed_tokens"]}, tmp_path / "h",
+                       {**qc, "format_version": 2, "quantized_modules": ["lm_head"]})

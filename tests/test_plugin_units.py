@@ -348,10 +348,11 @@ INTER = 512
 def tp_env(monkeypatch, vllm_mods):
     """``set_tp(size, rank)``: vLLM's layers and parameters see that TP size and rank."""
     import vllm.model_executor.layers.linear as vl
+    import vllm.model_executor.layers.vocab_parallel_embedding as vpe
     import vllm.model_executor.parameter as vp
 
     state = {"size": 1, "rank": 0}
-    for mod in (vl, vp):
+    for mod in (vl, vp, vpe):
         monkeypatch.setattr(mod, "get_tensor_model_parallel_world_size", lambda: state["size"], raising=False)
         monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda: state["rank"], raising=False)
     monkeypatch.delenv("RCSR_KERNEL", raising=False)
@@ -590,3 +591,62 @@ def test_serve_helpers(monkeypatch, tmp_path):
     with pytest.raises(RcsrPluginError, match="not a model folder"):
         serve.serve_command(tmp_path / "nope", [])
     assert serve.main(["--help"]) == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("bits,gs,sym,dynamic", [(4, 64, True, False), (3, 32, False, True), (2, -1, True, False)])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_quantized_vocab_table_lookup_and_logits(tp_env, vllm_mods, bits, gs, sym, dynamic, tp):
+    """``--lm-head`` tables in real vLLM layers: a quantized ``VocabParallelEmbedding`` (vocab 200,
+    padded to 256 rows, split over TP ranks by vLLM's own loader) looks up exactly the dequantized
+    rows, its logits match ``x @ W.T``, and a tied ``ParallelLMHead`` computes the same logits through
+    the embedding's kernel (owning no weight of its own)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    from vllm_plugin.embedding import RcsrEmbeddingMethod, RcsrTiedHeadMethod
+
+    vocab, hidden = 200, 128
+    w, ref = make_layer(vocab, hidden, bits, gs, sym, dynamic, seed=bits)
+    cfg = _config(vllm_mods, bits, gs, sym, "dynamic" if dynamic else "static", ["model.embed_tokens"])
+    hf = _hf_tensors("model.embed_tokens", w)
+    x = torch.randn(5, hidden)
+    ids = torch.tensor([0, 7, 63, 64, 127, 128, 150, 199])
+    logits, looked_up = [], torch.zeros(len(ids), hidden)
+    for rank in range(tp):
+        tp_env(tp, rank)
+        emb = VocabParallelEmbedding(vocab, hidden, params_dtype=torch.float32, quant_config=cfg)  # no prefix, as Llama
+        assert isinstance(emb.quant_method, RcsrEmbeddingMethod)
+        for name, t in hf.items():
+            p = getattr(emb, name.rsplit(".", 1)[1])
+            p.weight_loader(p, t)
+        emb.quant_method.process_weights_after_loading(emb)
+        head = ParallelLMHead(vocab, hidden, params_dtype=torch.float32, quant_config=cfg, prefix="lm_head")
+        assert isinstance(head.quant_method, RcsrTiedHeadMethod)
+        head = head.tie_weights(emb)
+        assert not any(True for _ in head.parameters())  # the head holds no table of its own
+        lo, hi = emb.shard_indices.org_vocab_start_index, emb.shard_indices.org_vocab_end_index
+        y = emb.quant_method.apply(emb, x)
+        assert torch.equal(head.quant_method.apply(head, x), y)
+        assert torch.allclose(y[:, :hi - lo], x @ ref[lo:hi].T, atol=1e-5, rtol=1e-5)
+        assert torch.equal(y[:, hi - lo:], torch.zeros_like(y[:, hi - lo:]))  # padded rows are zero
+        logits.append(y[:, :hi - lo])
+        mine = (ids >= lo) & (ids < hi)
+        looked_up[mine] = emb.quant_method.embedding(emb, (ids[mine] - lo).reshape(-1, 1)).reshape(-1, hidden)
+    assert torch.allclose(torch.cat(logits, 1), x @ ref.T, atol=1e-5, rtol=1e-5)
+    assert torch.equal(looked_up, ref[ids])  # the lookup dequantizes exactly (fp32)
+
+
+@pytest.mark.vllm
+def test_quantized_vocab_table_bad_tensor(tp_env, vllm_mods):
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    tp_env(1, 0)
+    w, _ = make_layer(200, 128, 4, 64, True, False)
+    cfg = _config(vllm_mods, 4, 64, True, "static", ["lm_head"])
+    head = ParallelLMHead(200, 128, params_dtype=torch.float32, quant_config=cfg, prefix="lm_head")
+    with pytest.raises(RcsrPluginError, match=r"lm_head.scales: expected float16 \[200, 2\] in the checkpoint, "
+                                              r"got float16 \[200, 1\]"):
+        head.scales.weight_loader(head.scales, w.scales[:, :1].contiguous())
+    head.qweight.weight_loader(head.qweight, w.qweight)
+    with pytest.raises(RcsrPluginError, match="lm_head.scales is missing from the checkpoint"):
+        head.quant_method.process_weights_after_loading(head)

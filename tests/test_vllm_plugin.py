@@ -95,7 +95,7 @@ def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: 
     if head:
         m = "model.embed_tokens" if tie else "lm_head"
         quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
-    qc = {"quant_method": "rcsr", "format_version": 1, "bits": bits, "group_size": group_size, "sym": sym,
+    qc = {"quant_method": "rcsr", "format_version": 2 if head else 1, "bits": bits, "group_size": group_size, "sym": sym,
           "act_order": act_order, "quantized_modules": sorted(quantized), "method": {"name": "rtn"}}
     ckpt = save_quantized(model, quantized, root / name, qc, make_tokenizer())
     ref = export_dequantized(ckpt, root / f"{name}-ref")
