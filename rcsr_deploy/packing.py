@@ -64,11 +64,26 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
             f"got {packed.dtype} {tuple(packed.shape)}")
     out_f = packed.shape[0]
     words = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(out_f, in_features // 32, bits)
-    mask = (1 << bits) - 1
-    result = torch.empty(out_f, in_features // 32, 32, dtype=torch.uint8, device=packed.device)
-    for k, (w, sh, spill) in enumerate(_slots(bits)):
-        v = words[:, :, w] >> sh
-        if spill:
-            v = v | (words[:, :, w + 1] << (32 - sh))
-        result[:, :, k] = (v & mask).to(torch.uint8)
-    return result.reshape(out_f, in_features)
+    w_idx, shift, nxt = _slot_tensors(bits, packed.device)
+    # all 32 slots of every run at once: low part from its word, spill from the next (3-bit only)
+    v = words[:, :, w_idx] >> shift
+    if bits == 3:
+        v = v | (words[:, :, nxt] << (32 - shift))
+    return (v & ((1 << bits) - 1)).to(torch.uint8).reshape(out_f, in_features)
+
+
+_SLOT_CACHE: dict = {}
+
+
+def _slot_tensors(bits: int, device: torch.device):
+    """(word index, shift, next word index) of the 32 slots of a run, as int64 tensors (cached)."""
+    key = (bits, str(device))
+    if key not in _SLOT_CACHE:
+        sl = _slots(bits)
+        w = torch.tensor([a for a, _, _ in sl], dtype=torch.int64, device=device)
+        sh = torch.tensor([b for _, b, _ in sl], dtype=torch.int64, device=device)
+        # a slot that does not spill "spills" from its own word: shifted left by 32 - shift >= bits,
+        # that word contributes nothing to the slot's low ``bits`` bits
+        nxt = torch.tensor([a + 1 if sp else a for a, _, sp in sl], dtype=torch.int64, device=device)
+        _SLOT_CACHE[key] = (w, sh, nxt)
+    return _SLOT_CACHE[key]

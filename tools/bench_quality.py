@@ -30,6 +30,7 @@ SETTINGS = {
     "w4pc": dict(bits=4, group_size=-1, sym=True),
     "w2g64": dict(bits=2, group_size=64, sym=True),
     "w4g64": dict(bits=4, group_size=64, sym=True),
+    "w4g64a": dict(bits=4, group_size=64, sym=False),
     "w3g128": dict(bits=3, group_size=128, sym=True),
 }
 METHODS = {
@@ -91,9 +92,12 @@ def _done(path: Path) -> set[tuple]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--blocks", default="", help="Quantize only these decoder blocks (timing runs), e.g. 0-5.")
 @click.option("--no-eval", is_flag=True, help="Timing only: skip perplexity.")
+@click.option("--lm-head", "lm_head", is_flag=True,
+              help="Quantize the output head too (rows are named METHOD+head); also records the perplexity of the "
+                   "same checkpoint with the FP head put back (ppl_fp_head).")
 @click.option("--summary", is_flag=True, help="Only print the markdown table of what --out holds.")
 def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, seqlen, eval_tokens_n, eval_seqlen,
-         act_order, device, blocks, no_eval, summary):
+         act_order, device, blocks, no_eval, lm_head, summary):
     out = Path(out_path)
     if summary:
         print(render_summary(out))
@@ -133,12 +137,13 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
         for name in method_names:
             if name == "fp":
                 continue
+            row_name = name + ("+head" if lm_head else "") + ("" if act_order == "static" else f"@{act_order}")
             for seed in (int(s) for s in seeds.split(",")):
-                if (setting, name, seed, nsamples, seqlen, blocks) in done:
+                if (setting, row_name, seed, nsamples, seqlen, blocks) in done:
                     continue
                 kw = {**SETTINGS[setting], **METHODS[name]}
                 cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order,
-                                     blocks=blocks, **kw)
+                                     blocks=blocks, lm_head=lm_head, **kw)
                 tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))
                 try:
                     rep = quantize_to_checkpoint(path, tmp / "q", cfg, device=dev, progress=True)
@@ -147,9 +152,18 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                     else:
                         qm, _ = load_fake_quant_model(tmp / "q", device=dev)
                         r = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+                        if lm_head:  # the same decoder linears with the FP head (and tied embedding) put back
+                            fp_model, _ = load_model(path)
+                            with torch.no_grad():
+                                qm.get_output_embeddings().weight.copy_(fp_model.get_output_embeddings().weight)
+                                qm.get_input_embeddings().weight.copy_(fp_model.get_input_embeddings().weight)
+                            del fp_model
+                            r["ppl_fp_head"] = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id,
+                                                          device=dev)["ppl"]
                         del qm
                     alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
-                    record({"setting": setting, "method": name, "seed": seed, "ppl": r["ppl"],
+                    record({"setting": setting, "method": row_name, "seed": seed, "ppl": r["ppl"],
+                            "ppl_fp_head": r.get("ppl_fp_head"),
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
                             "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
@@ -159,20 +173,29 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _method_key(method: str):
+    base = method.split("+")[0].split("@")[0]
+    return (list(METHODS).index(base) if base in METHODS else -1, method)
+
+
 def render_summary(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     by: dict[tuple, list] = {}
     for r in rows:
         by.setdefault((r["setting"], r["method"]), []).append(r)
-    lines = ["| setting | method | ppl (mean ± sd over seeds) | seeds | quant. time (s) | mean α |",
-             "|---|---|---|---|---|---|"]
-    for (setting, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0] != "fp", kv[0][0], list(METHODS).index(kv[0][1]) if kv[0][1] in METHODS else -1)):
+    lines = ["| setting | method | ppl (mean ± sd over seeds) | seeds | per seed | quant. time (s) | mean α | "
+             "ppl, FP head put back |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (setting, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0] != "fp", kv[0][0], _method_key(kv[0][1]))):
         p = torch.tensor([r["ppl"] for r in rs], dtype=torch.float64)
         t = sum(r["quant_seconds"] for r in rs) / len(rs)
         sd = f" ± {p.std().item():.2f}" if len(rs) > 1 else ""
         al = [r.get("mean_alpha") for r in rs if r.get("mean_alpha") is not None]
-        lines.append(f"| {setting} | {method} | {p.mean().item():.2f}{sd} | {len(rs)} | {t:.0f} | "
-                     f"{(sum(al) / len(al)) if al else float('nan'):.3f} |")
+        fh = [r["ppl_fp_head"] for r in rs if r.get("ppl_fp_head") is not None]
+        per = ", ".join(f"{r['ppl']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {setting} | {method} | {p.mean().item():.2f}{sd} | {len(rs)} | {per} | {t:.0f} | "
+                     f"{(sum(al) / len(al)) if al else float('nan'):.3f} | "
+                     f"{(sum(fh) / len(fh)) if fh else float('nan'):.2f} |")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serving benchmark of several checkpoints of one model against its FP original (docs/RESULTS).
 
-    python tools/bench_serving.py --bits 4,3,2 --group-size 64 --method rtn [--quick]
+    python tools/bench_serving.py --bits 4,3,2 --group-size 64 --method rtn [--lm-head both] [--quick]
 
 Quantizes the model (``rcsr quantize``; reused when the folder exists), then measures the FP model
 once and every checkpoint with :func:`rcsr_deploy.bench.bench_model` -- the numbers of
@@ -34,7 +34,9 @@ HERE = Path(__file__).resolve().parent.parent
               help="Checkpoints, vLLM logs and the result JSON go here.")
 @click.option("--quick", is_flag=True, help="16 output tokens, one timed iteration.")
 @click.option("--batch-sizes", "batch_sizes", default="1,16", show_default=True)
-def main(model, bits, group_size, method, dtype, work, quick, batch_sizes):
+@click.option("--lm-head", "lm_head", type=click.Choice(["no", "yes", "both"]), default="both", show_default=True,
+              help="Checkpoints with the decoder linears only, with the output head quantized too (--lm-head), or both.")
+def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_head):
     from rcsr_deploy.assets import resolve_model
     from rcsr_deploy.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratios,
                                    table_header, table_rows)
@@ -45,14 +47,17 @@ def main(model, bits, group_size, method, dtype, work, quick, batch_sizes):
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     fp_dir = resolve_model(model)
     ckpts = []
+    heads = {"no": [False], "yes": [True], "both": [False, True]}[lm_head]
     for b in [int(x) for x in bits.split(",")]:
-        out = work / f"{Path(fp_dir).name}-{method}-w{b}g{group_size}"
-        if not out.exists():
-            click.echo(f"quantizing W{b} g{group_size} ({method}) -> {out}", err=True)
-            subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "quantize", "--model", model, "--method", method,
-                            "--bits", str(b), "--group-size", str(group_size), "--out", str(out), "--no-progress"],
-                           check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
-        ckpts.append(out)
+        for head in heads:
+            out = work / f"{Path(fp_dir).name}-{method}-w{b}g{group_size}{'-head' if head else ''}"
+            if not out.exists():
+                click.echo(f"quantizing W{b} g{group_size} ({method}{', lm_head' if head else ''}) -> {out}", err=True)
+                subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "quantize", "--model", model, "--method",
+                                method, "--bits", str(b), "--group-size", str(group_size), "--out", str(out),
+                                "--no-progress", "--lm-head" if head else "--no-lm-head"], check=True,
+                               env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+            ckpts.append(out)
     machine = machine_info()
     t0 = time.perf_counter()
     logs = work / "logs"

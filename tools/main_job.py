@@ -25,6 +25,8 @@ from pathlib import Path
 import click
 
 HERE = Path(__file__).resolve().parent.parent
+#: quantize the tied embedding / lm_head by default? (quality vs bytes/speed: docs/RESULTS-serving.md)
+LM_HEAD_DEFAULT = True
 
 
 def _free_port() -> int:
@@ -109,13 +111,15 @@ def _size(folder: Path) -> int:
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--eval-tokens", type=int, default=8192, show_default=True)
 @click.option("--skip-baseline", is_flag=True, help="Do not serve the FP model for the speed baseline.")
-def main(work, nsamples, seqlen, eval_tokens, skip_baseline):
+@click.option("--lm-head/--no-lm-head", "lm_head", default=LM_HEAD_DEFAULT, show_default=True,
+              help="Quantize the (tied) embedding / output head too (see docs/RESULTS-serving.md for its cost).")
+def main(work, nsamples, seqlen, eval_tokens, skip_baseline, lm_head):
     from rcsr_deploy.assets import default_model_dir
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     fp_dir = default_model_dir()
-    ckpt = work / f"smollm2-ksnrq-w4g64-n{nsamples}x{seqlen}"
+    ckpt = work / f"smollm2-ksnrq-w4g64-n{nsamples}x{seqlen}{'-head' if lm_head else ''}"
     rcsr = [sys.executable, "-m", "rcsr_deploy.cli"]
     t0 = time.perf_counter()
     if ckpt.exists():
@@ -124,7 +128,8 @@ def main(work, nsamples, seqlen, eval_tokens, skip_baseline):
         print(f"[1/4] quantizing the default model with K-SNRQ (K=4, W4 g64 sym, {nsamples}x{seqlen} SOTU tokens) ...",
               flush=True)
         subprocess.run(rcsr + ["quantize", "--model", "default", "--out", str(ckpt), "--method", "ksnrq", "--beam", "4",
-                               "--bits", "4", "--group-size", "64", "--nsamples", str(nsamples), "--seqlen", str(seqlen)],
+                               "--bits", "4", "--group-size", "64", "--nsamples", str(nsamples), "--seqlen", str(seqlen),
+                               "--lm-head" if lm_head else "--no-lm-head"],
                        check=True)
     quant_s = time.perf_counter() - t0
 
@@ -159,14 +164,15 @@ def main(work, nsamples, seqlen, eval_tokens, skip_baseline):
         "checkpoint": str(ckpt), "method": qcfg["method"]["method"], "bits": qcfg["bits"], "group_size": qcfg["group_size"],
         "ppl_fp": ppl["fp"], "ppl_quantized": ppl["quantized"], "bytes_fp32": fp_bytes, "bytes_bf16_equiv": fp_bytes // 2,
         "bytes_quantized": q_bytes, "decode_tok_s_quantized": q_tps, "decode_tok_s_fp_bf16": fp_tps,
-        "answer": answer, "quantize_seconds": quant_s,
+        "answer": answer, "quantize_seconds": quant_s, "lm_head": lm_head,
     }
     (work / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n=== rcsr-deploy main job ===")
     print(f"checkpoint            {ckpt}")
     print(f"perplexity (Moby-Dick) FP {ppl['fp']:.2f}  ->  K-SNRQ W4 g64 {ppl['quantized']:.2f}")
+    head = "embedding/lm_head quantized too" if lm_head else "embedding/lm_head stay unquantized, in fp32"
     print(f"weights on disk       FP {fp_bytes / 1e6:.0f} MB fp32 ({fp_bytes / 2e6:.0f} MB as bf16)  ->  {q_bytes / 1e6:.0f} MB "
-          f"(embedding/lm_head stay unquantized)")
+          f"({q_bytes / (fp_bytes / 2):.3f}x of bf16; {head})")
     if fp_tps:
         print(f"decode tokens/s       FP bf16 {fp_tps:.1f}  ->  quantized {q_tps:.1f}  ({q_tps / fp_tps:.2f}x, 128-token "
               f"greedy completion through the OpenAI API, median of 3)")
