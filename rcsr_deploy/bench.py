@@ -383,7 +383,8 @@ def describe(model_dir: str) -> dict:
     if isinstance(qc, dict) and qc.get("quant_method") == "rcsr":
         method = (qc.get("method") or {}).get("name") or (qc.get("method") or {}).get("method") or "?"
         gs = qc.get("group_size")
-        label = f"rcsr W{qc.get('bits')} g{gs if gs != -1 else 'channel'} ({method})"
+        label = (f"rcsr W{qc.get('bits')} g{gs if gs != -1 else 'channel'} ({method})"
+                 + (" + lm_head" if qc.get("lm_head") else ""))
         return {"label": label, "quantization": {k: qc.get(k) for k in ("bits", "group_size", "sym", "act_order")}
                 | {"method": method}}
     if isinstance(qc, dict):
