@@ -26,7 +26,7 @@ import click
 
 HERE = Path(__file__).resolve().parent.parent
 #: quantize the tied embedding / lm_head by default? (quality vs bytes/speed: docs/RESULTS-serving.md)
-LM_HEAD_DEFAULT = True
+LM_HEAD_DEFAULT = False  # on: 0.27x bytes, faster decode, but a large ppl cost (RESULTS-serving.md)
 
 
 def _free_port() -> int:
