@@ -306,7 +306,7 @@ def test_register_idempotent(vllm_mods):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("change,field", [
-    ({"format_version": 2}, "format_version 2 is not supported"),
+    ({"format_version": 3}, "format_version 3 is not supported"),
     ({"format_version": None}, "format_version None is not supported"),
     ({"bits": 5}, "bits 5 is not supported"),
     ({"group_size": 48}, "group_size 48 is not supported"),
