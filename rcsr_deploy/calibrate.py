@@ -13,11 +13,14 @@ Top-down:
    ``[q,k,v] → [o] → [gate,up] → [down]``.  For each group: run both streams up to the group's input
    (the forward is cut short right there), accumulate ``H``/``D`` (``objective.LayerStats``), quantize
    every module of the group (``quantize_linear``) and put the dequantized weights back, so that the
-   next group sees the quantized path.
+   next group sees the quantized path.  The FP block does not change, so its stream is run through
+   the block once, recording every group's input on the way (``_run_block_capturing``, bounded by
+   ``FP_CAPTURE_BYTES``) — the second stream then costs one block forward, not one per group.
 4. Propagate both streams through the block, store the block's result under the work directory
    (``--resume`` restarts at the first block without a result), free the device.
 
-Memory on the host is ``2 · nsamples · seqlen · hidden`` activations plus the model; on the device one
+Memory on the host is ``2 · nsamples · seqlen · hidden`` activations (plus, for one block at a time,
+the FP stream's group inputs when they fit in ``FP_CAPTURE_BYTES``) and the model; on the device one
 block (twice when the FP stream is needed) and one group's statistics.  Nothing grows with depth.
 """
 from __future__ import annotations
@@ -276,6 +279,52 @@ def _run_block(block, x: torch.Tensor, kwargs: dict, device, batch_size: int, dt
     return out
 
 
+# Host bytes the FP stream may spend on caching every group's inputs of one block (see ``_run_block_capturing``).
+FP_CAPTURE_BYTES = 2 * 2**30
+
+
+def _run_block_capturing(block, x: torch.Tensor, kwargs: dict, device, batch_size: int, dtype,
+                         modules: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``_run_block`` that also records the input of each of ``modules`` (host, ``[N, L, in]``).
+
+    The FP block never changes while its block is calibrated, so one full forward yields the inputs
+    of all its groups *and* the next block's FP stream — instead of one forward cut short per group
+    and one more to propagate (``_collect_inputs``).  The recorded tensors are bit-identical to what
+    the cut-short forwards return (same ops, same mini-batches)."""
+    box: dict[str, torch.Tensor] = {}
+    store = {n: None for n in modules}
+    hooks = []
+    for n, m in modules.items():
+        def pre(mod, args, _n=n):
+            box[_n] = args[0].detach()
+        hooks.append(m.register_forward_pre_hook(pre))
+    out = torch.empty_like(x)
+    try:
+        for b0 in range(0, x.shape[0], batch_size):
+            xb = x[b0:b0 + batch_size].to(device, dtype)
+            kw = _expand_batch(_to_device(kwargs, device), xb.shape[0])
+            with torch.inference_mode():
+                y = block(xb, **kw)
+            if isinstance(y, tuple):
+                y = y[0]
+            out[b0:b0 + xb.shape[0]] = y.to("cpu", x.dtype)
+            for n in modules:
+                v = box.pop(n)
+                if store[n] is None:
+                    store[n] = torch.empty(x.shape[0], *v.shape[1:], dtype=v.dtype)
+                store[n][b0:b0 + xb.shape[0]] = v.to("cpu")
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, store
+
+
+def _cached_inputs(cache: torch.Tensor, device, batch_size: int):
+    """Same stream shape as ``_collect_inputs``, from a ``_run_block_capturing`` cache."""
+    for b0 in range(0, cache.shape[0], batch_size):
+        yield b0, cache[b0:b0 + batch_size].to(device)
+
+
 def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> list[list[str]]:
     """True-sequential groups: linears in execution order, grouped by identical input tensor."""
     mods = linear_modules(block)
@@ -469,8 +518,13 @@ class WorkDir:
 
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu", work_dir: Path,
-                   resume: bool = False, model_id: str = "", progress: bool = True):
-    """Quantize every linear of every decoder block. Returns ``({full_name: LinearResult}, report)``."""
+                   resume: bool = False, model_id: str = "", progress: bool = True,
+                   fp_capture_bytes: int | None = None):
+    """Quantize every linear of every decoder block. Returns ``({full_name: LinearResult}, report)``.
+
+    ``fp_capture_bytes`` bounds the host cache of one block's FP-stream group inputs (default
+    ``FP_CAPTURE_BYTES``); above it the FP stream falls back to one cut-short forward per group."""
+    fp_capture_bytes = FP_CAPTURE_BYTES if fp_capture_bytes is None else fp_capture_bytes
     from .data import calibration_windows
 
     cfg.validate()
@@ -538,6 +592,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
             block.to("cpu")
             continue
         fp_block = copy.deepcopy(block).to(device) if fp_stream is not None else None
+        fp_next = fp_cache = None
         block.to(device)
         mods = dict(block.named_modules())
         if i in done:
@@ -547,13 +602,24 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
         else:
             blk = {}
             groups = discover_groups(block, q_stream, kwargs, device, dtype)
+            if fp_block is not None:
+                fmods = dict(fp_block.named_modules())
+                firsts = {g[0]: fmods[g[0]] for g in groups}
+                elem = torch.finfo(dtype).bits // 8
+                need = fp_stream.shape[0] * fp_stream.shape[1] * sum(m.in_features for m in firsts.values()) * elem
+                if need <= fp_capture_bytes:
+                    fp_next, fp_cache = _run_block_capturing(fp_block, fp_stream, kwargs, device, bs, dtype, firsts)
             for gi, group in enumerate(groups):
                 first = mods[group[0]]
                 stats = LayerStats(first.in_features, device, with_d=fp_stream is not None)
                 alphas = (sample_alphas(q_stream.shape[0], cfg.alpha_m, _seed(cfg.seed, i, gi))
                           if mode == "sample" else None)
-                fp_iter = (_collect_inputs(fp_block, dict(fp_block.named_modules())[group[0]], fp_stream,
-                                           kwargs, device, dtype, bs) if fp_block is not None else None)
+                if fp_cache is not None:
+                    fp_iter = _cached_inputs(fp_cache.pop(group[0]), device, bs)
+                elif fp_block is not None:
+                    fp_iter = _collect_inputs(fp_block, fmods[group[0]], fp_stream, kwargs, device, dtype, bs)
+                else:
+                    fp_iter = None
                 q_iter = _collect_inputs(block, first, q_stream, kwargs, device, dtype, bs)
                 try:
                     for b0, xq in q_iter:
@@ -574,7 +640,8 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
             wd.save_block(i, blk)
         q_stream = _run_block(block, q_stream, kwargs, device, bs, dtype)
         if fp_stream is not None:
-            fp_stream = _run_block(fp_block, fp_stream, kwargs, device, bs, dtype)
+            fp_stream = fp_next if fp_next is not None else _run_block(fp_block, fp_stream, kwargs, device, bs, dtype)
+        del fp_next, fp_cache
         if not torch.isfinite(q_stream).all():
             raise RcsrError(f"block {i}: NaN/Inf activations on the quantized path")
         block.to("cpu")

@@ -155,7 +155,9 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
     t2s2 = t2.double().unsqueeze(0) * Sp.double() ** 2  # per-column cost scale in code units
 
     def regather(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-        """t[r, k, :] <- t[r, parent[r, k], :] (row copies via index_select, much faster than gather)."""
+        """t[r, k, :] <- t[r, parent[r, k], :] (row copies via index_select, much faster than gather).
+
+        ``t`` may be a column slice of a contiguous ``[R, K, ·]`` tensor; the result is contiguous."""
         flat = (row_base + parent).reshape(-1)
         return t.reshape(R * K, -1).index_select(0, flat).reshape(t.shape)
 
@@ -175,11 +177,12 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
                 w = Wp[:, j].unsqueeze(1)  # [R, 1]
                 s = Sp[:, j].unsqueeze(1)
                 z = Zp[:, j].unsqueeze(1)
-                what = w + tail[:, :, jj]  # [R, K]
+                what = w + tail[:, :, 0]  # [R, K]; tail holds columns jj..B-1 of the block
                 if K == 1:
                     q = torch.clamp(torch.round(what / s) + z, 0, maxq)
                     v = (q - z) * s
                     cost += (t2[j] * (what - v) ** 2).double()
+                    tail = tail[:, :, 1:]
                 else:
                     u = (what / s + z).double()  # continuous code
                     c0 = torch.clamp(torch.floor(u - shift), 0, maxq + 1 - width)
@@ -190,13 +193,12 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
                     q = (c0.gather(1, parent) + (idx - parent * width)).float()
                     v = (q - z) * s
                     parents.append(parent)
-                    if jj + 1 < B:
-                        tail = regather(tail, parent)
+                    tail = regather(tail[:, :, 1:], parent)  # only the columns still to come follow
                 e = w - v  # [R, K]
                 e_hist[:, :, jj] = e
                 q_hist[:, :, jj] = q.to(torch.uint8)
                 if jj + 1 < B:
-                    tail[:, :, jj + 1:].addcmul_(e.unsqueeze(-1), A[j, j + 1:b1])
+                    tail.addcmul_(e.unsqueeze(-1), A[j, j + 1:b1])
         if K == 1:
             E[:, :, b0:b1] = e_hist
             C[:, :, b0:b1] = q_hist

@@ -167,6 +167,31 @@ def test_resume_continues_and_matches(tokenizer, text_file, tmp_path, monkeypatc
         assert torch.equal(a[name].codes, b[name].codes), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp_path, monkeypatch):
+    """The FP stream's one-forward capture of all group inputs gives bit-identical codes to the
+    per-group cut-short forwards it replaces (forced with a zero capture budget)."""
+    import rcsr_deploy.calibrate as cal
+    src = tmp_path / "fp"
+    _make_model(arch, tokenizer, src)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="sample", calib=str(text_file), nsamples=6,
+                         seqlen=48, seed=2, batch_size=4)
+    captured = []
+    real = cal._run_block_capturing
+    monkeypatch.setattr(cal, "_run_block_capturing", lambda *a, **k: captured.append(1) or real(*a, **k))
+    quantize_to_checkpoint(str(src), tmp_path / "one", cfg, device="cpu", progress=False)
+    assert len(captured) == 2  # one capture per block
+    captured.clear()
+    monkeypatch.setattr(cal, "FP_CAPTURE_BYTES", 0)
+    quantize_to_checkpoint(str(src), tmp_path / "cut", cfg, device="cpu", progress=False)
+    assert not captured
+    a, b = load_quantized_tensors(tmp_path / "one"), load_quantized_tensors(tmp_path / "cut")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name].codes, b[name].codes), name
+        assert torch.equal(a[name].scale, b[name].scale), name
+
+
 def test_bad_group_size_message(tokenizer, text_file, tmp_path):
     src = tmp_path / "fp"
     _make_model("llama", tokenizer, src)  # in-features 64 and 128
