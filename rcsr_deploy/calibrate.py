@@ -47,6 +47,13 @@ METHODS = ("rtn", "gptq", "gptaq", "snrq", "ksnrq")
 ACT_ORDERS = ("none", "static", "dynamic")
 
 
+#: ``--alpha closed-form`` decodes once at this α, computes α* from that decode, then decodes at α*.
+#: α* minimises ‖W_ref(α) − Q‖_H for the Q it is given, so it stays near the α that produced Q: started
+#: from the GPTQ point (α = 0) it returns α* ≈ 0.01 and GPTQ's quality (measured, docs/RESULTS.md).  The
+#: reference code starts from its default fixed α, 0.25; so do we.
+CLOSED_FORM_START = 0.25
+
+
 @dataclass
 class QuantizeConfig:
     """Everything that determines the quantized weights (stored in ``quantization_config.method``)."""
@@ -120,7 +127,7 @@ class QuantizeConfig:
     # -- derived behaviour -------------------------------------------------------------------
     @property
     def alpha_mode(self) -> tuple[str, float]:
-        """('fixed', α) | ('sample', 1.0) | ('closed-form', 0.0) after method defaults."""
+        """('fixed', α) | ('sample', 1.0) | ('closed-form', CLOSED_FORM_START) after method defaults."""
         if self.method == "gptq":
             return "fixed", 0.0
         if self.method == "gptaq":
@@ -128,7 +135,7 @@ class QuantizeConfig:
         if self.alpha == "sample":
             return "sample", 1.0
         if self.alpha == "closed-form":
-            return "closed-form", 0.0
+            return "closed-form", CLOSED_FORM_START
         return "fixed", float(self.alpha)
 
     @property
@@ -440,6 +447,7 @@ def quantize_linear(W: torch.Tensor, stats: LayerStats | None, cfg: QuantizeConf
             scale, zero, S, Z = grid_for(W_ref)
             q0 = (successive_round(W_ref, tgt.H, S, Z, spec.maxq, order, beam=1, block=cfg.block).codes.float() - Z) * S
             alpha_used = closed_form_alpha(tgt.W, q0, tgt.WD, tgt.L)
+            info["alpha_start"] = a0
             W_ref = shifted_target(tgt.W, tgt.WD, tgt.L, alpha_used)
         scale, zero, S, Z = grid_for(W_ref)
         res = successive_round(W_ref, tgt.H, S, Z, spec.maxq, order, beam=beam, block=cfg.block)

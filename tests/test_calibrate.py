@@ -192,6 +192,22 @@ def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp
         assert torch.equal(a[name].scale, b[name].scale), name
 
 
+def test_closed_form_alpha_end_to_end(tokenizer, text_file, tmp_path):
+    """--alpha closed-form: every module reports its α* (in [0, 1]) and the α it started from; the
+    module's own objective is taken at α*."""
+    from rcsr_deploy.calibrate import CLOSED_FORM_START
+    src = tmp_path / "fp"
+    _make_model("llama", tokenizer, src)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="closed-form", calib=str(text_file),
+                         nsamples=6, seqlen=48, seed=0)
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    infos = [i for e in rep["layers"] for i in e["modules"].values()]
+    assert len(infos) == 14
+    for i in infos:
+        assert i["alpha_start"] == CLOSED_FORM_START and 0.0 <= i["alpha"] <= 1.0
+    assert len({round(i["alpha"], 6) for i in infos}) > 1  # chosen per module, not a constant
+
+
 def test_bad_group_size_message(tokenizer, text_file, tmp_path):
     src = tmp_path / "fp"
     _make_model("llama", tokenizer, src)  # in-features 64 and 128
