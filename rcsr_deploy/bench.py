@@ -1,6 +1,6 @@
 """``rcsr bench``: serving speed and memory of a checkpoint next to its FP original, measured by vLLM.
 
-The loops are vLLM's own (``vllm bench latency``), each run in a fresh subprocess through
+The loops are vLLM's own (``vllm bench latency`` and ``vllm bench throughput``), each run in a fresh subprocess through
 ``python -m vllm_plugin.vllm_cli`` (the CPU build's ``vllm`` console script is broken; the shim
 applies the same version fix as ``rcsr serve``).  Per model, with ``--input-len 32``:
 
@@ -10,6 +10,10 @@ applies the same version fix as ``rcsr serve``).  Per model, with ``--input-len 
   rate; ``decode_only_tok_s_b1 = (output_len - 1) / (latency_b1 - ttft)`` removes the prefill.
 * **TTFT** -- ``bench latency --batch-size 1 --output-len 1``: the average latency of a request
   that returns one token (prefill of ``input_len`` tokens + the first sample), offline, no HTTP.
+* **offline throughput** -- ``bench throughput --dataset-name random --num-prompts N`` with the same
+  input/output lengths (vLLM schedules all N requests itself, continuous batching):
+  ``output tok/s = N * output_len / elapsed`` and vLLM's own requests/s and total (prompt + output)
+  tokens/s.  ``--throughput-prompts 0`` skips it.
 * **peak memory** -- sum of the RSS (and of the PSS, which does not count shared pages twice) of the
   vLLM process tree (frontend, engine core, workers), sampled with psutil every 0.25 s while each
   benchmark runs; the maximum over the runs.  ``peak_*`` includes model loading (the mmapped
@@ -63,6 +67,7 @@ class BenchConfig:
     warmup: int = 1
     iters: int = 3
     ttft: bool = True
+    throughput_prompts: int = 64  # vllm bench throughput --num-prompts (0: skip)
     max_model_len: int = 256
     kv_cache_gib: int = 1
     compile: bool = False
@@ -72,7 +77,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         """Short runs for smoke tests: 16 output tokens, one timed iteration."""
-        base = dict(output_len=16, iters=1)
+        base = dict(output_len=16, iters=1, throughput_prompts=8)
         base.update(kw)
         return cls(**base)
 
@@ -81,6 +86,8 @@ class BenchConfig:
             raise RcsrError("--batch-sizes must be positive integers, e.g. 1,16")
         if self.input_len < 1 or self.output_len < 2:
             raise RcsrError("--input-len must be >= 1 and --output-len >= 2")
+        if self.throughput_prompts < 0:
+            raise RcsrError("--throughput-prompts must be >= 0")
         if self.iters < 1 or self.warmup < 0:
             raise RcsrError("--iters must be >= 1 and --warmup >= 0")
         if self.input_len + self.output_len > self.max_model_len:
@@ -375,6 +382,17 @@ def _latency_args(model: str, cfg: BenchConfig, batch: int, output_len: int, out
     return args
 
 
+def _throughput_args(model: str, cfg: BenchConfig, out_json: Path) -> list[str]:
+    args = ["--model", model, "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len),
+            # the --random-* lengths: they default to 1024/128 and win over --input-len/--output-len
+            "--dataset-name", "random", "--random-input-len", str(cfg.input_len),
+            "--random-output-len", str(cfg.output_len), "--random-prefix-len", "0",
+            "--num-prompts", str(cfg.throughput_prompts), "--seed", "0", "--output-json", str(out_json)]
+    if not cfg.compile:
+        args.append("--enforce-eager")
+    return args
+
+
 # --------------------------------------------------------------------------------------- models
 def describe(model_dir: str) -> dict:
     """Label and quantization settings of a model folder."""
@@ -428,6 +446,21 @@ def bench_model(model_dir: str, cfg: BenchConfig, work: Path, tag: str = "model"
         else:
             res["latency"][str(batch)] = lat
             res["decode_tok_s"][str(batch)] = batch * out_len / lat
+    if cfg.throughput_prompts:
+        if progress:
+            progress(f"{tag}: vllm bench throughput --num-prompts {cfg.throughput_prompts} ...")
+        out_json = work / f"{tag}-throughput.json"
+        run = run_vllm_bench("throughput", _throughput_args(str(model_dir), cfg, out_json),
+                             work / f"{tag}-throughput.log", cfg)
+        try:
+            data = json.loads(out_json.read_text())
+            elapsed, n = float(data["elapsed_time"]), int(data["num_requests"])
+        except (OSError, ValueError, KeyError):
+            raise RcsrError(f"vllm bench throughput wrote no readable --output-json ({out_json})") from None
+        res["throughput"] = {"num_prompts": n, "elapsed_s": elapsed, "requests_per_s": float(data["requests_per_second"]),
+                             "total_tok_s": float(data["tokens_per_second"]),
+                             "output_tok_s": n * cfg.output_len / elapsed}
+        res["runs"]["throughput"] = run
     if cfg.ttft and "1" in res["latency"] and res["latency"]["1"] > res["ttft_s"]:
         res["decode_only_tok_s_b1"] = (cfg.output_len - 1) / (res["latency"]["1"] - res["ttft_s"])
     res["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in res["runs"].values())
@@ -476,6 +509,8 @@ def ratios(ckpt: dict, base: dict) -> dict:
             r[f"decode_speedup_b{b}"] = v / base["decode_tok_s"][b]
     if "ttft_s" in ckpt and "ttft_s" in base:
         r["ttft"] = ckpt["ttft_s"] / base["ttft_s"]
+    if "throughput" in ckpt and "throughput" in base:
+        r["throughput_output_tok_s"] = ckpt["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
     if "decode_only_tok_s_b1" in ckpt and "decode_only_tok_s_b1" in base:
         r["decode_only_speedup_b1"] = ckpt["decode_only_tok_s_b1"] / base["decode_only_tok_s_b1"]
     cw, bw = ckpt["weight_bytes"], base["weight_bytes"]
@@ -550,10 +585,11 @@ def table_rows(models: list[dict], batch_sizes: list[int]) -> list[str]:
         w = r["weight_bytes"]
         tps = " | ".join(_fmt(r["decode_tok_s"].get(str(b)), ".1f") for b in batch_sizes)
         ttft = _fmt(r["ttft_s"] * 1e3 if "ttft_s" in r else None, ".0f")
+        thr = _fmt(r["throughput"]["output_tok_s"] if "throughput" in r else None, ".1f")
         kern = ", ".join(sorted(r.get("kernels", {}))) or "vLLM built-in"
         run = r.get("run_peak_rss_bytes")
         rss = _mb(r["peak_rss_bytes"]) + (f" / {run / 1e6:.0f}" if run else "")
-        rows.append(f"| {r['label']} | {tps} | {ttft} | {rss} | {_mb(w['disk'])} | "
+        rows.append(f"| {r['label']} | {tps} | {thr} | {ttft} | {rss} | {_mb(w['disk'])} | "
                     f"{_mb(w['bf16_equivalent'])} | {kern} |")
     return rows
 
@@ -561,8 +597,9 @@ def table_rows(models: list[dict], batch_sizes: list[int]) -> list[str]:
 def table_header(batch_sizes: list[int]) -> list[str]:
     tps = " | ".join(f"decode tok/s b{b}" for b in batch_sizes)
     n = len(batch_sizes)
-    return [f"| model | {tps} | TTFT ms | peak RSS (all / generating) | weights (disk) | weights bf16-eq | kernels |",
-            "|---|" + "---:|" * (n + 4) + "---|"]
+    return [f"| model | {tps} | throughput out tok/s | TTFT ms | peak RSS (all / generating) | weights (disk) | "
+            "weights bf16-eq | kernels |",
+            "|---|" + "---:|" * (n + 5) + "---|"]
 
 
 def format_report(result: dict) -> str:
@@ -573,11 +610,14 @@ def format_report(result: dict) -> str:
     lines = [f"machine: {machine_line(result['machine'])}",
              f"vllm bench latency, {cfg['dtype']}, input {cfg['input_len']} tokens, output {cfg['output_len']}, "
              f"{cfg['iters']} iters after {cfg['warmup']} warm-up, {'torch.compile' if cfg['compile'] else 'eager'}; "
-             f"tok/s = batch * output_len / avg latency; TTFT = latency of a 1-token request (batch 1)",
+             f"tok/s = batch * output_len / avg latency; TTFT = latency of a 1-token request (batch 1); "
+             f"throughput = vllm bench throughput, {cfg.get('throughput_prompts', 0)} random prompts, output tok/s",
              "", *table_header(bs), *table_rows(models, bs)]
     if "ratios" in result:
         r = result["ratios"]
         parts = [f"decode b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in bs if f"decode_speedup_b{b}" in r]
+        if "throughput_output_tok_s" in r:
+            parts.append(f"throughput {r['throughput_output_tok_s']:.2f}x")
         if "ttft" in r:
             parts.append(f"TTFT {r['ttft']:.2f}x")
         parts.append(f"weights {r['weight_bytes_bf16_equivalent']:.3f}x (bf16-eq), {r['weight_bytes_disk']:.3f}x (disk)")

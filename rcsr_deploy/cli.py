@@ -148,6 +148,8 @@ def serve(model_dir, vllm_args):
 @click.option("--output-len", "output_len", type=int, default=None, help="Generated tokens per request [128; 16 with --quick].")
 @click.option("--iters", type=int, default=None, help="Timed iterations per run [3; 1 with --quick].")
 @click.option("--no-ttft", is_flag=True, help="Skip the TTFT run (batch 1, one output token).")
+@click.option("--throughput-prompts", "throughput_prompts", type=int, default=None,
+              help="Requests for vLLM's `bench throughput` (random prompts, same lengths) [64; 8 with --quick; 0 skips].")
 @click.option("--compile", "compile_", is_flag=True, help="Let vLLM torch.compile the model (slow start) instead of --enforce-eager.")
 @click.option("--kv-cache-gib", "kv_cache_gib", type=int, default=1, show_default=True,
               help="VLLM_CPU_KVCACHE_SPACE for the CPU build (unless already set in the environment).")
@@ -155,8 +157,8 @@ def serve(model_dir, vllm_args):
 @click.option("--work-dir", "work_dir", type=click.Path(file_okay=False), default=None,
               help="Keep vLLM's logs and JSON outputs here (default: a temporary folder, removed).")
 def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes, input_len, output_len, iters, no_ttft,
-          compile_, kv_cache_gib, timeout, work_dir):
-    """Serving speed/memory of a checkpoint vs its FP original, with vLLM's `bench latency`."""
+          throughput_prompts, compile_, kv_cache_gib, timeout, work_dir):
+    """Serving speed/memory of a checkpoint vs its FP original, with vLLM's `bench latency` and `bench throughput`."""
     from .bench import BenchConfig, format_report, parse_batch_sizes, run_bench
 
     kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes), input_len=input_len, ttft=not no_ttft,
@@ -165,6 +167,8 @@ def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes,
         kw["output_len"] = output_len
     if iters is not None:
         kw["iters"] = iters
+    if throughput_prompts is not None:
+        kw["throughput_prompts"] = throughput_prompts
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     if baseline is not None and no_baseline:
         raise RcsrError("--baseline and --no-baseline exclude each other")

@@ -301,7 +301,7 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"rcsr bench --quick in {time.perf_counter() - t0:.0f}s\n{r.stdout}")
     res = json.loads(out_json.read_text())
-    assert "| model | decode tok/s b1 | TTFT ms | peak RSS (all / generating) |" in r.stdout
+    assert "| model | decode tok/s b1 | throughput out tok/s | TTFT ms | peak RSS (all / generating) |" in r.stdout
     m = res["machine"]
     assert set(m["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert m["torch"] and m["vllm"] and m["logical_cores"] >= 1 and m["memory_bytes"] > 0
@@ -316,11 +316,15 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
         assert mdl["peak_rss_bytes"] >= mdl["run_peak_rss_bytes"] > 10 * 2**20 and mdl["peak_pss_bytes"] > 0
         assert any("Worker" in name for name in mdl["runs"]["b1"]["run_peak_rss_by_process"])
         assert mdl["peak_gpu_bytes"] is None or mdl["peak_gpu_bytes"] >= 0
-        assert set(mdl["runs"]) == {"b1", "ttft"}
+        assert set(mdl["runs"]) == {"b1", "ttft", "throughput"}
+        thr = mdl["throughput"]  # vllm bench throughput, 8 random prompts x 16 output tokens
+        assert thr["num_prompts"] == 8 and thr["elapsed_s"] > 0 and thr["requests_per_s"] > 0
+        assert thr["total_tok_s"] > thr["output_tok_s"] > 0
         assert mdl["weight_bytes"]["disk"] > 0 and mdl["weight_bytes"]["bf16_equivalent"] > 0
     assert ck["weight_bytes"] == weight_bytes(tiny_w2) and base["weight_bytes"] == weight_bytes(tiny_llama_dir)
     assert ck["kernels"] == {"torch_int4": 8} and base["kernels"] == {}
-    for key in ("decode_speedup_b1", "ttft", "weight_bytes_disk", "weight_bytes_bf16_equivalent",
+    assert "throughput" in r.stdout.splitlines()[-1]
+    for key in ("decode_speedup_b1", "ttft", "throughput_output_tok_s", "weight_bytes_disk", "weight_bytes_bf16_equivalent",
                 "quantized_linear_only", "peak_rss"):
         assert res["ratios"][key] > 0, key
 
