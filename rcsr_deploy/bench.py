@@ -14,6 +14,10 @@ applies the same version fix as ``rcsr serve``).  Per model, with ``--input-len 
   input/output lengths (vLLM schedules all N requests itself, continuous batching):
   ``output tok/s = N * output_len / elapsed`` and vLLM's own requests/s and total (prompt + output)
   tokens/s.  ``--throughput-prompts 0`` skips it.
+* **online serving** -- ``vllm serve`` (OpenAI server, loopback) + ``vllm bench serve --backend openai
+  --dataset-name random --num-prompts N --ignore-eos`` (all requests sent at once): request and output
+  throughput, mean/median/p99 TTFT, mean TPOT and ITL as vLLM reports them, HTTP included; the
+  server's process-tree peak RSS.  ``--serve-prompts 0`` skips it.
 * **peak memory** -- sum of the RSS (and of the PSS, which does not count shared pages twice) of the
   vLLM process tree (frontend, engine core, workers), sampled with psutil every 0.25 s while each
   benchmark runs; the maximum over the runs.  ``peak_*`` includes model loading (the mmapped
@@ -37,12 +41,14 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,6 +74,7 @@ class BenchConfig:
     iters: int = 3
     ttft: bool = True
     throughput_prompts: int = 64  # vllm bench throughput --num-prompts (0: skip)
+    serve_prompts: int = 32  # vllm bench serve --num-prompts against vllm serve (0: skip)
     max_model_len: int = 256
     kv_cache_gib: int = 1
     compile: bool = False
@@ -77,7 +84,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> "BenchConfig":
         """Short runs for smoke tests: 16 output tokens, one timed iteration."""
-        base = dict(output_len=16, iters=1, throughput_prompts=8)
+        base = dict(output_len=16, iters=1, throughput_prompts=8, serve_prompts=8)
         base.update(kw)
         return cls(**base)
 
@@ -86,8 +93,8 @@ class BenchConfig:
             raise RcsrError("--batch-sizes must be positive integers, e.g. 1,16")
         if self.input_len < 1 or self.output_len < 2:
             raise RcsrError("--input-len must be >= 1 and --output-len >= 2")
-        if self.throughput_prompts < 0:
-            raise RcsrError("--throughput-prompts must be >= 0")
+        if self.throughput_prompts < 0 or self.serve_prompts < 0:
+            raise RcsrError("--throughput-prompts and --serve-prompts must be >= 0")
         if self.iters < 1 or self.warmup < 0:
             raise RcsrError("--iters must be >= 1 and --warmup >= 0")
         if self.input_len + self.output_len > self.max_model_len:
@@ -393,6 +400,65 @@ def _throughput_args(model: str, cfg: BenchConfig, out_json: Path) -> list[str]:
     return args
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_serve_bench(model: str, cfg: BenchConfig, work: Path, tag: str) -> dict:
+    """``vllm serve model`` on loopback, then ``vllm bench serve`` against it; the server is stopped
+    (its whole process group) whatever happens."""
+    port = _free_port()
+    server_log = work / f"{tag}-server.log"
+    cmd = [sys.executable, "-m", "vllm_plugin.vllm_cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len), "--seed", "0"]
+    if not cfg.compile:
+        cmd.append("--enforce-eager")
+    with open(server_log, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_vllm_env(cfg), start_new_session=True)
+    sampler = _TreeSampler(server.pid, cfg.sample_interval, server_log, None)
+    sampler.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        while True:
+            if server.poll() is not None:
+                raise RcsrError(f"vllm serve exited ({server.returncode}) before it was healthy (log: {server_log})")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > cfg.timeout:
+                raise RcsrError(f"vllm serve not healthy after {cfg.timeout:.0f}s (log: {server_log})")
+            time.sleep(1.0)
+        startup = time.perf_counter() - t0
+        name = f"{tag}-serve.json"
+        args = ["--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions", "--model", model,
+                "--dataset-name", "random", "--random-input-len", str(cfg.input_len),
+                "--random-output-len", str(cfg.output_len), "--random-prefix-len", "0",
+                "--num-prompts", str(cfg.serve_prompts), "--ignore-eos", "--seed", "0",
+                "--save-result", "--result-dir", str(work), "--result-filename", name]
+        run = run_vllm_bench("serve", args, work / f"{tag}-serve.log", cfg)
+    finally:
+        sampler.stop()
+        _kill_group(server)
+    try:
+        data = json.loads((work / name).read_text())
+    except (OSError, ValueError):
+        raise RcsrError(f"vllm bench serve wrote no readable result ({work / name})") from None
+    keys = ("duration", "completed", "failed", "request_throughput", "output_throughput", "total_token_throughput",
+            "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms", "mean_itl_ms")
+    out = {k: data.get(k) for k in keys}
+    out.update(num_prompts=cfg.serve_prompts, server_startup_s=startup, server_peak_rss_bytes=sampler.peak_rss,
+               client_wall_s=run["wall_s"])
+    return out
+
+
 # --------------------------------------------------------------------------------------- models
 def describe(model_dir: str) -> dict:
     """Label and quantization settings of a model folder."""
@@ -461,6 +527,10 @@ def bench_model(model_dir: str, cfg: BenchConfig, work: Path, tag: str = "model"
                              "total_tok_s": float(data["tokens_per_second"]),
                              "output_tok_s": n * cfg.output_len / elapsed}
         res["runs"]["throughput"] = run
+    if cfg.serve_prompts:
+        if progress:
+            progress(f"{tag}: vllm serve + vllm bench serve --num-prompts {cfg.serve_prompts} ...")
+        res["serve"] = run_serve_bench(str(model_dir), cfg, work, tag)
     if cfg.ttft and "1" in res["latency"] and res["latency"]["1"] > res["ttft_s"]:
         res["decode_only_tok_s_b1"] = (cfg.output_len - 1) / (res["latency"]["1"] - res["ttft_s"])
     res["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in res["runs"].values())
@@ -509,6 +579,8 @@ def ratios(ckpt: dict, base: dict) -> dict:
             r[f"decode_speedup_b{b}"] = v / base["decode_tok_s"][b]
     if "ttft_s" in ckpt and "ttft_s" in base:
         r["ttft"] = ckpt["ttft_s"] / base["ttft_s"]
+    if "serve" in ckpt and "serve" in base and base["serve"].get("output_throughput"):
+        r["serve_output_throughput"] = ckpt["serve"]["output_throughput"] / base["serve"]["output_throughput"]
     if "throughput" in ckpt and "throughput" in base:
         r["throughput_output_tok_s"] = ckpt["throughput"]["output_tok_s"] / base["throughput"]["output_tok_s"]
     if "decode_only_tok_s_b1" in ckpt and "decode_only_tok_s_b1" in base:
@@ -613,11 +685,24 @@ def format_report(result: dict) -> str:
              f"tok/s = batch * output_len / avg latency; TTFT = latency of a 1-token request (batch 1); "
              f"throughput = vllm bench throughput, {cfg.get('throughput_prompts', 0)} random prompts, output tok/s",
              "", *table_header(bs), *table_rows(models, bs)]
+    served = [m for m in models if "serve" in m]
+    if served:
+        lines += ["", f"vllm serve + vllm bench serve ({cfg.get('serve_prompts')} random prompts at once, OpenAI "
+                      f"/v1/completions on loopback):", "",
+                  "| model | req/s | output tok/s | TTFT mean / p99 ms | TPOT mean ms | server peak RSS |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m in served:
+            v = m["serve"]
+            lines.append(f"| {m['label']} | {_fmt(v['request_throughput'], '.2f')} | {_fmt(v['output_throughput'], '.1f')} | "
+                         f"{_fmt(v['mean_ttft_ms'], '.0f')} / {_fmt(v['p99_ttft_ms'], '.0f')} | "
+                         f"{_fmt(v['mean_tpot_ms'], '.1f')} | {_mb(v['server_peak_rss_bytes'])} |")
     if "ratios" in result:
         r = result["ratios"]
         parts = [f"decode b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in bs if f"decode_speedup_b{b}" in r]
         if "throughput_output_tok_s" in r:
             parts.append(f"throughput {r['throughput_output_tok_s']:.2f}x")
+        if "serve_output_throughput" in r:
+            parts.append(f"served output tok/s {r['serve_output_throughput']:.2f}x")
         if "ttft" in r:
             parts.append(f"TTFT {r['ttft']:.2f}x")
         parts.append(f"weights {r['weight_bytes_bf16_equivalent']:.3f}x (bf16-eq), {r['weight_bytes_disk']:.3f}x (disk)")

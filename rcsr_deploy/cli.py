@@ -150,6 +150,8 @@ def serve(model_dir, vllm_args):
 @click.option("--no-ttft", is_flag=True, help="Skip the TTFT run (batch 1, one output token).")
 @click.option("--throughput-prompts", "throughput_prompts", type=int, default=None,
               help="Requests for vLLM's `bench throughput` (random prompts, same lengths) [64; 8 with --quick; 0 skips].")
+@click.option("--serve-prompts", "serve_prompts", type=int, default=None,
+              help="Requests for `vllm bench serve` against a loopback `vllm serve` [32; 8 with --quick; 0 skips].")
 @click.option("--compile", "compile_", is_flag=True, help="Let vLLM torch.compile the model (slow start) instead of --enforce-eager.")
 @click.option("--kv-cache-gib", "kv_cache_gib", type=int, default=1, show_default=True,
               help="VLLM_CPU_KVCACHE_SPACE for the CPU build (unless already set in the environment).")
@@ -157,8 +159,8 @@ def serve(model_dir, vllm_args):
 @click.option("--work-dir", "work_dir", type=click.Path(file_okay=False), default=None,
               help="Keep vLLM's logs and JSON outputs here (default: a temporary folder, removed).")
 def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes, input_len, output_len, iters, no_ttft,
-          throughput_prompts, compile_, kv_cache_gib, timeout, work_dir):
-    """Serving speed/memory of a checkpoint vs its FP original, with vLLM's `bench latency` and `bench throughput`."""
+          throughput_prompts, serve_prompts, compile_, kv_cache_gib, timeout, work_dir):
+    """Serving speed/memory of a checkpoint vs its FP original: vLLM's `bench latency`, `bench throughput`, `bench serve`."""
     from .bench import BenchConfig, format_report, parse_batch_sizes, run_bench
 
     kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes), input_len=input_len, ttft=not no_ttft,
@@ -169,6 +171,8 @@ def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes,
         kw["iters"] = iters
     if throughput_prompts is not None:
         kw["throughput_prompts"] = throughput_prompts
+    if serve_prompts is not None:
+        kw["serve_prompts"] = serve_prompts
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     if baseline is not None and no_baseline:
         raise RcsrError("--baseline and --no-baseline exclude each other")

@@ -320,11 +320,16 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
         thr = mdl["throughput"]  # vllm bench throughput, 8 random prompts x 16 output tokens
         assert thr["num_prompts"] == 8 and thr["elapsed_s"] > 0 and thr["requests_per_s"] > 0
         assert thr["total_tok_s"] > thr["output_tok_s"] > 0
+        sv = mdl["serve"]  # vllm serve + vllm bench serve, 8 prompts over HTTP
+        assert sv["completed"] == 8 and sv["failed"] == 0 and sv["output_throughput"] > 0
+        assert 0 < sv["mean_ttft_ms"] <= sv["p99_ttft_ms"] and sv["mean_tpot_ms"] > 0
+        assert sv["server_peak_rss_bytes"] > 10 * 2**20 and sv["server_startup_s"] > 0
         assert mdl["weight_bytes"]["disk"] > 0 and mdl["weight_bytes"]["bf16_equivalent"] > 0
     assert ck["weight_bytes"] == weight_bytes(tiny_w2) and base["weight_bytes"] == weight_bytes(tiny_llama_dir)
     assert ck["kernels"] == {"torch_int4": 8} and base["kernels"] == {}
-    assert "throughput" in r.stdout.splitlines()[-1]
-    for key in ("decode_speedup_b1", "ttft", "throughput_output_tok_s", "weight_bytes_disk", "weight_bytes_bf16_equivalent",
+    assert "throughput" in r.stdout.splitlines()[-1] and "served output tok/s" in r.stdout.splitlines()[-1]
+    assert "| model | req/s | output tok/s | TTFT mean / p99 ms |" in r.stdout
+    for key in ("decode_speedup_b1", "ttft", "throughput_output_tok_s", "serve_output_throughput", "weight_bytes_disk", "weight_bytes_bf16_equivalent",
                 "quantized_linear_only", "peak_rss"):
         assert res["ratios"][key] > 0, key
 
