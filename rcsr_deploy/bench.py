@@ -685,33 +685,44 @@ def format_report(result: dict) -> str:
              f"tok/s = batch * output_len / avg latency; TTFT = latency of a 1-token request (batch 1); "
              f"throughput = vllm bench throughput, {cfg.get('throughput_prompts', 0)} random prompts, output tok/s",
              "", *table_header(bs), *table_rows(models, bs)]
-    served = [m for m in models if "serve" in m]
-    if served:
-        lines += ["", f"vllm serve + vllm bench serve ({cfg.get('serve_prompts')} random prompts at once, OpenAI "
-                      f"/v1/completions on loopback):", "",
-                  "| model | req/s | output tok/s | TTFT mean / p99 ms | TPOT mean ms | server peak RSS |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for m in served:
-            v = m["serve"]
-            lines.append(f"| {m['label']} | {_fmt(v['request_throughput'], '.2f')} | {_fmt(v['output_throughput'], '.1f')} | "
-                         f"{_fmt(v['mean_ttft_ms'], '.0f')} / {_fmt(v['p99_ttft_ms'], '.0f')} | "
-                         f"{_fmt(v['mean_tpot_ms'], '.1f')} | {_mb(v['server_peak_rss_bytes'])} |")
+    lines += served_table(models, cfg)
     if "ratios" in result:
-        r = result["ratios"]
-        parts = [f"decode b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in bs if f"decode_speedup_b{b}" in r]
-        if "throughput_output_tok_s" in r:
-            parts.append(f"throughput {r['throughput_output_tok_s']:.2f}x")
-        if "serve_output_throughput" in r:
-            parts.append(f"served output tok/s {r['serve_output_throughput']:.2f}x")
-        if "ttft" in r:
-            parts.append(f"TTFT {r['ttft']:.2f}x")
-        parts.append(f"weights {r['weight_bytes_bf16_equivalent']:.3f}x (bf16-eq), {r['weight_bytes_disk']:.3f}x (disk)")
-        if "quantized_linear_only" in r:
-            parts.append(f"quantized linears alone {r['quantized_linear_only']:.3f}x of bf16")
-        if r.get("peak_rss"):
-            parts.append(f"peak RSS {r['peak_rss']:.2f}x")
-        lines += ["", "checkpoint / baseline: " + "; ".join(parts)]
+        lines += ["", "checkpoint / baseline: " + ratio_line(result["ratios"], bs)]
     return "\n".join(lines)
+
+
+def served_table(models: list[dict], cfg: dict) -> list[str]:
+    """Markdown rows of the ``vllm bench serve`` figures (empty when no model was served)."""
+    served = [m for m in models if "serve" in m]
+    if not served:
+        return []
+    lines = ["", f"vllm serve + vllm bench serve ({cfg.get('serve_prompts')} random prompts at once, OpenAI "
+                 f"/v1/completions on loopback):", "",
+             "| model | req/s | output tok/s | TTFT mean / p99 ms | TPOT mean ms | server peak RSS |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in served:
+        v = m["serve"]
+        lines.append(f"| {m['label']} | {_fmt(v['request_throughput'], '.2f')} | {_fmt(v['output_throughput'], '.1f')} | "
+                     f"{_fmt(v['mean_ttft_ms'], '.0f')} / {_fmt(v['p99_ttft_ms'], '.0f')} | "
+                     f"{_fmt(v['mean_tpot_ms'], '.1f')} | {_mb(v['server_peak_rss_bytes'])} |")
+    return lines
+
+
+def ratio_line(r: dict, batch_sizes: list[int]) -> str:
+    """One line of checkpoint / baseline ratios (speed > 1 is faster, bytes < 1 smaller)."""
+    parts = [f"decode b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in batch_sizes if f"decode_speedup_b{b}" in r]
+    if "throughput_output_tok_s" in r:
+        parts.append(f"throughput {r['throughput_output_tok_s']:.2f}x")
+    if "serve_output_throughput" in r:
+        parts.append(f"served output tok/s {r['serve_output_throughput']:.2f}x")
+    if "ttft" in r:
+        parts.append(f"TTFT {r['ttft']:.2f}x")
+    parts.append(f"weights {r['weight_bytes_bf16_equivalent']:.3f}x (bf16-eq), {r['weight_bytes_disk']:.3f}x (disk)")
+    if "quantized_linear_only" in r:
+        parts.append(f"quantized linears alone {r['quantized_linear_only']:.3f}x of bf16")
+    if r.get("peak_rss"):
+        parts.append(f"peak RSS {r['peak_rss']:.2f}x")
+    return "; ".join(parts)
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -725,4 +736,4 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 __all__ = ["BenchConfig", "bench_model", "run_bench", "resolve_baseline", "weight_bytes", "machine_info",
-           "cpu_flags", "format_report", "ratios", "run_vllm_bench", "parse_batch_sizes"]
+           "cpu_flags", "format_report", "served_table", "ratio_line", "ratios", "run_vllm_bench", "parse_batch_sizes"]

@@ -363,3 +363,30 @@ def test_bench_bytes_baseline_and_bad_input(tiny_w2, tiny_llama_dir, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines[-1].startswith("error: ") and msg in lines[-1], (args, r.stderr[-2000:])
         assert "Traceback" not in r.stderr
+
+
+def test_report_tables_and_ratios():
+    """``rcsr bench``'s report (also printed by tools/bench_serving.py): latency + throughput table,
+    the served table and the ratio line, from a synthetic result (no vLLM)."""
+    from rcsr_deploy.bench import format_report, ratios
+
+    def model(label, tok_b1, tok_b16, thr, served, disk, bf16):
+        return {"label": label, "decode_tok_s": {"1": tok_b1, "16": tok_b16}, "ttft_s": 0.05,
+                "throughput": {"output_tok_s": thr}, "kernels": {"torch_int4": 7} if "rcsr" in label else {},
+                "peak_rss_bytes": 4.0e9, "run_peak_rss_bytes": 2.0e9,
+                "weight_bytes": {"disk": disk, "bf16_equivalent": bf16},
+                "serve": {"request_throughput": served / 128, "output_throughput": served, "mean_ttft_ms": 90.0,
+                          "p99_ttft_ms": 150.0, "mean_tpot_ms": 20.0, "server_peak_rss_bytes": 3.9e9}}
+
+    base = model("FP (bf16)", 40.0, 320.0, 300.0, 250.0, 538e6, 269e6)
+    ck = model("rcsr W4 g64", 60.0, 300.0, 330.0, 275.0, 72e6, 71.5e6)
+    cfg = {"batch_sizes": [1, 16], "dtype": "bfloat16", "input_len": 32, "output_len": 128, "iters": 3,
+           "warmup": 1, "compile": False, "throughput_prompts": 64, "serve_prompts": 32}
+    machine = {"cpu_model": "test CPU", "usable_cores": 2, "cpu_flags": {"avx2": True}, "torch": "2.13.0",
+               "vllm": "0.32.0", "load_average": [0.5, 0.5, 0.5]}
+    result = {"machine": machine, "config": cfg, "models": {"checkpoint": ck, "baseline": base}, "ratios": ratios(ck, base)}
+    text = format_report(result)
+    assert "| rcsr W4 g64 | 60.0 | 300.0 | 330.0 | 50 |" in text
+    assert "| FP (bf16) | 1.95 | 250.0 | 90 / 150 | 20.0 |" in text
+    assert "decode b1 1.50x" in text and "throughput 1.10x" in text and "served output tok/s 1.10x" in text
+    assert "weights 0.266x (bf16-eq)" in text

@@ -38,8 +38,8 @@ HERE = Path(__file__).resolve().parent.parent
               help="Checkpoints with the decoder linears only, with the output head quantized too (--lm-head), or both.")
 def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_head):
     from rcsr_deploy.assets import resolve_model
-    from rcsr_deploy.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratios,
-                                   table_header, table_rows)
+    from rcsr_deploy.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
+                                   ratios, served_table, table_header, table_rows)
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -79,13 +79,10 @@ def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_he
     result["wall_s"] = time.perf_counter() - t0
     (work / "serving.json").write_text(json.dumps(result, indent=1))
     bs = list(cfg.batch_sizes)
-    lines = [f"machine: {machine_line(machine)}", "", *table_header(bs), *table_rows(rows, bs), ""]
+    lines = [f"machine: {machine_line(machine)}", "", *table_header(bs), *table_rows(rows, bs),
+             *served_table(rows, result["config"]), ""]
     for name, r in result["ratios"].items():
-        parts = [f"b{b} {r[f'decode_speedup_b{b}']:.2f}x" for b in bs if f"decode_speedup_b{b}" in r]
-        lines.append(f"{name}: decode {', '.join(parts)}; TTFT {r.get('ttft', float('nan')):.2f}x; "
-                     f"weights {r['weight_bytes_bf16_equivalent']:.3f}x bf16-eq ({r['weight_bytes_disk']:.3f}x on disk, "
-                     f"{r['weight_bytes_disk_vs_baseline_bf16']:.3f}x of the FP model's bf16 bytes); quantized linears "
-                     f"{r.get('quantized_linear_only', float('nan')):.3f}x; peak RSS {r['peak_rss']:.2f}x")
+        lines.append(f"{name} / FP: {ratio_line(r, bs)}")
     click.echo("\n".join(lines))
     click.echo(f"\nwrote {work / 'serving.json'}", err=True)
 
