@@ -4,7 +4,9 @@
 Each (setting, method, seed) row: ``rcsr quantize`` in-process (wall time of the whole layer loop,
 forward passes included) → fake-quant perplexity on the evaluation text.  Rows are appended to a
 JSONL file as they finish, so an interrupted run continues where it stopped (rows already present
-are skipped).  ``--summary`` prints the markdown table for docs/RESULTS.md.
+are skipped).  ``--summary`` prints the markdown tables for docs/RESULTS.md (one per setting: ppl per
+seed, mean ± sd, ratio to GPTQ's mean, quantization time, mean α).  SARQC λ sweeps:
+``snrq-sarqc<λ>`` / ``rtn-sarqc<λ>`` for λ in 0.01, 0.03, 0.3, 1, 3 (plain names: λ = 0.1).
 
 Example (the docs/RESULTS.md run)::
 
@@ -42,8 +44,13 @@ METHODS = {
     "ksnrq4": dict(method="ksnrq", alpha="sample", beam=4),
     "ksnrq8": dict(method="ksnrq", alpha="sample", beam=8),
     "snrq-sarqc": dict(method="snrq", alpha="sample", sarqc_lambda=0.1),
+    "rtn-mse": dict(method="rtn", clip="mse"),
     "rtn-sarqc": dict(method="rtn", clip="mse", sarqc_lambda=0.1),
 }
+# SARQC λ sweep: snrq-sarqc<λ> / rtn-sarqc<λ> (λ = 0.1 is the plain name above)
+for _lam in ("0.01", "0.03", "0.3", "1", "3"):
+    METHODS[f"snrq-sarqc{_lam}"] = dict(method="snrq", alpha="sample", sarqc_lambda=float(_lam))
+    METHODS[f"rtn-sarqc{_lam}"] = dict(method="rtn", clip="mse", sarqc_lambda=float(_lam))
 
 
 def machine_info() -> dict:
@@ -179,24 +186,54 @@ def _method_key(method: str):
 
 
 def render_summary(path: Path) -> str:
+    """One markdown table per setting: ppl per seed, mean ± sd, ratio to GPTQ's mean, time, mean α.
+
+    Rows of a calibration size other than the most common one are labelled with it (e.g. "128×512"),
+    and their "× GPTQ" uses GPTQ at the same calibration size.  Timing-only rows (``--no-eval``,
+    ``--blocks``) are left out.
+    """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    by: dict[tuple, list] = {}
-    for r in rows:
-        by.setdefault((r["setting"], r["method"]), []).append(r)
-    lines = ["| setting | method | ppl (mean ± sd over seeds) | seeds | per seed | quant. time (s) | mean α | "
-             "ppl, FP head put back |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (setting, method), rs in sorted(by.items(), key=lambda kv: (kv[0][0] != "fp", kv[0][0], _method_key(kv[0][1]))):
-        p = torch.tensor([r["ppl"] for r in rs], dtype=torch.float64)
-        t = sum(r["quant_seconds"] for r in rs) / len(rs)
-        sd = f" ± {p.std().item():.2f}" if len(rs) > 1 else ""
-        al = [r.get("mean_alpha") for r in rs if r.get("mean_alpha") is not None]
-        fh = [r["ppl_fp_head"] for r in rs if r.get("ppl_fp_head") is not None]
-        per = ", ".join(f"{r['ppl']:.1f}" for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {setting} | {method} | {p.mean().item():.2f}{sd} | {len(rs)} | {per} | {t:.0f} | "
-                     f"{(sum(al) / len(al)) if al else float('nan'):.3f} | "
-                     f"{(sum(fh) / len(fh)) if fh else float('nan'):.2f} |")
-    return "\n".join(lines)
+    rows = [r for r in rows if not r.get("blocks") and r["ppl"] == r["ppl"]]
+    if not rows:
+        return "(no rows)"
+    sizes = [(r.get("nsamples"), r.get("seqlen")) for r in rows]
+    common = max(set(sizes), key=sizes.count)
+
+    def label(r):
+        size = (r.get("nsamples"), r.get("seqlen"))
+        return r["method"] + ("" if size == common else f" ({size[0]}×{size[1]})")
+
+    fp = [r["ppl"] for r in rows if r["method"] == "fp"]
+    out = []
+    for setting in sorted({r["setting"] for r in rows if r["setting"] != "fp"},
+                          key=lambda s: list(SETTINGS).index(s) if s in SETTINGS else 99):
+        by: dict[str, dict[int, dict]] = {}
+        for r in rows:
+            if r["setting"] == setting:
+                by.setdefault(label(r), {})[r["seed"]] = r
+        seeds = sorted({s for m in by.values() for s in m})
+
+        def mean(vals):
+            return sum(vals) / len(vals)
+
+        out += [f"**{setting}**" + (f" (FP {fp[0]:.2f})" if fp else ""), "",
+                "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | × GPTQ | quant. s | mean α |",
+                "|---|" + "---:|" * (len(seeds) + 4)]
+        for name in sorted(by, key=lambda m: (_method_key(m.split(" ")[0]), m)):
+            rs = by[name]
+            p = torch.tensor([r["ppl"] for r in rs.values()], dtype=torch.float64)
+            sd = f" ± {p.std().item():,.2f}" if len(rs) > 1 else ""
+            ref_name = "gptq" + name[len(name.split(" ")[0]):]
+            ref = by.get(ref_name)
+            x = p.mean().item() / mean([r["ppl"] for r in ref.values()]) if ref else None
+            ratio = "–" if x is None else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
+            al = [r["mean_alpha"] for r in rs.values() if r.get("mean_alpha") is not None]
+            cells = [f"{rs[s]['ppl']:,.2f}" if s in rs else "–" for s in seeds]
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {p.mean().item():,.2f}{sd} | {ratio} | "
+                       f"{mean([r['quant_seconds'] for r in rs.values()]):.0f} | "
+                       f"{f'{mean(al):.3f}' if al else '–'} |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
