@@ -22,9 +22,10 @@ so choosing ``q_k`` after ``q_1 … q_{k−1}`` is a one-dimensional problem wit
   cheapest of all extensions (remembering parent and code) and finally returns the best beam.
   For a fixed parent the cost is monotone in ``|ŵ − q|``, so only each beam's ``K`` nearest grid
   codes (a window of ``K`` consecutive codes) can survive: we score ``min(K, 2^b)`` codes per beam,
-  which is exactly equivalent to scoring all ``2^b``.  ``K = 1`` is SNRQ; ``K ≥ 2^{b(n−1)}`` is exhaustive search.  Rows where the
-  greedy path happens to beat every surviving beam keep the greedy codes, so K-SNRQ's objective is
-  never above SNRQ's.
+  which is exactly equivalent to scoring all ``2^b``.  ``K = 1`` is SNRQ; ``K ≥ 2^{b(n−1)}`` is exhaustive search.
+  Beam pruning can drop the greedy path, so the greedy (SNRQ) path rides along in an extra slot of the
+  same loop (never pruned, never a parent of the beams); rows where it ends below every beam keep the
+  greedy codes, so K-SNRQ's objective is never above SNRQ's.
 
 Implementation: blocks of ``block`` columns.  The feedback from earlier blocks enters once per block
 as a matrix product ``E_{<b} A_{<b, b}`` (``E`` = per-beam errors ``w − q``), feedback inside a block is a
@@ -100,7 +101,8 @@ def successive_round(
     Sp = scale_cols[:, order].float()
     Zp = zero_cols[:, order].float()
 
-    per_row = max(1, K * n * (4 + 1) * 2)  # errors fp32 + codes uint8, x2 for gathers
+    slots = K + (K > 1)  # K beams (+ the greedy path's slot)
+    per_row = max(1, slots * n * (4 + 1) * 2)  # errors fp32 + codes uint8, x2 for gathers
     rows_per_chunk = max(1, min(out_f, max_state_bytes // per_row))
     codes = torch.empty(out_f, n, dtype=torch.uint8, device=dev)
     objective = torch.empty(out_f, dtype=torch.float64, device=dev)
@@ -108,12 +110,6 @@ def successive_round(
         r1 = min(out_f, r0 + rows_per_chunk)
         # beams re-gather their block-local state every column: shorter blocks are cheaper there
         c, o = _decode_rows(Wp[r0:r1], Sp[r0:r1], Zp[r0:r1], A, t2, maxq, K, block if K == 1 else min(block, 64))
-        if K > 1:
-            # Beam pruning can in principle drop the greedy path; keep SNRQ's answer where it is
-            # better so that K-SNRQ's objective is never above SNRQ's, row by row.
-            cg, og = _decode_rows(Wp[r0:r1], Sp[r0:r1], Zp[r0:r1], A, t2, maxq, 1, block)
-            better = og < o
-            c[better], o[better] = cg[better], og[better]
         codes[r0:r1] = c
         objective[r0:r1] = o
     inv = torch.argsort(order)
@@ -138,20 +134,27 @@ def _single_thread(device: torch.device):
 
 
 def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
-    """Decode a chunk of rows (all tensors already in decode order)."""
+    """Decode a chunk of rows (all tensors already in decode order).
+
+    For ``K > 1`` slot ``K`` of the state follows the greedy path (its own parent at every column);
+    the result is the best beam, or the greedy codes where those are cheaper."""
     R, n = Wp.shape
     dev = Wp.device
-    E = torch.zeros(R, K, n, dtype=torch.float32, device=dev)  # w − q per beam
-    C = torch.zeros(R, K, n, dtype=torch.uint8, device=dev)  # codes per beam
+    G = int(K > 1)  # the greedy path's extra slot
+    SL = K + G
+    E = torch.zeros(R, SL, n, dtype=torch.float32, device=dev)  # w − q per beam
+    C = torch.zeros(R, SL, n, dtype=torch.uint8, device=dev)  # codes per beam
     cost = torch.full((R, K), float("inf"), dtype=torch.float64, device=dev)
     cost[:, 0] = 0.0
+    gcost = torch.zeros(R, 1, dtype=torch.float64, device=dev)
+    greedy_parent = torch.full((R, 1), K, dtype=torch.long, device=dev)
     # The K nearest grid codes of a point u are the window [c0, c0 + K − 1], c0 = floor(u − (K−1)/2 + ½)
     # clamped into [0, maxq + 1 − K]; only they can survive the top-K of one parent.
     width = min(K, maxq + 1)
     shift = (width - 1) / 2 - 0.5
     offsets = torch.arange(width, device=dev, dtype=torch.float64)
     rows = torch.arange(R, device=dev)
-    row_base = (rows * K).unsqueeze(1)  # flat index of beam 0 of each row in [R*K, ...] views
+    row_base = (rows * SL).unsqueeze(1)  # flat index of slot 0 of each row in [R*SL, ...] views
     t2s2 = t2.double().unsqueeze(0) * Sp.double() ** 2  # per-column cost scale in code units
 
     def regather(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
@@ -159,7 +162,7 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
 
         ``t`` may be a column slice of a contiguous ``[R, K, ·]`` tensor; the result is contiguous."""
         flat = (row_base + parent).reshape(-1)
-        return t.reshape(R * K, -1).index_select(0, flat).reshape(t.shape)
+        return t.reshape(R * SL, -1).index_select(0, flat).reshape(t.shape)
 
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
@@ -167,9 +170,9 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
         if b0:
             tail = torch.matmul(E[:, :, :b0], A[:b0, b0:b1])  # [R, K, B]
         else:
-            tail = torch.zeros(R, K, B, dtype=torch.float32, device=dev)
-        e_hist = torch.empty(R, K, B, dtype=torch.float32, device=dev)  # by beam index *at* that column
-        q_hist = torch.empty(R, K, B, dtype=torch.uint8, device=dev)
+            tail = torch.zeros(R, SL, B, dtype=torch.float32, device=dev)
+        e_hist = torch.empty(R, SL, B, dtype=torch.float32, device=dev)  # by beam index *at* that column
+        q_hist = torch.empty(R, SL, B, dtype=torch.uint8, device=dev)
         parents = []  # beam back-pointers per column (K > 1)
         with _single_thread(dev):
             for jj in range(B):
@@ -177,20 +180,26 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
                 w = Wp[:, j].unsqueeze(1)  # [R, 1]
                 s = Sp[:, j].unsqueeze(1)
                 z = Zp[:, j].unsqueeze(1)
-                what = w + tail[:, :, 0]  # [R, K]; tail holds columns jj..B-1 of the block
+                what = w + tail[:, :, 0]  # [R, SL]; tail holds columns jj..B-1 of the block
                 if K == 1:
                     q = torch.clamp(torch.round(what / s) + z, 0, maxq)
                     v = (q - z) * s
                     cost += (t2[j] * (what - v) ** 2).double()
                     tail = tail[:, :, 1:]
                 else:
-                    u = (what / s + z).double()  # continuous code
+                    u = (what[:, :K] / s + z).double()  # continuous code
                     c0 = torch.clamp(torch.floor(u - shift), 0, maxq + 1 - width)
                     d = (u - c0).unsqueeze(-1) - offsets  # [R, K, width] distance in code units
                     tot = torch.addcmul(cost.unsqueeze(-1), d * d, t2s2[:, j].view(R, 1, 1))
                     cost, idx = torch.topk(tot.reshape(R, -1), K, dim=1, largest=False, sorted=True)
                     parent = torch.div(idx, width, rounding_mode="floor")
                     q = (c0.gather(1, parent) + (idx - parent * width)).float()
+                    # the greedy slot: SNRQ's rule and accounting on its own error feedback
+                    wg = what[:, K:]
+                    qg = torch.clamp(torch.round(wg / s) + z, 0, maxq)
+                    gcost += (t2[j] * (wg - (qg - z) * s) ** 2).double()
+                    q = torch.cat([q, qg], dim=1)
+                    parent = torch.cat([parent, greedy_parent], dim=1)
                     v = (q - z) * s
                     parents.append(parent)
                     tail = regather(tail[:, :, 1:], parent)  # only the columns still to come follow
@@ -204,7 +213,7 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
             C[:, :, b0:b1] = q_hist
             continue
         # Backtrack each final beam through the block, then re-gather the history before the block.
-        idx = torch.arange(K, device=dev).expand(R, K)
+        idx = torch.arange(SL, device=dev).expand(R, SL)
         for jj in range(B - 1, -1, -1):
             E[:, :, b0 + jj] = e_hist[:, :, jj].gather(1, idx)
             C[:, :, b0 + jj] = q_hist[:, :, jj].gather(1, idx)
@@ -213,4 +222,8 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
             E[:, :, :b0] = regather(E[:, :, :b0].contiguous(), idx)
             C[:, :, :b0] = regather(C[:, :, :b0].contiguous(), idx)
     best = torch.argmin(cost, dim=1)
-    return C[rows, best], cost[rows, best]
+    codes, obj = C[rows, best], cost[rows, best]
+    if G:
+        better = gcost[:, 0] < obj
+        codes[better], obj[better] = C[rows, K][better], gcost[better, 0]
+    return codes, obj
