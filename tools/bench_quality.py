@@ -45,6 +45,8 @@ METHODS = {
     "ksnrq8": dict(method="ksnrq", alpha="sample", beam=8),
     "snrq-sarqc": dict(method="snrq", alpha="sample", sarqc_lambda=0.1),
     "rtn-mse": dict(method="rtn", clip="mse"),
+    "gptq-mse": dict(method="gptq", clip="mse"),
+    "snrq-mse": dict(method="snrq", alpha="sample", clip="mse"),
     "rtn-sarqc": dict(method="rtn", clip="mse", sarqc_lambda=0.1),
 }
 # SARQC λ sweep: snrq-sarqc<λ> / rtn-sarqc<λ> (λ = 0.1 is the plain name above)
