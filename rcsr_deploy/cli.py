@@ -45,7 +45,9 @@ def cli(verbose: int) -> None:
 @click.option("--alpha", default="sample", show_default=True, help="'sample' (Beta per sequence), 'closed-form', or a number in [0,1].")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
-@click.option("--clip", type=click.Choice(["minmax", "mse"]), default="minmax", show_default=True, help="Grid range: full range or H-weighted clip search.")
+@click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,
+              help="Grid range per group: full range (minmax) or H-weighted clip search (mse); auto = mse for the "
+                   "calibrated methods, minmax for plain RTN.")
 @click.option("--act-order", "act_order", type=click.Choice(["none", "static", "dynamic"]), default="static", show_default=True,
               help="Decode order diag(H)-descending with static groups, with groups in decode order (stores group_index), or natural order.")
 @click.option("--calib", default="sotu", show_default=True, help="Calibration text: sotu, wikitext2, c4, or a local text file/glob.")

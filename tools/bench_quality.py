@@ -35,23 +35,25 @@ SETTINGS = {
     "w4g64a": dict(bits=4, group_size=64, sym=False),
     "w3g128": dict(bits=3, group_size=128, sym=True),
 }
-METHODS = {
-    "rtn": dict(method="rtn"),
-    "gptq": dict(method="gptq"),
-    "gptaq": dict(method="gptaq"),
-    "snrq": dict(method="snrq", alpha="sample"),
-    "snrq-cf": dict(method="snrq", alpha="closed-form"),
-    "ksnrq4": dict(method="ksnrq", alpha="sample", beam=4),
-    "ksnrq8": dict(method="ksnrq", alpha="sample", beam=8),
-    "snrq-sarqc": dict(method="snrq", alpha="sample", sarqc_lambda=0.1),
+METHODS = {  # the paper's comparison rows use the full-range (minmax) grid; "-mse" rows the clip search
+    "rtn": dict(method="rtn", clip="minmax"),
+    "gptq": dict(method="gptq", clip="minmax"),
+    "gptaq": dict(method="gptaq", clip="minmax"),
+    "snrq": dict(method="snrq", alpha="sample", clip="minmax"),
+    "snrq-cf": dict(method="snrq", alpha="closed-form", clip="minmax"),
+    "ksnrq4": dict(method="ksnrq", alpha="sample", beam=4, clip="minmax"),
+    "ksnrq8": dict(method="ksnrq", alpha="sample", beam=8, clip="minmax"),
+    "snrq-sarqc": dict(method="snrq", alpha="sample", sarqc_lambda=0.1, clip="minmax"),
     "rtn-mse": dict(method="rtn", clip="mse"),
     "gptq-mse": dict(method="gptq", clip="mse"),
     "snrq-mse": dict(method="snrq", alpha="sample", clip="mse"),
+    "ksnrq4-mse": dict(method="ksnrq", alpha="sample", beam=4, clip="mse"),
+    "snrq-sarqc-mse": dict(method="snrq", alpha="sample", sarqc_lambda=0.1, clip="mse"),
     "rtn-sarqc": dict(method="rtn", clip="mse", sarqc_lambda=0.1),
 }
 # SARQC λ sweep: snrq-sarqc<λ> / rtn-sarqc<λ> (λ = 0.1 is the plain name above)
 for _lam in ("0.01", "0.03", "0.3", "1", "3"):
-    METHODS[f"snrq-sarqc{_lam}"] = dict(method="snrq", alpha="sample", sarqc_lambda=float(_lam))
+    METHODS[f"snrq-sarqc{_lam}"] = dict(method="snrq", alpha="sample", sarqc_lambda=float(_lam), clip="minmax")
     METHODS[f"rtn-sarqc{_lam}"] = dict(method="rtn", clip="mse", sarqc_lambda=float(_lam))
 
 
