@@ -160,7 +160,7 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
     def regather(t: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
         """t[r, k, :] <- t[r, parent[r, k], :] (row copies via index_select, much faster than gather).
 
-        ``t`` may be a column slice of a contiguous ``[R, K, ·]`` tensor; the result is contiguous."""
+        ``t`` may be a column slice of a contiguous ``[R, SL, ·]`` tensor; the result is contiguous."""
         flat = (row_base + parent).reshape(-1)
         return t.reshape(R * SL, -1).index_select(0, flat).reshape(t.shape)
 
@@ -168,7 +168,7 @@ def _decode_rows(Wp, Sp, Zp, A, t2, maxq: int, K: int, block: int):
         b1 = min(n, b0 + block)
         B = b1 - b0
         if b0:
-            tail = torch.matmul(E[:, :, :b0], A[:b0, b0:b1])  # [R, K, B]
+            tail = torch.matmul(E[:, :, :b0], A[:b0, b0:b1])  # [R, SL, B]
         else:
             tail = torch.zeros(R, SL, B, dtype=torch.float32, device=dev)
         e_hist = torch.empty(R, SL, B, dtype=torch.float32, device=dev)  # by beam index *at* that column

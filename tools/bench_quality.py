@@ -207,6 +207,9 @@ def render_summary(path: Path) -> str:
         size = (r.get("nsamples"), r.get("seqlen"))
         return r["method"] + ("" if size == common else f" ({size[0]}×{size[1]})")
 
+    def mean(vals):
+        return sum(vals) / len(vals)
+
     fp = [r["ppl"] for r in rows if r["method"] == "fp"]
     out = []
     for setting in sorted({r["setting"] for r in rows if r["setting"] != "fp"},
@@ -216,10 +219,6 @@ def render_summary(path: Path) -> str:
             if r["setting"] == setting:
                 by.setdefault(label(r), {})[r["seed"]] = r
         seeds = sorted({s for m in by.values() for s in m})
-
-        def mean(vals):
-            return sum(vals) / len(vals)
-
         out += [f"**{setting}**" + (f" (FP {fp[0]:.2f})" if fp else ""), "",
                 "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | × GPTQ | quant. s | mean α |",
                 "|---|" + "---:|" * (len(seeds) + 4)]
@@ -227,8 +226,8 @@ def render_summary(path: Path) -> str:
             rs = by[name]
             p = torch.tensor([r["ppl"] for r in rs.values()], dtype=torch.float64)
             sd = f" ± {p.std().item():,.2f}" if len(rs) > 1 else ""
-            ref_name = "gptq" + name[len(name.split(" ")[0]):]
-            ref = by.get(ref_name)
+            _, _, size_suffix = name.partition(" ")  # compare with GPTQ at the same calibration size
+            ref = by.get("gptq" + (f" {size_suffix}" if size_suffix else ""))
             x = p.mean().item() / mean([r["ppl"] for r in ref.values()]) if ref else None
             ratio = "–" if x is None else f"{x:.2f}" if x >= 0.1 else f"{x:.3f}"
             al = [r["mean_alpha"] for r in rs.values() if r.get("mean_alpha") is not None]
@@ -237,6 +236,10 @@ def render_summary(path: Path) -> str:
                        f"{mean([r['quant_seconds'] for r in rs.values()]):.0f} | "
                        f"{f'{mean(al):.3f}' if al else '–'} |")
         out.append("")
+        fp_head = [f"{name} seed {seed}: {r['ppl_fp_head']:,.2f}" for name, rs in by.items()
+                   for seed, r in sorted(rs.items()) if r.get("ppl_fp_head") is not None]
+        if fp_head:
+            out += ["Same checkpoints with the FP head put back: " + "; ".join(fp_head) + ".", ""]
     return "\n".join(out)
 
 
