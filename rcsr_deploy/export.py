@@ -84,7 +84,7 @@ def pack_lsb_words(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
         raise RcsrError(f"values out of range for {bits}-bit packing")
     v = v.reshape(*v.shape[:-1], n // per, per)
-    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)
+    words = (v << (torch.arange(per, dtype=torch.int64, device=v.device) * bits)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.movedim(-1, dim).contiguous()
 

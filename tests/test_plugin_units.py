@@ -25,6 +25,7 @@ from vllm_plugin.kernels import KERNELS, LayerSpec, QuantWeights, select_kernel
 from vllm_plugin.kernels.cpu_wna16 import CpuWna16Kernel
 from vllm_plugin.kernels.dequant import SCRATCH, DequantKernel
 from vllm_plugin.kernels.torch_int4 import TorchInt4Kernel, int4pack_layout_ok, unpack_int4pack
+from vllm_plugin.kernels.vllm_mp import VllmMpKernel
 from vllm_plugin.partition import plan_partition
 
 
@@ -156,6 +157,119 @@ def test_cpu_wna16_kernel(bits, sym, dynamic, gs):
     assert CpuWna16Kernel.unsupported_reason(spec_of(out_f, 256, bits, gs, sym, dynamic, torch.float32))
 
 
+@pytest.mark.vllm
+@pytest.mark.parametrize("sym,dynamic,gs", list(itertools.product((True, False), (False, True), (32, 64, 128, -1))))
+def test_vllm_mp_kernel_on_vllms_cpu_choice(sym, dynamic, gs):
+    """4-bit layers through vLLM's own kernel selection (on CPU it picks CPUWNA16LinearKernel),
+    bias added after the GEMM, dynamic act order permuted once: against the fp32 reference."""
+    out_f = 96
+    w, ref = make_layer(out_f, 256, 4, gs, sym, dynamic, seed=11 + gs)
+    for dt, tol in ((torch.bfloat16, 2e-2), (torch.float16, 4e-3)):
+        spec = spec_of(out_f, 256, 4, gs, sym, dynamic, dt)
+        assert VllmMpKernel.unsupported_reason(spec) is None
+        assert VllmMpKernel.label(spec) == "vllm_mp[CPUWNA16LinearKernel]"
+        k = VllmMpKernel(spec)
+        k.prepare(w)
+        assert k.vllm_kernel == "CPUWNA16LinearKernel" and k.nbytes() > 0
+        bias = torch.randn(out_f).to(dt)
+        for m in MS:
+            x = torch.randn(2, m, 256).to(dt)     # leading dims are kept
+            y = k.apply(x, bias)
+            assert y.shape == (2, m, out_f) and y.dtype == dt
+            assert rel_err(y, F.linear(x.float(), ref, bias.float())) < tol, (dt, m)
+            assert rel_err(k.apply(x), F.linear(x.float(), ref)) < tol, (dt, m)
+
+
+@pytest.mark.vllm
+def test_vllm_mp_policy_and_reasons(monkeypatch, caplog):
+    from vllm_plugin.kernels.vllm_mp import cuda_policy
+
+    # vLLM's own selection, forced on CPU: the log names the vLLM kernel it delegates to
+    monkeypatch.setenv("RCSR_KERNEL", "vllm_mp")
+    with caplog.at_level(logging.INFO, logger="vllm.rcsr_plugin.kernels"):
+        assert select_kernel(4, 64, False, "static", 576, 192, torch.bfloat16, "cpu", prefix="L4").name == "vllm_mp"
+    assert "layer L4 -> kernel vllm_mp[CPUWNA16LinearKernel] (4-bit, group 64, asym" in caplog.text
+    with pytest.raises(RcsrPluginError, match="RCSR_KERNEL=vllm_mp cannot run layer L3: 3-bit codes"):
+        select_kernel(3, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="L3")
+
+    def reason(bits, dt=torch.bfloat16, out_f=96, **kw):
+        return VllmMpKernel.unsupported_reason(spec_of(out_f, 256, bits, 64, True, False, dt, **kw))
+
+    assert "2-bit codes" in reason(2) and "3-bit codes" in reason(3)
+    assert "bf16/fp16 only" in reason(4, torch.float32)
+    # vLLM itself has no CPU kernel for 8-bit: its per-candidate reasons, on one line
+    r8 = reason(8)
+    assert r8.startswith("vLLM has no kernel for it (") and "uint8b128" in r8 and "\n" not in r8
+    assert "cannot be packed 8 per int32" in reason(4, out_f=100)
+    assert "different group_index" in VllmMpKernel.unsupported_reason(
+        spec_of(160, 256, 4, 64, False, True, torch.bfloat16, shard_sizes=(64, 64, 32), shared=False))
+    # CUDA: only Machete/Marlin are taken; what else vLLM would pick leaves the layer to triton
+    assert cuda_policy("MacheteLinearKernel") is None and cuda_policy("MarlinLinearKernel") is None
+    assert "ExllamaLinearKernel" in cuda_policy("ExllamaLinearKernel")
+    assert "Triton kernel" in cuda_policy("TritonW4A16LinearKernel")
+    assert "CUDA is not available" in VllmMpKernel.unsupported_reason(
+        LayerSpec(4, 64, True, "static", 256, 96, torch.float16, device="cuda"))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("bits,sym,gs", [(4, True, 64), (4, False, 128), (8, True, -1), (8, False, 32)])
+def test_vllm_mp_layout_is_what_marlin_and_machete_read(bits, sym, gs):
+    """No CUDA here, so Marlin/Machete cannot run; check the contract they consume instead, with
+    vLLM's own (pure torch) helpers that their process_weights_after_loading applies first:
+    codes ``[in, out]`` after ``permute_param_layout_(input 0, output 1, packed 0)``, zero points
+    ``[n_groups, out]`` via Marlin's ``unpack_cols(zp.t())`` and Machete's permute + unpack."""
+    from vllm.model_executor.kernels.linear import MPLinearLayerConfig  # noqa: F401
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import unpack_cols
+    from vllm.model_executor.layers.quantization.utils.quant_utils import unpack_quantized_values_into_int32
+    from vllm.model_executor.parameter import permute_param_layout_
+
+    from rcsr_deploy.packing import unpack_codes
+    from vllm_plugin.kernels import vllm_mp
+
+    out_f, in_f = 96, 256
+    w, _ = make_layer(out_f, in_f, bits, gs, sym, False, seed=5)
+    spec = spec_of(out_f, in_f, bits, gs, sym, False, torch.float16)
+    codes = unpack_codes(w.qweight, bits, in_f).to(torch.int32)          # [out, in]
+    captured = {}
+
+    class Probe:  # stands in for the CUDA kernel vLLM would choose
+        def __init__(self, config, w_q_param_name, w_s_param_name, w_zp_param_name=None):
+            captured.update(config=config, names=(w_q_param_name, w_s_param_name, w_zp_param_name))
+
+        def process_weights_after_loading(self, layer):
+            captured["layer"] = layer
+
+    vllm_mp._choose.cache_clear()
+    saved = vllm_mp._vllm
+    try:
+        mp_cfg, _, st = saved()
+        vllm_mp._vllm = lambda: (mp_cfg, lambda c: Probe, st)
+        k = VllmMpKernel(spec)
+        k.prepare(w)
+    finally:
+        vllm_mp._vllm = saved
+        vllm_mp._choose.cache_clear()
+    cfg, layer = captured["config"], captured["layer"]
+    assert cfg.partition_weight_shape == (in_f, out_f) and cfg.group_size == gs and cfg.zero_points == (not sym)
+    assert cfg.weight_type == getattr(st, f"uint{bits}b{1 << (bits - 1)}" if sym else f"uint{bits}")
+    assert captured["names"] == ("weight_packed", "weight_scale", None if sym else "weight_zero_point")
+    assert layer.bias is None
+    wq = layer.weight_packed
+    permute_param_layout_(wq, input_dim=0, output_dim=1, packed_dim=0)
+    assert torch.equal(unpack_quantized_values_into_int32(wq.data, cfg.weight_type, packed_dim=0), codes.t())
+    s = layer.weight_scale
+    permute_param_layout_(s, input_dim=0, output_dim=1)
+    assert torch.equal(s.data, w.scales.t())                                # [n_groups, out], fp16 here
+    if not sym:
+        zp = layer.weight_zero_point
+        n_groups = w.scales.shape[1]
+        marlin_view = unpack_cols(zp.data.t(), bits, n_groups, out_f)       # MarlinLinearKernel
+        assert torch.equal(marlin_view, w.zeros.t().to(torch.int32))
+        permute_param_layout_(zp, input_dim=0, output_dim=1, packed_dim=1)   # MacheteLinearKernel
+        assert torch.equal(unpack_quantized_values_into_int32(zp.data, cfg.weight_type, packed_dim=1),
+                           w.zeros.t().to(torch.int32))
+
+
 def test_scratch_buffer_is_shared_and_outputs_do_not_alias_it():
     SCRATCH.clear()
     layers = []
@@ -212,6 +326,10 @@ def test_default_kernel_choice(monkeypatch):
     # dynamic act order whose shards differ cannot be permuted: falls back to dequant
     assert select_kernel(4, 64, True, "dynamic", 576, 192, torch.bfloat16, "cpu", log=False,
                          shared_group_index=False).name == "dequant"
+    # CUDA: vLLM's Machete/Marlin first (4/8-bit), then our Triton kernel, then dequant
+    from vllm_plugin.kernels import default_order
+    assert default_order(LayerSpec(4, 64, True, "static", 576, 192, torch.float16, device="cuda")) == \
+        ("vllm_mp", "triton", "dequant")
 
 
 def test_forced_kernel(monkeypatch, caplog):
@@ -238,7 +356,7 @@ def test_import_without_vllm_and_kernel_registry():
     code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.partition, vllm_plugin.serve; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert set(KERNELS) == {"triton", "torch_int4", "cpu_wna16", "dequant"}
+    assert set(KERNELS) == {"vllm_mp", "triton", "torch_int4", "cpu_wna16", "dequant"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -219,6 +219,18 @@ def test_plugin_torch_int4_paths(ckpts, reference):
     print(f"4-bit bf16 torch_int4: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
 
 
+def test_plugin_on_vllms_own_kernel_selection(ckpts, reference):
+    """RCSR_KERNEL=vllm_mp: every 4-bit layer (linears and the tied quantized head) through vLLM's
+    choose_mp_linear_kernel -- the path that picks Machete/Marlin on CUDA -- which on CPU is
+    CPUWNA16LinearKernel; bf16 (its scales are rounded to bf16) stays close to the fp32 reference."""
+    out, log = generate([("w4", ckpts["w4"][0])], env={"RCSR_KERNEL": "vllm_mp", "RCSR_DTYPE": "bfloat16"})
+    for layer in ("model.layers.0.self_attn.qkv_proj", "model.layers.1.mlp.down_proj", "model.embed_tokens"):
+        assert f"rcsr: layer {layer} -> kernel vllm_mp[CPUWNA16LinearKernel] (4-bit, group 64, sym" in log
+    worst = max(abs(a - b) for g, e in zip(out["w4"], reference["w4"]) for a, b in zip(g["plp"], e["plp"]))
+    assert worst < 0.1, f"bf16 prompt logprobs differ from the fp32 reference by {worst}"
+    print(f"4-bit bf16 vllm_mp: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
+
+
 def _edit(ckpt: Path, fn) -> None:
     from safetensors.torch import load_file, save_file
 

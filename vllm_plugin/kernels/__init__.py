@@ -5,6 +5,9 @@ canonical tensors (``kernel.prepare(QuantWeights(...))``) and calls ``kernel.app
 
 Kernels (``RCSR_KERNEL=<name>`` forces one for every layer; it is an error if it cannot run one):
 
+* ``vllm_mp``    -- vLLM's own mixed-precision kernels through vLLM's kernel selection
+                    (``choose_mp_linear_kernel``), 4/8-bit; on CUDA only when vLLM picks Machete or
+                    Marlin (``vllm_plugin.kernels.vllm_mp``)
 * ``triton``     -- CUDA only: ``vllm_plugin.kernels.triton_wna16`` (when it imports and says it is available)
 * ``torch_int4`` -- CPU, codes <= 4 bits, fp32/bf16/fp16: torch's int4 GEMM for small M, dequantize
                     into a scratch buffer + dense GEMM for large M
@@ -15,10 +18,14 @@ Kernels (``RCSR_KERNEL=<name>`` forces one for every layer; it is an error if it
 Default choice (measured, see ``python -m vllm_plugin.kernels.bench`` and vllm_plugin/README.md), the first
 kernel of the list that can take the layer:
 
-* CUDA: triton, dequant
+* CUDA: vllm_mp (4/8-bit on Machete/Marlin), triton (2/3-bit, and 4/8-bit shapes Machete/Marlin do not
+  take), dequant
 * CPU bf16: torch_int4 (int4 GEMM below 80 rows, dense above), cpu_wna16, dequant
 * CPU fp16: cpu_wna16, dequant (torch's int4 and fp16 GEMMs are not vectorized on CPU)
 * CPU fp32: dequant (no int4 kernel has a fast fp32 path)
+
+On CPU ``vllm_mp`` is not in the default order: it reaches the same ``cpu_gemm_wna16`` op as
+``cpu_wna16`` (for 4-bit only) through vLLM's layout conversion; ``RCSR_KERNEL=vllm_mp`` forces it.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from .base import Kernel, LayerSpec, QuantWeights
 from .cpu_wna16 import CpuWna16Kernel
 from .dequant import SCRATCH, DequantKernel
 from .torch_int4 import TorchInt4Kernel
+from .vllm_mp import VllmMpKernel
 
 logger = logging.getLogger("vllm.rcsr_plugin.kernels")
 
@@ -78,7 +86,7 @@ class TritonKernel(Kernel):
 
 
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (TritonKernel, TorchInt4Kernel, CpuWna16Kernel, DequantKernel)
+    k.name: k for k in (VllmMpKernel, TritonKernel, TorchInt4Kernel, CpuWna16Kernel, DequantKernel)
 }
 
 #: CPU preference per activation dtype, first match wins (measurements in vllm_plugin/README.md)
@@ -87,7 +95,7 @@ DEFAULT_CPU_ORDER = {
     torch.float16: ("cpu_wna16", "dequant"),
     torch.float32: ("dequant",),
 }
-DEFAULT_CUDA_ORDER = ("triton", "dequant")
+DEFAULT_CUDA_ORDER = ("vllm_mp", "triton", "dequant")
 
 
 def kernel_names() -> list[str]:
@@ -130,7 +138,7 @@ def select_kernel(bits: int, group_size: int, sym: bool, act_order: str, in_feat
         if cls is None:  # pragma: no cover - dequant takes every valid spec
             raise RcsrPluginError(f"no kernel can run layer {where} ({'; '.join(reasons)})")
     if log:
-        logger.info("rcsr: layer %s -> kernel %s (%d-bit, group %d, %s, act_order %s, %s)", where, cls.name,
+        logger.info("rcsr: layer %s -> kernel %s (%d-bit, group %d, %s, act_order %s, %s)", where, cls.label(spec),
                     bits, group_size, "sym" if sym else "asym", act_order, str(act_dtype).removeprefix("torch."))
     return cls(spec)
 

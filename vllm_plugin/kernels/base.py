@@ -85,6 +85,11 @@ class Kernel(ABC):
     def unsupported_reason(cls, spec: LayerSpec) -> str | None:
         """``None`` when this kernel can run ``spec``, else a short reason."""
 
+    @classmethod
+    def label(cls, spec: LayerSpec) -> str:
+        """The kernel's name in the dispatch log line (a kernel may add what it delegates to)."""
+        return cls.name
+
     @abstractmethod
     def prepare(self, w: QuantWeights) -> None:
         """Build the runtime tensors from the canonical ones (which the caller may then free)."""
