@@ -202,6 +202,12 @@ def test_autotune_pruning_and_buckets():
     assert [tw.m_bucket(m) for m in (1, 3, 16, 17, 100, 5000)] == [1, 4, 16, 32, 128, 4096]
     assert tw.default_config(1, 4096, 4096, "cpu")["SPLIT_K"] == 16     # 32 N tiles x 16 splits >= 2 x 132 SMs
     assert tw.default_config(64, 4096, 4096, "cpu")["BLOCK_M"] == 64
+    # static groups smaller than the K tile: one group per tile (no per-row scale gather); uneven
+    # act-order groups: a smaller, 3-stage tile (the sm_90 compile of the default one spills)
+    for m, gs, bk in ((1, 32, 32), (1, 64, 64), (1, 128, 128), (1, -1, 128), (64, 32, 32), (64, 128, 64)):
+        assert tw.default_config(m, 4096, 4096, "cpu", group_size=gs)["BLOCK_K"] == bk, (m, gs)
+    uneven = tw.default_config(1, 4096, 4096, "cpu", group_size=32, uneven_groups=True)
+    assert (uneven["BLOCK_K"], uneven["num_stages"]) == (64, 3)
 
 
 def test_is_available_and_interpreter_switch(monkeypatch):

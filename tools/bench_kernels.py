@@ -106,7 +106,8 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
     bench = _timer(interpret)
 
     def qmm(x, pw):
-        cfg = tw.default_config(x.shape[0], pw.out_features, pw.in_features, x.device) if heuristic else None
+        cfg = (tw.default_config(x.shape[0], pw.out_features, pw.in_features, x.device, group_size=pw.group_size,
+                                 uneven_groups=pw.group_ids is not None) if heuristic else None)
         return tw.matmul(x, pw, config=cfg)
     gen = torch.Generator().manual_seed(0)
     rows = []

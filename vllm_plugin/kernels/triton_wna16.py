@@ -39,7 +39,7 @@ from rcsr_deploy.errors import RcsrError
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-N_ALIGN = 128          # out-features padding of the repacked planes
+N_ALIGN = 128          # out-features padding of the repacked planes (the kernel's N masks assume 128)
 SKINNY_MAX_M = 16      # M <= this: split-K GEMV-style path; above: tiled GEMM
 _MAX_M_BUCKET = 4096   # autotune buckets: powers of two, everything above shares the last
 _INT32_LIMIT = 2 ** 31 - 1
@@ -255,20 +255,36 @@ def _sm_count(device: torch.device) -> int:
     return 132  # H100 SXM; only used for the interpreter's heuristic config
 
 
-def default_config(m: int, n: int, k: int, device: torch.device | str = "cuda") -> dict:
-    """Heuristic launch config (used under the interpreter and for untuned keys during graph capture)."""
+def default_config(m: int, n: int, k: int, device: torch.device | str = "cuda", *, group_size: int = -1,
+                   uneven_groups: bool = False) -> dict:
+    """Heuristic launch config (used under the interpreter and for untuned keys during graph capture).
+
+    ``group_size`` / ``uneven_groups`` (act-order groups read per K row) pick the dequantization
+    branch: with static groups smaller than the K tile, ``BLOCK_K`` is cut to the group size so a
+    K tile holds one group (one scale row per tile instead of a ``[BLOCK_K, BLOCK_N]`` gather).
+    Compiled for sm_90 on CPU (tools/compile_kernels.py, docs/KERNELS.md), the gather variant of the
+    skinny 16x128x128 4-stage config needs 232-244 KB of shared memory with zero points -- over the
+    227 KB an H100 block may use -- and the uneven-group variant spills registers; both are avoided here.
+    """
     device = torch.device(device)
+    static_groups = group_size > 0 and not uneven_groups
     if m <= SKINNY_MAX_M:
         bn = 128 if n >= 2048 else 64 if n > 32 else 32
         bk = 128 if k >= 128 else 64 if k >= 64 else 32
+        stages = 4
+        if static_groups and group_size < bk:
+            bk = max(32, group_size)
+        elif uneven_groups:
+            bk, stages = min(bk, 64), 3
         n_tiles, k_tiles = -(-n // bn), -(-k // bk)
         split = 1
         while split < 16 and 2 * split <= k_tiles and n_tiles * split < 2 * _sm_count(device):
             split *= 2
         return {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 1,
-                "num_warps": 4, "num_stages": 4}
+                "num_warps": 4, "num_stages": stages}
     bm = 32 if m <= 32 else 64 if m <= 64 else 128
-    return {"BLOCK_M": bm, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": 64, "SPLIT_K": 1, "GROUP_M": 8,
+    bk = 32 if static_groups and group_size < 64 else 64
+    return {"BLOCK_M": bm, "BLOCK_N": 128 if n >= 128 else 64, "BLOCK_K": bk, "SPLIT_K": 1, "GROUP_M": 8,
             "num_warps": 8 if bm == 128 else 4, "num_stages": 3}
 
 
@@ -351,7 +367,7 @@ def _matmul_2d(jit, x2: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | N
                                              and tune_key not in _TUNED_KEYS)):
         # No autotuning under the interpreter, nor inside CUDA-graph capture (benchmarking there
         # would break the capture): use the heuristic config.
-        config = default_config(m, n, k, x2.device)
+        config = default_config(m, n, k, x2.device, group_size=pw.group_size, uneven_groups=pw.group_ids is not None)
     cfg = None if config is None else _check_config(config)
 
     atomic = (cfg["SPLIT_K"] > 1) if cfg is not None else skinny

@@ -92,11 +92,15 @@ def wna16_gemm_kernel(
     mask_m = offs_m < M
     mask_np = offs_n < N_PAD
     offs_w = tl.max_contiguous(tl.multiple_of(pid_n * WPT + tl.arange(0, WPT), WPT), WPT)
-    mask_w = offs_w < N_PAD // PPW
+    # N_PAD is a multiple of 128 (triton_wna16.N_ALIGN).  The weight-plane masks are written so that
+    # Triton's axis analysis sees them constant over 128-column runs: a mask built as
+    # ``offs_w < N_PAD // PPW`` is only known constant over divisibility(N_PAD) / PPW words, which
+    # caps the weight loads at 32-64 bits instead of 128 (checked in the sm_90 SASS).
+    mask_w = (offs_w // (128 // PPW)) < (N_PAD // 128)
     shift = ((tl.arange(0, BLOCK_N) % PPW) * PLANE_BITS)[None, :]
     if BITS == 3:
         offs_h = pid_n * (BLOCK_N // 32) + tl.arange(0, BLOCK_N // 32)
-        mask_h = offs_h < N_PAD // 32
+        mask_h = (offs_h // 4) < (N_PAD // 128)
         shift_h = (tl.arange(0, BLOCK_N) % 32)[None, :]
 
     k_tiles = tl.cdiv(K, BLOCK_K)
