@@ -139,7 +139,8 @@ def test_methods_rank_on_calibration_objective(tokenizer, text_file, tmp_path):
         assert gptq[name]["rel_output_error"] < rtn[name]["rel_output_error"]
 
 
-def test_resume_continues_and_matches(tokenizer, text_file, tmp_path, monkeypatch):
+def test_resume_continues_and_matches(tokenizer, text_file, tmp_path, monkeypatch, one_torch_thread):
+    """(One torch thread: see test_fp_stream_single_pass_matches_cut_short.)"""
     import rcsr_deploy.calibrate as cal
     src = tmp_path / "fp"
     _make_model("llama", tokenizer, src)
@@ -169,8 +170,18 @@ def test_resume_continues_and_matches(tokenizer, text_file, tmp_path, monkeypatc
         assert torch.equal(a[name].codes, b[name].codes), name
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Bit-identity tests between two code paths: one torch thread, so that the CPU GEMMs' summation
+    order cannot change between the two runs (two threads on a loaded machine did)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp_path, monkeypatch):
+def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp_path, monkeypatch, one_torch_thread):
     """The FP stream's one-forward capture of all group inputs gives bit-identical codes to the
     per-group cut-short forwards it replaces (forced with a zero capture budget).
 
@@ -178,15 +189,6 @@ def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp
     last-ulp difference, and a flipped rounding decision) vary from run to run -- seen failing
     about half the time on both the current and an older commit, never with one thread."""
     import rcsr_deploy.calibrate as cal
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _single_pass_vs_cut_short(cal, arch, tokenizer, text_file, tmp_path, monkeypatch)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _single_pass_vs_cut_short(cal, arch, tokenizer, text_file, tmp_path, monkeypatch):
     src = tmp_path / "fp"
     _make_model(arch, tokenizer, src)
     cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="sample", calib=str(text_file), nsamples=6,
