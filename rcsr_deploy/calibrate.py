@@ -340,13 +340,18 @@ def _cached_inputs(cache: torch.Tensor, device, batch_size: int):
 
 
 def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> list[list[str]]:
-    """True-sequential groups: linears in execution order, grouped by identical input tensor."""
+    """True-sequential groups: linears in execution order, grouped by identical input tensor.
+
+    The hooks keep every input tensor alive until the forward is over and compare tensors with
+    ``is``: an ``id()`` alone may be recycled — the attention output is freed after ``o_proj`` and
+    the next norm's output can land on the same address, which would merge ``o_proj`` with
+    ``gate_proj``/``up_proj`` and calibrate them on the wrong inputs."""
     mods = linear_modules(block)
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, torch.Tensor]] = []
     hooks = []
     for name, m in mods.items():
         def pre(mod, args, _name=name):
-            calls.append((_name, id(args[0])))
+            calls.append((_name, args[0]))
         hooks.append(m.register_forward_pre_hook(pre))
     try:
         _run_block(block, x0[:1], kwargs, device, 1, dtype)
@@ -355,16 +360,17 @@ def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> lis
             h.remove()
     groups: list[list[str]] = []
     seen: set[str] = set()
-    last_id = None
-    for name, tid in calls:
+    last = None
+    for name, t in calls:
         if name in seen:
             continue
         seen.add(name)
-        if groups and tid == last_id:
+        if groups and t is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_id = tid
+        last = t
+    del calls, last
     missing = [n for n in mods if n not in seen]
     if missing:
         log.warning("linears never called during calibration stay unquantized: %s", missing)

@@ -119,6 +119,40 @@ def test_true_sequential_groups_llama(tokenizer, tmp_path):
                       ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
 
 
+def test_groups_never_merge_on_a_recycled_tensor_id():
+    """Each linear here gets a fresh temporary that is freed right after the call, so CPython hands
+    the next temporary the same address: grouping by ``id()`` merged all three (CI failure, the
+    attention output vs the post-attention norm output in the tiny Llama)."""
+    from torch import nn
+
+    from rcsr_deploy.calibrate import discover_groups
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            y = self.a(x * 2)
+            z = self.b(x * 3)
+            h = x + 1
+            return self.d(self.c(h) + y + z) + self.c(h)
+
+    for _ in range(5):
+        assert discover_groups(Block(), torch.randn(1, 4, 8), {}, "cpu", torch.float32) == [["a"], ["b"], ["c"], ["d"]]
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            h = x * 2
+            return self.c(self.a(h) + self.b(h))
+
+    assert discover_groups(Shared(), torch.randn(1, 4, 8), {}, "cpu", torch.float32) == [["a", "b"], ["c"]]
+
+
 def test_methods_rank_on_calibration_objective(tokenizer, text_file, tmp_path):
     """Same data and the same (H-weighted clip-searched) grid: GPTQ beats RTN and K-SNRQ's objective is not above SNRQ's in any module."""
     src = tmp_path / "fp"
