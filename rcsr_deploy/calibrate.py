@@ -669,8 +669,10 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
         del fp_block
         for n, r in blk.items():
             results[f"{prefix}.{i}.{n}"] = r
-        report_layers.append({"block": i, "seconds": time.perf_counter() - t0,
-                              "modules": {n: r.info for n, r in blk.items()}})
+        entry = {"block": i, "seconds": time.perf_counter() - t0, "modules": {n: r.info for n, r in blk.items()}}
+        if i not in done:  # the linears that shared one set of calibration statistics
+            entry["groups"] = groups
+        report_layers.append(entry)
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     if head is not None:

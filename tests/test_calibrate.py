@@ -98,6 +98,8 @@ def test_quantize_save_eval_each_architecture(arch, tokenizer, text_file, tmp_pa
     assert len(qc["quantized_modules"]) == n_linear
     assert (out / "quant_report.json").exists() and (out / "quant_report.png").stat().st_size > 1000
     assert len(report["layers"]) == 2
+    for entry in report["layers"]:  # each calibrated linear in exactly one statistics group
+        assert sorted(n for g in entry["groups"] for n in g) == sorted(entry["modules"])
     tensors = load_quantized_tensors(out)
     assert set(tensors) == set(qc["quantized_modules"])
 

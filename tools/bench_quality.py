@@ -76,6 +76,20 @@ def machine_info() -> dict:
     }
 
 
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), so a row says which code made it."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
 def _done(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
@@ -172,12 +186,14 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                             r["ppl_fp_head"] = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id,
                                                           device=dev)["ppl"]
                         del qm
+                    groups = sorted({json.dumps(e["groups"]) for e in rep["layers"] if "groups" in e})
                     alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
                     record({"setting": setting, "method": row_name, "seed": seed, "ppl": r["ppl"],
                             "ppl_fp_head": r.get("ppl_fp_head"),
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
                             "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
+                            "groups": [json.loads(g) for g in groups], "commit": _commit(),
                             "blocks": blocks, "decode_seconds": sum(i.get("seconds", 0.0) for e in rep["layers"]
                                                                    for i in e["modules"].values())})
                 finally:
