@@ -129,3 +129,21 @@ def test_missing_triton_is_one_line_and_exit_2():
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: no AOT toolchain: ")
+
+
+def test_plane_loads_stay_128bit_when_the_row_stride_is_not_16_words(tmp_path):
+    # N = 4224 = 33 x 128: the 2-bit plane's row stride is 264 words and the 3-bit high plane's 132,
+    # neither a multiple of 16, so Triton gets no divisibility hint for them; the kernel restates
+    # them as multiples of 4 words (N_PAD % 128 == 0), which keeps the rows 16-byte aligned.
+    out = tmp_path / "rows.json"
+    _run_tool("--arch", "90", "--configs", "default", "--shapes", "4224x4096", "--m", "1,64",
+              "--branches", "tile", "--sym", "sym", "--bits", "2,3", "--dtype", "fp16",
+              "--no-table", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["bits"], r["path"]) for r in rows} == {(b, p) for b in (2, 3) for p in ("skinny", "tiled")}
+    for r in rows:
+        assert r["ok"], f"{_where(r)}: {r['error']}"
+        assert "stride_qw" not in r["specialization"]["divisible_by_16"], _where(r)
+        assert r["w_load_all_128"], f"{_where(r)}: weight-tile loads {r['loads_by_operand'].get('w')}"
+        if r["bits"] == 3:
+            assert min(int(k.split(".")[1]) for k in r["loads_by_operand"]["qh"]) >= 64, _where(r)

@@ -8,6 +8,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and its triton.jit) is imported
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -264,6 +265,11 @@ def test_matmul_rejects():
             tw.matmul(torch.randn(3, 64), pw, config=cfg)
     with pytest.raises(TypeError):
         tw.matmul(torch.randn(3, 64), {"qweight": None})
+    # The kernel states the planes' 16-byte row alignment from prepare()'s layout: another layout is refused.
+    wide = torch.zeros(pw.qweight.shape[0], pw.qweight.shape[1] + 1, dtype=torch.int32)
+    wide[:, :-1] = pw.qweight
+    with pytest.raises(ValueError, match="layout"):
+        tw.matmul(torch.randn(3, 64), dataclasses.replace(pw, qweight=wide[:, :-1]))
 
 
 def _bench_module():

@@ -373,6 +373,11 @@ def _matmul_2d(jit, x2: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | N
     atomic = (cfg["SPLIT_K"] > 1) if cfg is not None else skinny
     out = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
            else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
+    # The kernel rounds the plane strides down to multiples of 4 * plane_bits / 4 words (its
+    # alignment hint); prepare() lays the planes out contiguously with out_pad % N_ALIGN == 0.
+    if pw.out_pad % N_ALIGN or pw.qweight.stride() != (pw.out_pad * pw.plane_bits // 32, 1) or (
+            pw.qweight_hi is not None and pw.qweight_hi.stride() != (pw.out_pad // 32, 1)):
+        _fail("the packed planes are not in prepare()'s layout (contiguous rows of out_pad codes)")
     args = (x2, pw.qweight, pw.qweight_hi, pw.scales, pw.zeros, pw.group_ids, bias, out,
             m, n, k, pw.out_pad, x2.stride(0), out.stride(0), pw.qweight.stride(0),
             0 if pw.qweight_hi is None else pw.qweight_hi.stride(0), bucket)

@@ -86,6 +86,14 @@ def wna16_gemm_kernel(
     PPW: tl.constexpr = 32 // PLANE_BITS          # codes per word of the main plane
     WPT: tl.constexpr = BLOCK_N // PPW            # main-plane words per tile row
     LOW_MASK: tl.constexpr = (1 << PLANE_BITS) - 1
+    # Row strides in words: N_PAD / PPW = (N_PAD / 128) * 4 * PLANE_BITS for the main plane and
+    # (N_PAD / 128) * 4 for the 1-bit plane, because N_PAD is a multiple of 128 (the host checks).
+    # Triton only knows a runtime int is a multiple of 16, and only when it is; rewriting the
+    # strides as multiples of 4 words states the 16-byte row alignment outright, so the plane loads
+    # stay 128-bit when a stride is not a multiple of 16 words (3-bit high plane at N = 11008).
+    stride_qw = (stride_qw // (4 * PLANE_BITS)) * (4 * PLANE_BITS)
+    if BITS == 3:
+        stride_qh = (stride_qh // 4) * 4
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
