@@ -370,7 +370,6 @@ def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> lis
         else:
             groups.append([name])
         last = t
-    del calls, last
     missing = [n for n in mods if n not in seen]
     if missing:
         log.warning("linears never called during calibration stay unquantized: %s", missing)

@@ -102,6 +102,14 @@ class PreparedWeight:
     perm: torch.Tensor | None = None         # int64 [in]: kernel column j reads input column perm[j]
     group_ids: torch.Tensor | None = None    # int32 [in]: group of kernel column j (uneven act-order groups)
 
+    def __post_init__(self):
+        # The kernel restates the plane row strides as multiples of 4 * plane_bits (main plane) and
+        # 4 (high plane) words -- its 16-byte alignment hint -- which holds for contiguous rows of
+        # out_pad codes with out_pad % N_ALIGN == 0, the layout prepare() produces.
+        if self.out_pad % N_ALIGN or self.qweight.stride() != (self.out_pad * self.plane_bits // 32, 1) or (
+                self.qweight_hi is not None and self.qweight_hi.stride() != (self.out_pad // 32, 1)):
+            _fail("the packed planes are not in prepare()'s layout (contiguous rows of out_pad codes)")
+
     @property
     def plane_bits(self) -> int:
         return 2 if self.bits == 3 else self.bits
@@ -373,11 +381,6 @@ def _matmul_2d(jit, x2: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | N
     atomic = (cfg["SPLIT_K"] > 1) if cfg is not None else skinny
     out = (torch.zeros(m, n, dtype=torch.float32, device=x2.device) if atomic
            else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
-    # The kernel rounds the plane strides down to multiples of 4 * plane_bits / 4 words (its
-    # alignment hint); prepare() lays the planes out contiguously with out_pad % N_ALIGN == 0.
-    if pw.out_pad % N_ALIGN or pw.qweight.stride() != (pw.out_pad * pw.plane_bits // 32, 1) or (
-            pw.qweight_hi is not None and pw.qweight_hi.stride() != (pw.out_pad // 32, 1)):
-        _fail("the packed planes are not in prepare()'s layout (contiguous rows of out_pad codes)")
     args = (x2, pw.qweight, pw.qweight_hi, pw.scales, pw.zeros, pw.group_ids, bias, out,
             m, n, k, pw.out_pad, x2.stride(0), out.stride(0), pw.qweight.stride(0),
             0 if pw.qweight_hi is None else pw.qweight_hi.stride(0), bucket)
