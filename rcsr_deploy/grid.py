@@ -14,41 +14,12 @@ quantizer are optimal for the scales actually stored.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .errors import RcsrError
+from .format import QuantSpec, dequantize, expand_groups  # noqa: F401  (the grid's meaning, re-exported)
 
 FP16_MIN_SCALE = 2.0 ** -14  # smallest normal float16: scales below it lose precision in storage
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    bits: int
-    group_size: int  # -1 = per output channel (one group spanning the whole row)
-    sym: bool = True
-
-    @property
-    def maxq(self) -> int:
-        return (1 << self.bits) - 1
-
-    def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else in_features // self.group_size
-
-    def group_len(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
-
-    def validate(self, in_features: int, name: str = "layer") -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise RcsrError(f"bits={self.bits} is not supported (choose 2, 3, 4 or 8)")
-        if self.group_size != -1 and self.group_size not in (32, 64, 128):
-            raise RcsrError(f"group size {self.group_size} is not supported (choose 32, 64, 128 or -1 for per-channel)")
-        if self.group_size != -1 and in_features % self.group_size:
-            raise RcsrError(
-                f"group size {self.group_size} does not divide in-features {in_features} of {name}")
-        if in_features % 32:
-            raise RcsrError(f"in-features {in_features} of {name} is not a multiple of 32 (packed format)")
 
 
 def _minmax_params(w: torch.Tensor, spec: QuantSpec, shrink: float | torch.Tensor = 1.0):
@@ -148,19 +119,3 @@ def compute_grid(
         best_scale = torch.where(better, scale, best_scale)
         best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
-
-
-def expand_groups(t: torch.Tensor, spec: QuantSpec, in_features: int, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """``[out, n_groups]`` -> ``[out, in]`` following static groups or ``g_idx``."""
-    if g_idx is not None:
-        return t[:, g_idx.long()]
-    return t.repeat_interleave(spec.group_len(in_features), dim=1)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec,
-               g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 weights from codes ``[out, in]`` and ``[out, n_groups]`` scale/zero."""
-    in_f = codes.shape[1]
-    s = expand_groups(scale.float(), spec, in_f, g_idx)
-    z = expand_groups(zero.float(), spec, in_f, g_idx)
-    return (codes.float() - z) * s

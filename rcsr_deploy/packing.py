@@ -1,4 +1,12 @@
-"""Bit packing of integer codes (canonical on-disk layout, see docs/FORMAT.md).
+"""Bit packing: the only module that knows how integer codes sit in int32 words.
+
+Two layouts, both least-significant bits first:
+
+* the canonical on-disk bitstream (``pack_codes`` / ``unpack_codes``, docs/FORMAT.md), described below;
+* whole words of ``32 // bits`` values along any dimension (``pack_lsb_words`` / ``unpack_lsb_words``):
+  GPTQ and compressed-tensors exports, vLLM's CPU WNA16 and Machete/Marlin inputs, the Triton planes.
+
+The canonical bitstream:
 
 Each output row of a ``[out, in]`` code matrix is one little-endian bitstream: code ``k`` of the row
 occupies stream bits ``[k*bits, (k+1)*bits)``, and stream bit ``p`` is bit ``p % 32`` of int32 word
@@ -14,6 +22,8 @@ import torch
 from .errors import RcsrError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+#: ``quantization_config.packing`` of the canonical layout
+PACKING = "int32-lsb-bitstream"
 
 
 def packed_width(in_features: int, bits: int) -> int:
@@ -24,7 +34,7 @@ def packed_width(in_features: int, bits: int) -> int:
 
 def check_packable(in_features: int, bits: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise RcsrError(f"bits={bits} is not supported (choose one of {', '.join(map(str, SUPPORTED_BITS))})")
+        raise RcsrError(f"bits={bits} is not supported (choose 2, 3, 4 or 8)")
     if in_features % 32:
         raise RcsrError(f"in-features {in_features} is not a multiple of 32, which the packed format requires")
 
@@ -51,8 +61,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         words[:, :, w] |= (runs[:, :, k] << sh) & 0xFFFFFFFF
         if spill:
             words[:, :, w + 1] |= runs[:, :, k] >> (32 - sh)
-    words = words.reshape(out_f, width)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return _to_int32(words.reshape(out_f, width))
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
@@ -87,3 +96,40 @@ def _slot_tensors(bits: int, device: torch.device):
         nxt = torch.tensor([a + 1 if sp else a for a, _, sp in sl], dtype=torch.int64, device=device)
         _SLOT_CACHE[key] = (w, sh, nxt)
     return _SLOT_CACHE[key]
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in ``[0, 2**32)`` -> the int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_lsb_words(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Pack integers in ``[0, 2**bits)`` along ``dim`` into int32 words, ``32 // bits`` per word.
+
+    Value ``j`` of a run of ``32 // bits`` occupies bits ``[j*bits, (j+1)*bits)`` of its word (least
+    significant first); ``bits`` must divide 32 (1, 2, 4, 8 or 16).
+    """
+    if bits <= 0 or 32 % bits:
+        raise RcsrError(f"whole-word packing needs bits dividing 32, got {bits}")
+    per = 32 // bits
+    v = values.to(torch.int64).movedim(dim, -1)
+    n = v.shape[-1]
+    if n % per:
+        raise RcsrError(f"cannot pack {n} values of {bits} bits into whole int32 words "
+                        f"(needs a multiple of {per})")
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
+        raise RcsrError(f"values out of range for {bits}-bit packing")
+    v = v.reshape(*v.shape[:-1], n // per, per)
+    words = (v << (torch.arange(per, dtype=torch.int64, device=v.device) * bits)).sum(-1)  # disjoint bits: sum == or
+    return _to_int32(words).movedim(-1, dim).contiguous()
+
+
+def unpack_lsb_words(words: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack_lsb_words`: int32 words -> int64 values, ``32 // bits`` per word along ``dim``."""
+    if bits <= 0 or 32 % bits:
+        raise RcsrError(f"whole-word packing needs bits dividing 32, got {bits}")
+    per = 32 // bits
+    w = words.movedim(dim, -1)
+    shifts = torch.arange(per, device=w.device, dtype=torch.int32) * bits
+    v = ((w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*w.shape[:-1], w.shape[-1] * per)
+    return v.long().movedim(-1, dim)

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .calibrate import QuantizeConfig, find_decoder_layers, linear_modules, quantize_model
+from .calib import QuantizeConfig, quantize_model
+from .calib.adapter import check_layers_fit
 from .errors import RcsrError
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,12 @@ def work_dir_for(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.rcsr-work"
 
 
-def check_layers_fit(model, cfg: QuantizeConfig) -> None:
-    """Fail early (before any calibration) when a layer cannot take the grid."""
-    layers, prefix = find_decoder_layers(model)
-    for i, block in enumerate(layers):
-        for n, m in linear_modules(block).items():
-            cfg.spec.validate(m.in_features, f"{prefix}.{i}.{n}")
-
-
 def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeConfig, *, device: str = "auto",
                            resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Quantize ``model_name`` and write the checkpoint atomically to ``out_dir``; returns the report."""
     from .assets import load_model, resolve_model
-    from .checkpoint import QuantizedTensor, save_quantized
+    from .checkpoint import save_quantized
+    from .format import QuantConfig
 
     cfg.validate()
     out_dir = Path(out_dir)
@@ -54,34 +48,23 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     t0 = time.perf_counter()
     model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
     model.eval()
-    check_layers_fit(model, cfg)
+    check_layers_fit(model, cfg.spec)
     load_s = time.perf_counter() - t0
     results, report = quantize_model(model, tokenizer, cfg, device=device, work_dir=work_dir_for(out_dir),
                                      resume=resume, model_id=str(model_name), progress=progress)
-    spec = cfg.spec
-    linears = dict(model.named_modules())
-    quantized = {}
+    modules = dict(model.named_modules())
     for name, r in results.items():
-        bias = getattr(linears[name], "bias", None)  # a quantized tied embedding has none
-        quantized[name] = QuantizedTensor(codes=r.codes, scale=r.scale, zero=r.zero, g_idx=r.g_idx, spec=spec,
-                                          bias=None if bias is None else bias.detach().cpu())
-    qcfg = {
-        "quant_method": "rcsr",
-        "format_version": 2 if cfg.lm_head else 1,  # version 2: quantized vocabulary table
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "sym": cfg.sym,
-        "act_order": cfg.act_order if cfg.method not in ("rtn",) else "none",
-        "packing": "int32-lsb-bitstream",
-        "scale_dtype": "float16",
-        "quantized_modules": sorted(quantized),
-        "lm_head": cfg.lm_head,
-        "method": {k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order")},
-        "rcsr_version": __version__,
-    }
-    if cfg.method == "rtn":
-        # RTN never reorders columns; groups are static.
-        qcfg["act_order"] = "none"
+        bias = getattr(modules[name], "bias", None)  # a quantized tied embedding has none
+        r.bias = None if bias is None else bias.detach().cpu()
+    qcfg = QuantConfig(
+        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+        act_order="none" if cfg.method == "rtn" else cfg.act_order,  # RTN never reorders columns
+        quantized_modules=sorted(results),
+        format_version=2 if cfg.lm_head else 1,  # version 2: quantized vocabulary table
+        lm_head=cfg.lm_head,
+        method={k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order")},
+        rcsr_version=__version__,
+    )
     report.update({
         "model": str(model_name),
         "model_path": str(path),
@@ -95,7 +78,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     png = _plot_report(report)
     if png is not None:
         extra["quant_report.png"] = png
-    save_quantized(model, quantized, out_dir, qcfg, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite)
+    save_quantized(model, results, out_dir, qcfg, tokenizer=tokenizer, extra_files=extra, overwrite=overwrite)
     import shutil
     shutil.rmtree(work_dir_for(out_dir), ignore_errors=True)
     return report

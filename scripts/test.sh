@@ -15,5 +15,5 @@ if [ "$#" -gt 0 ]; then
 fi
 # The Triton kernels are tested under TRITON_INTERPRET=1, which Triton reads when a @triton.jit
 # function is created: they get a process of their own, where nothing imported Triton before.
-"$py" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
-exec "$py" -m pytest -q -p no:cacheprovider --ignore=tests/test_triton_kernels.py
+"$py" -m pytest -q -p no:cacheprovider tests/plugin/test_triton_kernels.py
+exec "$py" -m pytest -q -p no:cacheprovider --ignore=tests/plugin/test_triton_kernels.py

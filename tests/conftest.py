@@ -1,4 +1,9 @@
-"""Shared fixtures.
+"""Shared fixtures, and the markers of each test folder.
+
+The folders mirror the layers: ``unit`` (pure functions), ``format`` (checkpoint contract, packing,
+export), ``calibration`` (the quantizer on tiny models), ``plugin`` (vLLM plugin and kernels, no
+server), ``e2e`` (real models, real vLLM, the CLI).  Every test is marked with its folder's name;
+``e2e`` tests are also ``slow``: ``pytest -m "not slow"`` runs everything else.
 
 Assets (the converted default model, the npm texts) are cached in ``$RCSR_CACHE``; CI points it at a
 folder inside the workspace so that they are built once per checkout.
@@ -10,6 +15,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+FOLDER_MARKERS = {"unit": (), "format": (), "calibration": (), "plugin": (), "e2e": ("slow",)}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
+            for extra in FOLDER_MARKERS[folder]:
+                item.add_marker(getattr(pytest.mark, extra))
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -31,22 +48,14 @@ def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     2 KV heads, intermediate 128; every linear's in-features is a multiple of 32. Tied embeddings,
     like the default model. Deterministic (seed 0).
     """
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from factories import tiny_llama
 
     out = tmp_path_factory.mktemp("tiny-llama")
     for name in TOKENIZER_FILES:
         src = Path(default_model_dir) / name
         if src.is_file():
             shutil.copy(src, out / name)
-    config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = tiny_llama(vocab_size=49152, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
     model.save_pretrained(out)
     return out

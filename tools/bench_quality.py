@@ -128,7 +128,7 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
         print(render_summary(out))
         return
     from rcsr_deploy.assets import load_model, resolve_model
-    from rcsr_deploy.calibrate import QuantizeConfig
+    from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.checkpoint import load_fake_quant_model
     from rcsr_deploy.data import eval_tokens
     from rcsr_deploy.evaluate import perplexity

@@ -4,7 +4,7 @@
     python tools/bench_serving.py --bits 4,3,2 --group-size 64 --method rtn [--lm-head both] [--quick]
 
 Quantizes the model (``rcsr quantize``; reused when the folder exists), then measures the FP model
-once and every checkpoint with :func:`rcsr_deploy.bench.bench_model` -- the numbers of
+once and every checkpoint with :func:`rcsr_cli.bench.bench_model` -- the numbers of
 ``rcsr bench CKPT`` without re-running the baseline for each checkpoint -- and prints one markdown
 table plus the ratios.  Rounding method does not change serving speed (same packed format, same
 kernels), so RTN, which needs no calibration, is the default.
@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent.parent
               help="Checkpoints with the decoder linears only, with the output head quantized too (--lm-head), or both.")
 def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_head):
     from rcsr_deploy.assets import resolve_model
-    from rcsr_deploy.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
+    from rcsr_cli.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
                                    ratios, served_table, table_header, table_rows)
 
     work = Path(work)
@@ -53,7 +53,7 @@ def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_he
             out = work / f"{Path(fp_dir).name}-{method}-w{b}g{group_size}{'-head' if head else ''}"
             if not out.exists():
                 click.echo(f"quantizing W{b} g{group_size} ({method}{', lm_head' if head else ''}) -> {out}", err=True)
-                subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "quantize", "--model", model, "--method",
+                subprocess.run([sys.executable, "-m", "rcsr_cli", "quantize", "--model", model, "--method",
                                 method, "--bits", str(b), "--group-size", str(group_size), "--out", str(out),
                                 "--no-progress", "--lm-head" if head else "--no-lm-head"], check=True,
                                env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))

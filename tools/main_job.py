@@ -8,18 +8,14 @@
 3. The same timing on the FP model served by vLLM in bf16 (baseline).
 4. Print FP vs quantized perplexity (Moby-Dick, fake-quant reference), size on disk, tokens/s.
 
-Every server is started in its own process group and stopped by its PID at the end.
+Every server is started in its own process group and stopped with it (``rcsr_cli.server``).
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import click
@@ -31,68 +27,29 @@ HERE = Path(__file__).resolve().parent.parent
 LM_HEAD_DEFAULT = True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def chat(srv, text: str, max_tokens: int = 96) -> str:
+    r = srv.post("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}],
+                                          "max_tokens": max_tokens, "temperature": 0})
+    return r["choices"][0]["message"]["content"].strip()
 
 
-def _post(url: str, payload: dict, timeout: float = 600) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-class Server:
-    """``rcsr serve MODEL`` on a free loopback port, stopped by PID (whole process group)."""
-
-    def __init__(self, model: str, log_path: Path, dtype: str = "bfloat16", max_model_len: int = 2048):
-        self.port = _free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rcsr_deploy.cli", "serve", model, "--host", "127.0.0.1", "--port", str(self.port),
-             "--dtype", dtype, "--max-model-len", str(max_model_len), "--enforce-eager", "--served-model-name", "m"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 600) -> float:
+def decode_speed(srv, n_tokens: int = 128, repeats: int = 3) -> float:
+    """Median tokens/s of a greedy ``n_tokens`` completion (ignore_eos) of a short prompt."""
+    rates = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {self.proc.returncode}; see {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"server not healthy after {timeout:.0f}s; see {self.log.name}")
+        r = srv.post("/v1/completions", {"model": "m", "prompt": "Call me Ishmael. Some years ago",
+                                         "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True})
+        dt = time.perf_counter() - t0
+        rates.append(r["usage"]["completion_tokens"] / dt)
+    return sorted(rates)[len(rates) // 2]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
-    def chat(self, text: str, max_tokens: int = 96) -> str:
-        r = _post(self.base + "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}],
-                                                          "max_tokens": max_tokens, "temperature": 0})
-        return r["choices"][0]["message"]["content"].strip()
+def serve(model: str, log_path: Path):
+    from rcsr_cli.server import VllmServer
 
-    def decode_speed(self, n_tokens: int = 128, repeats: int = 3) -> float:
-        """Median tokens/s of a greedy ``n_tokens`` completion (ignore_eos) of a short prompt."""
-        rates = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = _post(self.base + "/v1/completions", {"model": "m", "prompt": "Call me Ishmael. Some years ago",
-                                                      "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True})
-            dt = time.perf_counter() - t0
-            rates.append(r["usage"]["completion_tokens"] / dt)
-        return sorted(rates)[len(rates) // 2]
+    return VllmServer(model, ["--dtype", "bfloat16", "--max-model-len", "2048", "--enforce-eager",
+                              "--served-model-name", "m"], log_path=log_path)
 
 
 def _run(cmd: list[str]) -> str:
@@ -122,7 +79,7 @@ def main(work, nsamples, seqlen, eval_tokens, skip_baseline, lm_head):
     work.mkdir(parents=True, exist_ok=True)
     fp_dir = default_model_dir()
     ckpt = work / f"smollm2-ksnrq-w4g64-n{nsamples}x{seqlen}{'-head' if lm_head else ''}"
-    rcsr = [sys.executable, "-m", "rcsr_deploy.cli"]
+    rcsr = [sys.executable, "-m", "rcsr_cli"]
     t0 = time.perf_counter()
     if ckpt.exists():
         print(f"[1/4] reusing {ckpt}")
@@ -136,24 +93,18 @@ def main(work, nsamples, seqlen, eval_tokens, skip_baseline, lm_head):
     quant_s = time.perf_counter() - t0
 
     print("[2/4] serving it with vLLM (rcsr plugin) ...", flush=True)
-    srv = Server(str(ckpt), work / "serve-quantized.log")
-    try:
+    with serve(str(ckpt), work / "serve-quantized.log") as srv:
         ready = srv.wait_ready()
         question = "What is the capital of France? Answer in one sentence."
-        answer = srv.chat(question)
+        answer = chat(srv, question)
         print(f"      server healthy after {ready:.0f}s\n      Q: {question}\n      A: {answer}", flush=True)
-        q_tps = srv.decode_speed()
-    finally:
-        srv.stop()
+        q_tps = decode_speed(srv)
     fp_tps = None
     if not skip_baseline:
         print("[3/4] serving the FP model (bf16) for the speed baseline ...", flush=True)
-        srv = Server(str(fp_dir), work / "serve-fp.log")
-        try:
+        with serve(str(fp_dir), work / "serve-fp.log") as srv:
             srv.wait_ready()
-            fp_tps = srv.decode_speed()
-        finally:
-            srv.stop()
+            fp_tps = decode_speed(srv)
 
     print(f"[4/4] perplexity on the first {eval_tokens} Moby-Dick tokens (fp32, fake-quant reference) ...", flush=True)
     ppl = {}

@@ -10,7 +10,7 @@ Modules: :mod:`.config` (``RcsrConfig``), :mod:`.linear` (``RcsrLinearMethod``),
 """
 from __future__ import annotations
 
-QUANT_METHOD = "rcsr"
+from rcsr_deploy.format import QUANT_METHOD
 
 
 def register() -> None:

@@ -1,4 +1,4 @@
-"""``RcsrConfig``: vLLM's view of an rcsr checkpoint's ``quantization_config`` (format_version 1)."""
+"""``RcsrConfig``: vLLM's view of an rcsr checkpoint's ``quantization_config`` (``rcsr_deploy.format.QuantConfig``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,25 +7,22 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from rcsr_deploy.checkpoint import validate_quant_config
 from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import QUANT_METHOD, QuantConfig
 
 from .errors import RcsrPluginError
 
-QUANT_METHOD = "rcsr"
 _QKV = ("q", "k", "v")
 #: last name component of input-embedding modules across HF architectures
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 
 
-def parse_quant_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validated fields of a ``quantization_config`` dict (RcsrPluginError naming the bad field)."""
+def parse_quant_config(config: dict[str, Any]) -> QuantConfig:
+    """The validated ``quantization_config`` (RcsrPluginError naming the bad field)."""
     try:
-        qc = validate_quant_config(config)
+        return QuantConfig.from_dict(config)
     except RcsrError as e:
         raise RcsrPluginError(str(e)) from None
-    return {"bits": qc["bits"], "group_size": qc["group_size"], "sym": qc["sym"],
-            "act_order": qc["act_order"], "quantized_modules": list(qc["quantized_modules"])}
 
 
 class RcsrConfig(QuantizationConfig):
@@ -64,7 +61,8 @@ class RcsrConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RcsrConfig":
-        return cls(**parse_quant_config(config))
+        qc = parse_quant_config(config)
+        return cls(qc.bits, qc.group_size, qc.sym, qc.act_order, qc.quantized_modules)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Follow the model's HF -> vLLM module renames (fused names are handled per layer)."""

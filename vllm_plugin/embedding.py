@@ -23,10 +23,11 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.utils import set_weight_attrs
 
+from rcsr_deploy.format import QuantSpec, dequantize
 from rcsr_deploy.packing import unpack_codes
 
 from .errors import RcsrPluginError
-from .kernels import QuantWeights, register_live, run, select_kernel
+from .kernels import LayerSpec, QuantWeights, register_live, run, select_kernel
 
 _DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8, "group_index": torch.int32}
 
@@ -39,16 +40,9 @@ def dequantize_rows(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                     group_index: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """``[n, in]`` weights of ``n`` gathered rows: ``(q - z[g(i)]) * s[g(i)]`` computed in fp32."""
-    q = unpack_codes(qweight, bits, in_features).float()
-    s = scales.float()
-    z = zeros.float() if zeros is not None else torch.full_like(s, float(1 << (bits - 1)))
-    if group_index is not None:
-        g = group_index.long()
-        s, z = s[:, g], z[:, g]
-    else:
-        glen = in_features if group_size == -1 else group_size
-        s, z = s.repeat_interleave(glen, dim=1), z.repeat_interleave(glen, dim=1)
-    return ((q - z) * s).to(dtype)
+    spec = QuantSpec(bits, group_size, sym=zeros is None)
+    z = zeros if zeros is not None else torch.full(tuple(scales.shape), spec.sym_zero, device=scales.device)
+    return dequantize(unpack_codes(qweight, bits, in_features), scales, z, spec, group_index).to(dtype)
 
 
 class RcsrEmbeddingMethod(QuantizeMethodBase):
@@ -129,8 +123,8 @@ class RcsrEmbeddingMethod(QuantizeMethodBase):
         zeros = layer.zeros.data if not cfg.sym else None
         gidx = layer.group_index.data if cfg.act_order == "dynamic" else None
         rows = layer.qweight.shape[0]
-        kernel = select_kernel(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, layer.rcsr_hidden, rows,
-                               layer.rcsr_params_dtype, layer.qweight.device, prefix=self.prefix)
+        kernel = select_kernel(LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, layer.rcsr_hidden, rows,
+                                         layer.rcsr_params_dtype, layer.qweight.device, prefix=self.prefix))
         kernel.prepare(QuantWeights(layer.qweight.data, layer.scales.data, zeros,
                                     None if gidx is None else gidx.unsqueeze(0)))
         register_live(kernel)

@@ -17,6 +17,8 @@ recorded so that ``process_weights_after_loading`` can name any tensor the check
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
 from vllm.model_executor.parameter import (
@@ -220,14 +222,12 @@ class RcsrLinearMethod(LinearMethodBase):
         gidx = layer.group_index.data if cfg.act_order == "dynamic" else None
         if not layer.rcsr_dummy:
             self._validate_values(layer, scales, zeros, gidx)
-        spec_shared = True
+        spec = LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, plan.in_features, plan.out_features,
+                         layer.rcsr_params_dtype, layer.qweight.device, shard_sizes=plan.shard_sizes,
+                         prefix=self.prefix)
         if gidx is not None:
-            spec_shared = can_permute(gidx, LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
-                                                      plan.in_features, plan.out_features, torch.float32,
-                                                      shard_sizes=plan.shard_sizes))
-        kernel = select_kernel(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, plan.in_features,
-                               plan.out_features, layer.rcsr_params_dtype, layer.qweight.device,
-                               shard_sizes=plan.shard_sizes, shared_group_index=spec_shared, prefix=self.prefix)
+            spec = dataclasses.replace(spec, shared_group_index=can_permute(gidx, spec))
+        kernel = select_kernel(spec)
         kernel.prepare(QuantWeights(layer.qweight.data, scales, zeros, gidx))
         register_live(kernel)
         layer.rcsr_kernel = kernel

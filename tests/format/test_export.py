@@ -22,22 +22,17 @@ from safetensors import safe_open
 from rcsr_deploy import checkpoint as ck
 from rcsr_deploy.errors import RcsrError
 from rcsr_deploy.export import export_checkpoint
+from factories import tiny_llama
+
+from rcsr_deploy.format import QUANT_SUFFIXES, QuantConfig, QuantizedTensor
+
 from rcsr_deploy.grid import QuantSpec
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def tiny_model(bias: bool = False, tie: bool = True):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie, attention_bias=bias)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-
-
-def synthetic(out_f: int, in_f: int, spec: QuantSpec, dynamic: bool, gen: torch.Generator) -> ck.QuantizedTensor:
+def synthetic(out_f: int, in_f: int, spec: QuantSpec, dynamic: bool, gen: torch.Generator) -> QuantizedTensor:
     """Random codes/scales/zeros covering the edges (codes 0 and maxq, zero points 0 and maxq)."""
     maxq = spec.maxq
     codes = torch.randint(0, maxq + 1, (out_f, in_f), generator=gen)
@@ -54,13 +49,13 @@ def synthetic(out_f: int, in_f: int, spec: QuantSpec, dynamic: bool, gen: torch.
         perm = torch.randperm(in_f, generator=gen)
         g_idx = torch.empty(in_f, dtype=torch.int32)
         g_idx[perm] = (torch.arange(in_f) // spec.group_len(in_f)).to(torch.int32)
-    return ck.QuantizedTensor(codes=codes.to(torch.uint8), scale=scale, zero=zero, g_idx=g_idx, spec=spec)
+    return QuantizedTensor(codes=codes.to(torch.uint8), scale=scale, zero=zero, g_idx=g_idx, spec=spec)
 
 
 def make_ckpt(tmp_path: Path, bits: int, group_size: int, sym: bool, act_order: str, *, bias: bool = False,
               tie: bool = True, only: str | None = None, name: str = "rcsr", head: bool = False) -> Path:
     """A synthetic rcsr checkpoint of a tiny Llama (every decoder linear, or those whose name has ``only``)."""
-    model = tiny_model(bias=bias, tie=tie)
+    model = tiny_llama(bias=bias, tie=tie)
     spec = QuantSpec(bits, group_size, sym)
     gen = torch.Generator().manual_seed(1000 * bits + group_size + 7 * sym)
     q = {}
@@ -137,7 +132,7 @@ def test_gptq_export_decodes_exactly(tmp_path, case):
     out = export_checkpoint(src, tmp_path / "gptq", "gptq")
     assert out == (tmp_path / "gptq").absolute()
 
-    qc_src = ck.read_quant_config(src)
+    qc_src = QuantConfig.read(src).to_dict()
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     dynamic = act_order == "dynamic" and gs != -1
@@ -173,7 +168,7 @@ def test_gptq_export_decodes_exactly(tmp_path, case):
         w = decode_gptq(t, m, qc)
         assert torch.equal(w, ref[f"{m}.weight"]), m
     # everything that is not a quantized linear is copied unchanged (biases, norms, embeddings)
-    plain = {k for k in st if k.rsplit(".", 1)[-1] not in ck.QUANT_SUFFIXES}
+    plain = {k for k in st if k.rsplit(".", 1)[-1] not in QUANT_SUFFIXES}
     assert plain <= set(t)
     for k in plain:
         assert t[k].dtype == st[k].dtype and torch.equal(t[k], st[k]), k
@@ -203,7 +198,7 @@ def test_compressed_tensors_export_decodes_exactly(tmp_path, case):
     src = make_ckpt(tmp_path, bits, gs, sym, act_order, bias=(bits == 8), tie=not sym)
     out = export_checkpoint(src, tmp_path / "ct", "compressed-tensors")
 
-    qc_src = ck.read_quant_config(src)
+    qc_src = QuantConfig.read(src).to_dict()
     cfg = json.loads((out / "config.json").read_text())
     raw = cfg["quantization_config"]
     assert raw["quant_method"] == "compressed-tensors" and raw["format"] == "pack-quantized"
@@ -238,7 +233,7 @@ def test_compressed_tensors_export_decodes_exactly(tmp_path, case):
         assert (f"{m}.weight_g_idx" in t) is dynamic
         if dynamic:
             assert torch.equal(t[f"{m}.weight_g_idx"], st[f"{m}.group_index"])
-    plain = {k for k in st if k.rsplit(".", 1)[-1] not in ck.QUANT_SUFFIXES}
+    plain = {k for k in st if k.rsplit(".", 1)[-1] not in QUANT_SUFFIXES}
     for k in plain:
         assert t[k].dtype == st[k].dtype and torch.equal(t[k], st[k]), k
 
@@ -335,7 +330,7 @@ def test_existing_output_and_overwrite(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ex, "_write_safetensors", boom)
+    monkeypatch.setattr(ex, "write_safetensors", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         export_checkpoint(src, out, "compressed-tensors", overwrite=True)
     assert (out / "keep.txt").read_text() == "old"                            # untouched on failure
@@ -388,7 +383,7 @@ TOL = 0.1
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_stock_vllm_serves_4bit_exports(tmp_path, default_model_dir):
-    from rcsr_deploy.calibrate import QuantizeConfig
+    from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
 
     ckpts = {}

@@ -10,7 +10,7 @@ import torch
 
 def rcsr(*args, env=None, timeout=600):
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rcsr_cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=e)
 
 

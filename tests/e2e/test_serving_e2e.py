@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from test_vllm_plugin import GENERATE, MAX_DLOGPROB, REPO, assert_same, run_script, write_checkpoint
+from factories import write_checkpoint
+from rcsr_cli.server import kill_group
+from vllm_support import GENERATE, MAX_DLOGPROB, REPO, assert_same, run_script
 
 
 def e2e(fn):
@@ -36,15 +36,6 @@ def _result(proc: subprocess.CompletedProcess, what: str) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"{what} failed (rc {proc.returncode}):\n{proc.stderr[-6000:]}"
     return json.loads(lines[-1][len("RESULT "):])
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +55,7 @@ def smol_ckpts(tmp_path_factory, default_model_dir):
     t0 = time.perf_counter()
     for bits in (4, 3):
         log = open(root / f"quantize-w{bits}.log", "w")
-        cmd = [sys.executable, "-m", "rcsr_deploy.cli", "quantize", "--model", "default", "--method", "snrq",
+        cmd = [sys.executable, "-m", "rcsr_cli", "quantize", "--model", "default", "--method", "snrq",
                "--bits", str(bits), "--group-size", "64", "--nsamples", "4", "--seqlen", "64",
                "--out", str(root / f"w{bits}g64"), "--no-progress"]
         procs[bits] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
@@ -76,7 +67,7 @@ def smol_ckpts(tmp_path_factory, default_model_dir):
             assert p.returncode == 0, (root / f"quantize-w{bits}.log").read_text()[-4000:]
     finally:
         for p, log in procs.values():
-            _kill_group(p)
+            kill_group(p, timeout=0)
             log.close()
     print(f"quantized W4 and W3 (parallel) in {time.perf_counter() - t0:.0f}s")
     out = {}
@@ -121,19 +112,13 @@ def test_default_model_w4_w3_match_dequantized_reference(smol_ckpts, default_mod
 def tiny_w2(tmp_path_factory, tiny_llama_dir):
     """RTN W2 g32 of the tiny fixture model (vocab 49,152, the default model's tokenizer and chat
     template) through the real pipeline."""
-    from rcsr_deploy.calibrate import QuantizeConfig
+    from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
 
     out = tmp_path_factory.mktemp("tiny-q") / "w2g32"
     quantize_to_checkpoint(str(tiny_llama_dir), out, QuantizeConfig(method="rtn", bits=2, group_size=32),
                            progress=False)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, payload: dict, timeout: float = 120) -> tuple[int, dict]:
@@ -169,32 +154,18 @@ def _alive(pids: list[int], pgid: int) -> list[str]:
 
 @e2e
 def test_rcsr_serve_concurrent_requests_and_clean_stop(tiny_w2, tmp_path):
-    """``python -m rcsr_deploy.cli serve`` (the real CLI) on loopback: /v1/completions and
+    """``rcsr serve`` (the real CLI, ``python -m rcsr_cli serve``) on loopback: /v1/completions and
     /v1/chat/completions answer; 8 concurrent requests all return 200 with non-empty text; SIGTERM
     to the process group stops every process of the server."""
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="INFO")
+    from rcsr_cli.server import VllmServer
+
     log_path = tmp_path / "server.log"
-    log = open(log_path, "w")
-    cmd = [sys.executable, "-m", "rcsr_deploy.cli", "serve", str(tiny_w2), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager", "--served-model-name", "m",
-           "--max-num-seqs", "8"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO), start_new_session=True)
+    srv = VllmServer(tiny_w2, ["--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
+                               "--served-model-name", "m", "--max-num-seqs", "8"], log_path=log_path, cli="rcsr")
+    proc, base = srv.proc, srv.base
     tree: list[int] = []
     try:
-        t0 = time.perf_counter()
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.perf_counter() - t0 < 400, "server not healthy after 400 s:\n" + log_path.read_text()[-3000:]
-            time.sleep(1)
-        print(f"server healthy after {time.perf_counter() - t0:.0f}s")
+        print(f"server healthy after {srv.wait_ready(400):.0f}s")
         tree = _tree(proc.pid)
         assert len(tree) >= 3, f"expected API server + engine core + worker, got {tree}"
 
@@ -219,14 +190,7 @@ def test_rcsr_serve_concurrent_requests_and_clean_stop(tiny_w2, tmp_path):
         assert [s for s, _, _ in results] == [200] * 8
         assert all(text and n == 16 for _, text, n in results), results
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
+        srv.stop()  # SIGTERM to the process group
     deadline = time.time() + 30
     while _alive(tree, proc.pid) and time.time() < deadline:
         time.sleep(0.5)
@@ -296,7 +260,7 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
     out_json = tmp_path / "bench.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "bench", str(tiny_w2), "--quick", "--batch-sizes", "1",
+    r = subprocess.run([sys.executable, "-m", "rcsr_cli", "bench", str(tiny_w2), "--quick", "--batch-sizes", "1",
                         "--json", str(out_json)], capture_output=True, text=True, env=env, cwd=str(REPO), timeout=900)
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"rcsr bench --quick in {time.perf_counter() - t0:.0f}s\n{r.stdout}")
@@ -306,7 +270,7 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
     assert set(m["cpu_flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
     assert m["torch"] and m["vllm"] and m["logical_cores"] >= 1 and m["memory_bytes"] > 0
     assert res["config"]["batch_sizes"] == [1] and res["config"]["output_len"] == 16
-    from rcsr_deploy.bench import weight_bytes
+    from rcsr_cli.bench import weight_bytes
 
     ck, base = res["models"]["checkpoint"], res["models"]["baseline"]
     assert Path(base["path"]).resolve() == Path(tiny_llama_dir).resolve()
@@ -337,7 +301,7 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
 def test_bench_bytes_baseline_and_bad_input(tiny_w2, tiny_llama_dir, tmp_path):
     """Fast (no vLLM started): byte accounting from safetensors headers, the baseline recorded in
     quant_report.json, and one-line errors for bad ``rcsr bench`` input."""
-    from rcsr_deploy.bench import resolve_baseline, weight_bytes
+    from rcsr_cli.bench import resolve_baseline, weight_bytes
 
     w = weight_bytes(tiny_w2)
     # 2-bit codes + an fp16 scale per 32 columns vs 2 bytes per bf16 weight: (2/8 + 2/32) / 2
@@ -351,7 +315,7 @@ def test_bench_bytes_baseline_and_bad_input(tiny_w2, tiny_llama_dir, tmp_path):
     assert resolve_baseline(str(tiny_llama_dir), None) is None
 
     def bench(*args):
-        return subprocess.run([sys.executable, "-m", "rcsr_deploy.cli", "bench", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "rcsr_cli", "bench", *args], capture_output=True,
                               text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=str(REPO))
 
     for args, msg in ((["nope"], "nope: not a model folder"),
@@ -368,7 +332,7 @@ def test_bench_bytes_baseline_and_bad_input(tiny_w2, tiny_llama_dir, tmp_path):
 def test_report_tables_and_ratios():
     """``rcsr bench``'s report (also printed by tools/bench_serving.py): latency + throughput table,
     the served table and the ratio line, from a synthetic result (no vLLM)."""
-    from rcsr_deploy.bench import format_report, ratios
+    from rcsr_cli.bench import format_report, ratios
 
     def model(label, tok_b1, tok_b16, thr, served, disk, bf16):
         return {"label": label, "decode_tok_s": {"1": tok_b1, "16": tok_b16}, "ttft_s": 0.05,

