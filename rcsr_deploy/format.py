@@ -256,17 +256,23 @@ def read_config_json(ckpt_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # the tensor table
 # --------------------------------------------------------------------------------------------------
-def tensor_table(module: str, spec: QuantSpec, out_features: int, in_features: int,
+def tensor_table(spec: QuantSpec, out_features: int, in_features: int,
                  dynamic: bool) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """The stored tensors of one quantized module: ``{name: (dtype, shape)}`` (bias excluded)."""
+    """The stored tensors of one quantized module ``<m>``: ``{suffix: (dtype, shape)}`` for the tensors
+    ``<m>.qweight``, ``<m>.scales``, ``<m>.zeros`` (asymmetric only), ``<m>.group_index`` (dynamic act
+    order only).  A bias, when the module has one, stays ``<m>.bias`` as in the FP model."""
     ng = spec.groups(in_features)
-    table = {f"{module}.qweight": (torch.int32, (out_features, packed_width(in_features, spec.bits))),
-             f"{module}.scales": (torch.float16, (out_features, ng))}
+    table = {"qweight": (torch.int32, (out_features, packed_width(in_features, spec.bits))),
+             "scales": (torch.float16, (out_features, ng))}
     if not spec.sym:
-        table[f"{module}.zeros"] = (torch.uint8, (out_features, ng))
+        table["zeros"] = (torch.uint8, (out_features, ng))
     if dynamic:
-        table[f"{module}.group_index"] = (torch.int32, (in_features,))
+        table["group_index"] = (torch.int32, (in_features,))
     return table
+
+
+#: dtype of each stored tensor suffix (the table's dtypes, for loaders that see one tensor at a time)
+STORED_DTYPES = {k: v[0] for k, v in tensor_table(QuantSpec(4, -1, False), 1, 32, True).items()}
 
 
 def _expect(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -369,6 +375,9 @@ class QuantizedTensor:
             out[f"{prefix}.zeros"] = self.zero.detach().to("cpu", torch.float64).round().to(torch.uint8).contiguous()
         if self.g_idx is not None:
             out[f"{prefix}.group_index"] = self.g_idx.detach().to("cpu", torch.int32).contiguous()
+        for suffix, (dtype, shape) in tensor_table(self.spec, self.out_features, self.in_features,
+                                                   self.g_idx is not None).items():
+            _expect(f"{prefix}.{suffix}", out[f"{prefix}.{suffix}"], dtype, shape)
         if self.bias is not None:
             out[f"{prefix}.bias"] = self.bias.detach().to("cpu").contiguous()
         return out
@@ -394,14 +403,14 @@ class QuantizedTensor:
         if spec.group_size != -1 and in_f % spec.group_size:
             raise RcsrError(f"{qname}: {in_f} in-features (from width {width}) are not divisible by group size "
                             f"{spec.group_size}")
-        table = tensor_table(m, spec, out_f, in_f, dynamic)
+        table = tensor_table(spec, out_f, in_f, dynamic)
         ng = spec.groups(in_f)
 
         sname = f"{m}.scales"
         if not has(sname):
             raise RcsrError(f"{sname}: missing")
         scales = get(sname)
-        _expect(sname, scales, *table[sname])
+        _expect(sname, scales, *table["scales"])
         if not bool(torch.isfinite(scales).all()):
             raise RcsrError(f"{sname}: has non-finite values")
 
@@ -414,7 +423,7 @@ class QuantizedTensor:
             if not has(zname):
                 raise RcsrError(f"{zname}: missing (required when quantization_config.sym is false)")
             zeros = get(zname)
-            _expect(zname, zeros, *table[zname])
+            _expect(zname, zeros, *table["zeros"])
             if zeros.numel() and int(zeros.max()) > spec.maxq:
                 raise RcsrError(f"{zname}: values must lie in [0, {spec.maxq}] for {spec.bits} bits, "
                                 f"got max {int(zeros.max())}")
@@ -425,7 +434,7 @@ class QuantizedTensor:
             if not has(gname):
                 raise RcsrError(f"{gname}: missing (required when quantization_config.act_order is 'dynamic')")
             g_idx = get(gname)
-            _expect(gname, g_idx, *table[gname])
+            _expect(gname, g_idx, *table["group_index"])
             check_group_index(g_idx, in_f, ng, spec, gname)
         elif has(gname):
             raise RcsrError(f"{gname}: unexpected (only act_order 'dynamic' stores group_index)")

@@ -3,13 +3,7 @@
 # (unit tests, tiny-model end-to-end tests, real vLLM serving tests) on the CPU.
 # With arguments, runs `pytest ARGS` instead.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$here"
-bash scripts/bootstrap.sh
-export RCSR_CACHE="${RCSR_CACHE:-$here/.cache}"
-export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-export TOKENIZERS_PARALLELISM=false
-py="${RCSR_VENV:-$here/.venv}/bin/python"
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ "$#" -gt 0 ]; then
   exec "$py" -m pytest -q -p no:cacheprovider "$@"
 fi

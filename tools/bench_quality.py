@@ -58,15 +58,10 @@ for _lam in ("0.01", "0.03", "0.3", "1", "3"):
 
 
 def machine_info() -> dict:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
+    from rcsr_cli.bench import cpu_flags
     import transformers
+
+    flags = {f for f, on in cpu_flags().items() if on}
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": torch.get_num_threads(),

@@ -21,9 +21,9 @@ from pathlib import Path
 import click
 
 HERE = Path(__file__).resolve().parent.parent
-#: Quantize the tied embedding / lm_head too (K-SNRQ-calibrated, like the decoder linears)?  On: 0.27x of
-#: the bf16 weight bytes instead of 0.42x and faster batch-1 decode, for +6.5 % perplexity with a calibrated
-#: head (SNRQ W4 g64, 40,960 Moby-Dick tokens: 58.93 -> 62.77; FP 49.97; docs/RESULTS.md).
+#: Quantize the tied embedding / lm_head too (K-SNRQ-calibrated, like the decoder linears)?  On: a much
+#: smaller checkpoint and faster batch-1 decode for a few percent of perplexity (docs/RESULTS.md and
+#: docs/RESULTS-serving.md have the measurements).
 LM_HEAD_DEFAULT = True
 
 

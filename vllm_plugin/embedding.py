@@ -23,13 +23,12 @@ from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBa
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.utils import set_weight_attrs
 
-from rcsr_deploy.format import QuantSpec, dequantize
+from rcsr_deploy.format import STORED_DTYPES, QuantSpec, dequantize, tensor_table
 from rcsr_deploy.packing import unpack_codes
 
 from .errors import RcsrPluginError
 from .kernels import LayerSpec, QuantWeights, register_live, run, select_kernel
 
-_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8, "group_index": torch.int32}
 
 
 def _shape(t) -> str:
@@ -87,16 +86,14 @@ class RcsrEmbeddingMethod(QuantizeMethodBase):
         cfg = self.config
         vocab = int(layer.org_vocab_size)
         hidden = layer.rcsr_hidden
-        ng = 1 if cfg.group_size == -1 else hidden // cfg.group_size
-        return {"qweight": (vocab, hidden * cfg.bits // 32), "scales": (vocab, ng), "zeros": (vocab, ng),
-                "group_index": (hidden,)}[name]
+        return tensor_table(QuantSpec(cfg.bits, cfg.group_size, False), vocab, hidden, True)[name][1]
 
     def _checked_loader(self, layer, name: str, inner):
         method = self
 
         def loader(param, loaded_weight: torch.Tensor, *args, **kwargs):
             what = f"{method.prefix}.{name}"
-            want_dtype, want_shape = _DTYPES[name], method._expected(layer, name)
+            want_dtype, want_shape = STORED_DTYPES[name], method._expected(layer, name)
             if loaded_weight.dtype != want_dtype or tuple(loaded_weight.shape) != want_shape:
                 raise RcsrPluginError(
                     f"{what}: expected {str(want_dtype).removeprefix('torch.')} {_shape(want_shape)} in the "

@@ -28,12 +28,13 @@ from vllm.model_executor.parameter import (
     ModelWeightParameter,
 )
 
+from rcsr_deploy.format import STORED_DTYPES, QuantSpec, tensor_table
+
 from .errors import RcsrPluginError
 from .kernels import QuantWeights, register_live, run, select_kernel
 from .kernels.base import LayerSpec, can_permute
 from .partition import plan_partition
 
-_PARAM_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8, "group_index": torch.int32}
 
 
 def _fmt_shape(shape) -> str:
@@ -163,9 +164,7 @@ class RcsrLinearMethod(LinearMethodBase):
             out_full = int(layer.output_sizes[idx])
         else:
             out_full = int(layer.output_size)
-        ng = 1 if cfg.group_size == -1 else in_full // cfg.group_size
-        return {"qweight": (out_full, in_full * cfg.bits // 32), "scales": (out_full, ng),
-                "zeros": (out_full, ng), "group_index": (in_full,)}[name]
+        return tensor_table(QuantSpec(cfg.bits, cfg.group_size, False), out_full, in_full, True)[name][1]
 
     def _checked_loader(self, layer: torch.nn.Module, name: str, inner):
         method = self
@@ -174,7 +173,7 @@ class RcsrLinearMethod(LinearMethodBase):
             shard_id = args[0] if args else kwargs.get("loaded_shard_id")
             hf = method._hf_name(shard_id)
             what = f"{'/'.join(hf)}.{name}"
-            want_dtype = _PARAM_DTYPES[name]
+            want_dtype = STORED_DTYPES[name]
             want_shape = method.expected_shape(layer, name, shard_id)
             if loaded_weight.dtype != want_dtype or tuple(loaded_weight.shape) != want_shape:
                 raise RcsrPluginError(

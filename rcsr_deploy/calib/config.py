@@ -11,8 +11,8 @@ METHODS = ("rtn", "gptq", "gptaq", "snrq", "ksnrq")
 
 #: ``--alpha closed-form`` decodes once at this α, computes α* from that decode, then decodes at α*.
 #: α* minimises ‖W_ref(α) − Q‖_H for the Q it is given, so it stays near the α that produced Q: started
-#: from the GPTQ point (α = 0) it returns α* ≈ 0.01 and GPTQ's quality (measured, docs/RESULTS.md).  The
-#: reference code starts from its default fixed α, 0.25; so do we.
+#: from the GPTQ point (α = 0) it returns an α* near 0 and GPTQ's quality (docs/RESULTS.md has the
+#: measurement).  The reference code starts from its default fixed α, 0.25; so do we.
 CLOSED_FORM_START = 0.25
 
 
@@ -41,9 +41,9 @@ class QuantizeConfig:
     lm_head: bool = False  # also quantize the output head (with a tied embedding: the shared table)
 
     def __post_init__(self) -> None:
-        # ``auto``: the H-weighted clip search for every calibrated method (it lowered the W3 g64
-        # perplexity of GPTQ from 183 to 85 and of SNRQ from 93 to 79, docs/RESULTS.md); the full range
-        # for plain RTN, which then needs no calibration data (RTN + SARQC searches: it needs the grid).
+        # ``auto``: the H-weighted clip search for every calibrated method (it lowers their perplexity
+        # markedly, docs/RESULTS.md); the full range for plain RTN, which then needs no calibration data
+        # (RTN + SARQC searches: it needs the grid).
         if self.clip == "auto":
             self.clip = "minmax" if self.method == "rtn" and self.sarqc_lambda == 0 else "mse"
 

@@ -88,16 +88,7 @@ def capture_block_inputs(model, layers: nn.ModuleList, windows: torch.Tensor, ba
 
 def run_block(block, x: torch.Tensor, kwargs: dict, device, batch_size: int, dtype) -> torch.Tensor:
     """Run ``block`` over host tensor ``x`` [N, L, d] in mini-batches; returns host [N, L, d]."""
-    out = torch.empty_like(x)
-    for b0 in range(0, x.shape[0], batch_size):
-        xb = x[b0:b0 + batch_size].to(device, dtype)
-        kw = _expand_batch(_to_device(kwargs, device), xb.shape[0])
-        with torch.inference_mode():
-            y = block(xb, **kw)
-        if isinstance(y, tuple):
-            y = y[0]
-        out[b0:b0 + xb.shape[0]] = y.to("cpu", x.dtype)
-    return out
+    return run_block_capturing(block, x, kwargs, device, batch_size, dtype, {})[0]
 
 
 # Host bytes the FP stream may spend on caching every group's inputs of one block (see ``run_block_capturing``).
