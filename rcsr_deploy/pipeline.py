@@ -54,7 +54,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
                                      resume=resume, model_id=str(model_name), progress=progress)
     modules = dict(model.named_modules())
     for name, r in results.items():
-        bias = getattr(modules[name], "bias", None)  # a quantized tied embedding has none
+        bias = getattr(modules.get(name), "bias", None)  # a tied embedding or a fused expert has none
         r.bias = None if bias is None else bias.detach().cpu()
     qcfg = QuantConfig(
         bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,

@@ -120,3 +120,43 @@ def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: 
     return ckpt, ref
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Mixture-of-Experts (transformers 5 stores the experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I])
+# --------------------------------------------------------------------------------------------------
+MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
+
+
+def moe_config(family: str, *, vocab_size: int = 320, layers: int = 2, experts: int = 8, top_k: int = 2):
+    """A tiny config of an MoE family: hidden 64, 4 heads of 32 (vLLM's CPU attention needs >= 32),
+    ``experts`` experts of intermediate 64, top-``top_k`` routing; every matmul in-feature a multiple of 32.
+    Qwen2-MoE has a gated shared expert, DeepSeek-V3 a shared expert and a first dense block."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=2, num_experts_per_tok=top_k)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
+                                 num_experts=experts)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
+                                 shared_expert_intermediate_size=64)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, head_dim=32, intermediate_size=64, num_local_experts=experts)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=64, num_experts=experts)
+    if family == "deepseek_v3":
+        return tf.DeepseekV3Config(**common, intermediate_size=128, moe_intermediate_size=64, n_routed_experts=experts,
+                                   n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
+                                   qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1)
+    raise ValueError(family)
+
+
+def moe_model(family: str, *, seed: int = 0, **kw):
+    """A random fp32 MoE causal LM of ``family`` (see :func:`moe_config`), eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(moe_config(family, **kw), dtype=torch.float32).eval()

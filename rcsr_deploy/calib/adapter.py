@@ -29,8 +29,66 @@ def find_decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     return best
 
 
+#: last name components of linears that route tokens (MoE routers, shared-expert gates): they choose
+#: which weights run and stay in full precision, deliberately (vLLM runs them unquantized too)
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def is_router(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ROUTER_NAMES
+
+
 def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """The block's ``nn.Linear`` matmul weights, in module order (routers excluded)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear) and not is_router(name)}
+
+
+@dataclass
+class ExpertsModule:
+    """Fused Mixture-of-Experts weights as transformers 5 stores them (Qwen2/3-MoE, Mixtral, OLMoE,
+    DeepSeek-V3): ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj [E, H, I]``, called as
+    ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+
+    Each expert ``e`` is quantized as three matrices named like the hub's per-expert linears
+    (``<name>.<e>.gate_proj`` ``[I, H]``, ``.up_proj`` ``[I, H]``, ``.down_proj`` ``[H, I]``)."""
+
+    name: str
+    module: nn.Module
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.module.gate_up_proj.shape[0])
+
+    @property
+    def intermediate(self) -> int:
+        return int(self.module.down_proj.shape[2])
+
+    def matrix_names(self, e: int) -> dict[str, str]:
+        return {p: f"{self.name}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+
+    def weight(self, e: int, part: str) -> torch.Tensor:
+        """A view of expert ``e``'s ``gate_proj`` / ``up_proj`` / ``down_proj`` matrix ``[out, in]``."""
+        i = self.intermediate
+        if part == "gate_proj":
+            return self.module.gate_up_proj.data[e, :i]
+        if part == "up_proj":
+            return self.module.gate_up_proj.data[e, i:]
+        return self.module.down_proj.data[e]
+
+
+def experts_modules(block: nn.Module) -> dict[str, ExpertsModule]:
+    """The block's fused expert modules of the supported layout (see :class:`ExpertsModule`)."""
+    out = {}
+    for name, m in block.named_modules():
+        gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+        if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3):
+            continue
+        e, two_i, h = gu.shape
+        if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2) or getattr(m, "gate_up_proj_bias", None) is not None \
+                or not callable(getattr(m, "act_fn", None)):
+            continue  # another layout (e.g. GPT-OSS: transposed, interleaved, with biases): not supported
+        out[name] = ExpertsModule(name, m)
+    return out
 
 
 @dataclass
@@ -67,14 +125,30 @@ def find_output_head(model: nn.Module) -> OutputHead:
 
 
 def check_layers_fit(model, spec: QuantSpec) -> None:
-    """Fail early (before any calibration) when a decoder linear cannot take the grid."""
+    """Fail early (before any calibration) when a decoder matmul weight cannot take the grid."""
     layers, prefix = find_decoder_layers(model)
     for i, block in enumerate(layers):
         for n, m in linear_modules(block).items():
             spec.validate(m.in_features, f"{prefix}.{i}.{n}")
+        for n, ex in experts_modules(block).items():
+            names = ex.matrix_names(0)
+            spec.validate(ex.weight(0, "gate_proj").shape[1], f"{prefix}.{i}.{names['gate_proj']}")
+            spec.validate(ex.weight(0, "down_proj").shape[1], f"{prefix}.{i}.{names['down_proj']}")
 
 
 def check_finite(model) -> None:
     for pname, p in model.named_parameters():
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise RcsrError(f"model weights contain NaN/Inf: {pname}")
+
+
+def weight_view(block: nn.Module, name: str) -> torch.Tensor:
+    """The weight tensor (or fused-expert view) behind a quantized matrix name of the block."""
+    mods = dict(block.named_modules())
+    if name in mods and isinstance(mods[name], nn.Linear):
+        return mods[name].weight.data
+    parent, e, part = name.rsplit(".", 2)
+    ex = experts_modules(block).get(parent)
+    if ex is None or not e.isdigit():
+        raise RcsrError(f"{name}: not a matmul weight of this block")
+    return ex.weight(int(e), part)

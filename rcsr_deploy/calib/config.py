@@ -39,6 +39,11 @@ class QuantizeConfig:
     batch_size: int = 8
     blocks: str = ""  # subset of decoder blocks to quantize, e.g. "0-3" or "0,5" ("" = all)
     lm_head: bool = False  # also quantize the output head (with a tied embedding: the shared table)
+    # Mixture-of-Experts: "routed" calibrates each expert on the tokens the (quantized-path) router sends
+    # it; an expert with fewer than ``moe_min_tokens`` routed tokens falls back to all tokens of the
+    # block.  "all" calibrates every expert on all tokens (llm-compressor's default).
+    moe_calib: str = "routed"
+    moe_min_tokens: int = 64
 
     def __post_init__(self) -> None:
         # ``auto``: the H-weighted clip search for every calibrated method (it lowers their perplexity
@@ -71,6 +76,10 @@ class QuantizeConfig:
             raise RcsrError("--sarqc-lambda must be >= 0")
         if self.method != "rtn" and (self.nsamples < 1 or self.seqlen < 8):
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.moe_calib not in ("routed", "all"):
+            raise RcsrError(f"--moe-calib must be 'routed' or 'all', got {self.moe_calib!r}")
+        if self.moe_min_tokens < 0:
+            raise RcsrError("--moe-min-tokens must be >= 0")
         if self.clip not in ("minmax", "mse"):
             raise RcsrError("--clip must be auto, minmax or mse")
 

@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 from ..errors import RcsrError
 from ..format import QuantizedTensor
 from ..objective import LayerStats, sample_alphas
-from .adapter import OutputHead, check_finite, find_decoder_layers, find_output_head, linear_modules
+from .adapter import (
+    OutputHead,
+    check_finite,
+    experts_modules,
+    find_decoder_layers,
+    find_output_head,
+    linear_modules,
+    weight_view,
+)
+from .experts import calibrate_experts, write_back
 from .config import QuantizeConfig
 from .solver import dequant_into, quantize_linear
 from .store import WorkDir
@@ -117,14 +126,19 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
         if i in done:
             blk = wd.load_block(i)
             for n, r in blk.items():
-                dequant_into(mods[n], r)
+                write_back(weight_view(block, n), r)
         else:
-            if streams is None:  # a block without statistics: every linear on its own
+            if streams is None:  # a block without statistics: every matmul weight on its own
                 blk = {}
                 for n in linear_modules(block):
                     bar.set_postfix_str(n)
                     blk[n] = quantize_linear(mods[n].weight.data.float(), None, cfg, f"{prefix}.{i}.{n}")
                     dequant_into(mods[n], blk[n])
+                for ex in experts_modules(block).values():
+                    for e in range(ex.num_experts):
+                        for part, n in ex.matrix_names(e).items():
+                            blk[n] = quantize_linear(ex.weight(e, part).float(), None, cfg, f"{prefix}.{i}.{n}")
+                            write_back(ex.weight(e, part), blk[n])
             else:
                 groups, blk, fp_next = _calibrate_block(block, fp_block, i, streams, cfg, prefix, bar, fp_capture_bytes)
             wd.save_block(i, blk)
@@ -205,6 +219,11 @@ def _calibrate_block(block, fp_block, i: int, streams: Streams, cfg: QuantizeCon
             dequant_into(mods[n], r)
             blk[n] = r
         del stats
+    # fused MoE experts (after the linear groups: a shared expert, if any, runs in parallel to them)
+    for k, name in enumerate(experts_modules(block)):
+        blk.update(calibrate_experts(block, fp_block, i, name, streams, cfg, prefix,
+                                     _seed(cfg.seed, i, len(groups) + k), bar))
+        groups = groups + [[f"{name}.*"]]
     return groups, blk, fp_next
 
 

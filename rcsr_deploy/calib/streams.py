@@ -174,15 +174,17 @@ def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> lis
     return groups
 
 
-def collect_inputs(block, module: nn.Module, x: torch.Tensor, kwargs, device, dtype, batch_size):
-    """Inputs of ``module`` for host stream ``x``, forward cut short at that module. Yields per batch."""
+def collect_calls(block, module: nn.Module, x: torch.Tensor, kwargs, device, dtype, batch_size):
+    """The positional and keyword arguments of ``module``'s call for host stream ``x``, the forward cut
+    short at that module.  Yields ``(b0, args, kwargs)`` per mini-batch (tensors detached)."""
     box = {}
 
-    def pre(mod, args):
-        box["x"] = args[0].detach()
+    def pre(mod, args, kw):
+        box["call"] = (tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args),
+                       {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
         raise _Stop
 
-    h = module.register_forward_pre_hook(pre)
+    h = module.register_forward_pre_hook(pre, with_kwargs=True)
     try:
         for b0 in range(0, x.shape[0], batch_size):
             xb = x[b0:b0 + batch_size].to(device, dtype)
@@ -192,6 +194,17 @@ def collect_inputs(block, module: nn.Module, x: torch.Tensor, kwargs, device, dt
                     block(xb, **kw)
             except _Stop:
                 pass
-            yield b0, box.pop("x")
+            args, call_kw = box.pop("call")
+            yield b0, args, call_kw
     finally:
         h.remove()
+
+
+def collect_inputs(block, module: nn.Module, x: torch.Tensor, kwargs, device, dtype, batch_size):
+    """Inputs of ``module`` for host stream ``x``, forward cut short at that module. Yields per batch."""
+    calls = collect_calls(block, module, x, kwargs, device, dtype, batch_size)
+    try:
+        for b0, args, _ in calls:
+            yield b0, args[0]
+    finally:
+        calls.close()

@@ -1,0 +1,152 @@
+"""Mixture-of-Experts: every expert calibrated on the tokens its router sends it.
+
+For one fused experts module (``adapter.ExpertsModule``) of a block, after the block's linear groups:
+
+1. **gate/up.**  Both streams are run up to the experts call (forward cut short there): the
+   quantized path gives the experts' input ``X̃`` and the routing ``top_k_index`` of its (quantized-path)
+   router; the FP path gives ``X`` for the *same tokens*.  Routing follows the quantized path, so that
+   an expert is calibrated on the tokens it will see once deployed, and ``D = ΔX X̃ᵀ`` pairs each token's
+   two inputs.  Per expert ``e``: ``H_e``, ``D_e`` from its routed tokens (sampled α: each token carries
+   its sequence's α), then ``gate_proj[e]`` and ``up_proj[e]`` are quantized (one set of statistics,
+   as for a dense layer's gate/up) and written back dequantized.
+2. **down.**  The same tokens again: the quantized path's input of ``down_proj[e]`` is
+   ``act(X̃ G̃ᵀ) ⊙ (X̃ Ũᵀ)`` with the just-quantized gate/up, the FP path's ``act(X Gᵀ) ⊙ (X Uᵀ)`` with the
+   FP ones; ``down_proj[e]`` is quantized on those.
+
+**Experts with few routed tokens.**  ``H_e`` from a handful of tokens is rank-deficient: the damping
+dominates it and the solver would "protect" a few directions at random.  An expert with fewer than
+``cfg.moe_min_tokens`` routed tokens (zero included) is calibrated on *all* tokens that reach the
+experts module instead — the input distribution of the whole block, the best estimate of an expert's
+inputs without routing evidence (what llm-compressor uses for every expert).  ``cfg.moe_calib = "all"``
+does that for every expert.  Each expert's report entry records its routed token count and whether
+it fell back (``tokens``, ``calibration``: ``routed`` | ``all-tokens``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..format import QuantizedTensor
+from ..objective import LayerStats, sample_alphas
+from .adapter import ExpertsModule
+from .config import QuantizeConfig
+from .solver import quantize_linear
+from .streams import collect_calls
+
+log = logging.getLogger(__name__)
+
+
+def _calls(block, module, stream, kwargs, streams):
+    return collect_calls(block, module, stream, kwargs, streams.device, streams.dtype, streams.bs)
+
+
+def _experts_inputs(block, fp_block, ex: ExpertsModule, fp_ex: ExpertsModule | None, streams, i: int):
+    """Per mini-batch: (b0, tokens per sequence, X̃ [T, H], X [T, H] or None, top_k_index [T, k])."""
+    kwargs = streams.kwargs[i]
+    q_iter = _calls(block, ex.module, streams.q, kwargs, streams)
+    fp_iter = _calls(fp_block, fp_ex.module, streams.fp, kwargs, streams) if fp_ex is not None else None
+    seq_len = streams.q.shape[1]
+    try:
+        for b0, args, kw in q_iter:
+            xq = args[0]
+            idx = args[1] if len(args) > 1 else kw["top_k_index"]
+            xf = next(fp_iter)[1][0] if fp_iter is not None else None
+            yield b0, seq_len, xq.reshape(-1, xq.shape[-1]), None if xf is None else xf.reshape(-1, xf.shape[-1]), \
+                idx.reshape(-1, idx.shape[-1])
+    finally:
+        q_iter.close()
+        if fp_iter is not None:
+            fp_iter.close()
+
+
+def _token_alphas(alphas, b0: int, seq_len: int, rows: torch.Tensor):
+    """Each token's sequence α (sampled mode), or 1.0."""
+    if alphas is None:
+        return 1.0
+    return alphas[b0 + torch.div(rows.cpu(), seq_len, rounding_mode="floor")]
+
+
+def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: QuantizeConfig, prefix: str,
+                      seed: int, bar=None) -> dict[str, QuantizedTensor]:
+    """Quantize every expert of the fused experts module ``name`` of block ``i`` (see the module doc)."""
+    from .adapter import experts_modules
+
+    ex = experts_modules(block)[name]
+    fp_ex = experts_modules(fp_block)[name] if fp_block is not None else None
+    n_exp, device = ex.num_experts, streams.device
+    mode, _ = cfg.alpha_mode
+    with_d = streams.fp is not None
+    alphas = sample_alphas(streams.q.shape[0], cfg.alpha_m, seed) if mode == "sample" else None
+    hidden = ex.weight(0, "gate_proj").shape[1]
+    inter = ex.intermediate
+
+    # 1. routed tokens -> H_e, D_e of gate/up (and of all tokens, for the fallback)
+    counts = torch.zeros(n_exp, dtype=torch.long)
+    stats = [LayerStats(hidden, device, with_d) for _ in range(n_exp)]
+    stats_all = LayerStats(hidden, device, with_d)
+    for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
+        rows_all = torch.arange(xq.shape[0], device=xq.device)
+        stats_all.add(xq.unsqueeze(1), None if xf is None else xf.unsqueeze(1),
+                      dx_scale=_token_alphas(alphas, b0, seq_len, rows_all))
+        for e in range(n_exp):
+            rows = (idx == e).any(-1).nonzero().flatten()
+            counts[e] += rows.numel()
+            if rows.numel():
+                stats[e].add(xq[rows].unsqueeze(1), None if xf is None else xf[rows].unsqueeze(1),
+                             dx_scale=_token_alphas(alphas, b0, seq_len, rows))
+    routed = [cfg.moe_calib == "routed" and int(counts[e]) >= max(cfg.moe_min_tokens, 1) for e in range(n_exp)]
+    out: dict[str, QuantizedTensor] = {}
+    for e in range(n_exp):
+        st = stats[e] if routed[e] else stats_all
+        for part in ("gate_proj", "up_proj"):
+            full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"
+            if bar is not None:
+                bar.set_postfix_str(ex.matrix_names(e)[part])
+            out[ex.matrix_names(e)[part]] = r = quantize_linear(ex.weight(e, part).float(), st, cfg, full)
+            write_back(ex.weight(e, part), r)
+        stats[e] = None  # free as we go
+    n_tokens = stats_all.tokens
+    del stats, stats_all
+
+    # 2. the same tokens through the (quantized / FP) gate and up -> H_e, D_e of down
+    act_q, act_f = ex.module.act_fn, (fp_ex.module.act_fn if fp_ex is not None else None)
+
+    def mlp_in(x, ex_, e, act):
+        return act(x @ ex_.weight(e, "gate_proj").t()) * (x @ ex_.weight(e, "up_proj").t())
+
+    dstats = [LayerStats(inter, device, with_d) for _ in range(n_exp)]
+    with torch.inference_mode():
+        for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
+            for e in range(n_exp):
+                rows = (idx == e).any(-1).nonzero().flatten() if routed[e] else \
+                    torch.arange(xq.shape[0], device=xq.device)
+                if not rows.numel():
+                    continue
+                hq = mlp_in(xq[rows], ex, e, act_q)
+                hf = mlp_in(xf[rows], fp_ex, e, act_f) if xf is not None else None
+                dstats[e].add(hq.unsqueeze(1), None if hf is None else hf.unsqueeze(1),
+                              dx_scale=_token_alphas(alphas, b0, seq_len, rows))
+    for e in range(n_exp):
+        part = "down_proj"
+        full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"
+        if bar is not None:
+            bar.set_postfix_str(ex.matrix_names(e)[part])
+        out[ex.matrix_names(e)[part]] = r = quantize_linear(ex.weight(e, part).float(), dstats[e], cfg, full)
+        write_back(ex.weight(e, part), r)
+        dstats[e] = None
+    for e in range(n_exp):
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            out[ex.matrix_names(e)[part]].info.update(tokens=int(counts[e]),
+                                                      calibration="routed" if routed[e] else "all-tokens")
+    fell_back = [e for e in range(n_exp) if not routed[e]]
+    if fell_back and cfg.moe_calib == "routed":
+        log.info("block %d %s: experts %s had < %d routed tokens (%s): calibrated on all %d tokens", i, name,
+                 fell_back, cfg.moe_min_tokens, [int(counts[e]) for e in fell_back], n_tokens)
+    return out
+
+
+def write_back(dst: torch.Tensor, r: QuantizedTensor) -> None:
+    """Put ``r``'s dequantized weights into ``dst`` (a view of the fused expert tensor)."""
+    with torch.no_grad():
+        dst.copy_(r.dequantize().to(dst.device, dst.dtype))
