@@ -60,11 +60,17 @@ def cli(verbose: int) -> None:
 @click.option("--lm-head/--no-lm-head", "lm_head", default=False, show_default=True,
               help="Also quantize the output head with the same method (calibrated on the final-norm outputs); "
                    "with tied embeddings this quantizes the shared embedding table.")
+@click.option("--moe-calib", "moe_calib", type=click.Choice(["routed", "all"]), default="routed", show_default=True,
+              help="MoE experts: calibrate each on the tokens routed to it (fallback: all tokens below "
+                   "--moe-min-tokens), or every expert on all tokens.")
+@click.option("--moe-min-tokens", "moe_min_tokens", type=int, default=64, show_default=True,
+              help="MoE experts with fewer routed calibration tokens are calibrated on all tokens.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
-             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, resume, overwrite, no_progress):
+             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, resume,
+             overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
@@ -74,7 +80,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     cfg = QuantizeConfig(method=method, bits=bits, group_size=_group_size(group_size), sym=sym, beam=beam,
                          alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
-                         calib=calib, batch_size=batch_size, lm_head=lm_head)
+                         calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
+                         moe_min_tokens=moe_min_tokens)
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                                     progress=not no_progress)
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "

@@ -144,8 +144,8 @@ def _check_quantized_against_config(quantized: Mapping[str, QuantizedTensor], qc
             parts.append(f"given but not listed: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
         raise RcsrError("quantization_config.quantized_modules does not match the quantized tensors (" +
                         "; ".join(parts) + ")")
-    want = qc.spec
     for m, qt in quantized.items():
+        want = qc.spec_for(m)
         if not isinstance(qt, QuantizedTensor):
             raise RcsrError(f"{m}: expected a QuantizedTensor, got {type(qt).__name__}")
         if qt.spec != want:
@@ -239,7 +239,7 @@ def save_quantized(
 # --------------------------------------------------------------------------------------------------
 def read_module(reader: TensorReader, m: str, qc: QuantConfig) -> QuantizedTensor:
     """Module ``m`` of a checkpoint, validated against the tensor table."""
-    return QuantizedTensor.from_tensors(reader.get, reader.__contains__, m, qc.spec, qc.dynamic)
+    return QuantizedTensor.from_tensors(reader.get, reader.__contains__, m, qc.spec_for(m), qc.dynamic)
 
 
 def load_quantized_tensors(ckpt_dir: str | os.PathLike) -> dict[str, QuantizedTensor]:

@@ -28,9 +28,11 @@ from .errors import RcsrError
 from .packing import PACKING, SUPPORTED_BITS, pack_codes, packed_width, unpack_codes
 
 QUANT_METHOD = "rcsr"
-#: the newest version this writer produces (2 when a vocabulary table is quantized, else 1)
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # 1: decoder linears only; 2: adds quantized vocabulary tables (lm_head / tied embedding)
+#: the newest version this writer produces; it writes the lowest version that can hold a checkpoint
+FORMAT_VERSION = 3
+#: 1: decoder linears only; 2: adds quantized vocabulary tables (lm_head / tied embedding);
+#: 3: adds per-module grids (``module_grids``, mixed precision)
+READ_VERSIONS = (1, 2, 3)
 SCALE_DTYPE = "float16"
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 ACT_ORDERS = ("none", "static", "dynamic")
@@ -141,13 +143,16 @@ def check_group_index(g: torch.Tensor, in_f: int, ng: int, spec: QuantSpec, name
 # quantization_config
 # --------------------------------------------------------------------------------------------------
 _KNOWN_KEYS = ("quant_method", "format_version", "bits", "group_size", "sym", "act_order", "quantized_modules",
-               "packing", "scale_dtype", "lm_head", "method", "rcsr_version")
+               "packing", "scale_dtype", "lm_head", "method", "rcsr_version", "module_grids")
+_GRID_KEYS = ("bits", "group_size")
 
 
 @dataclass
 class QuantConfig:
     """The ``quantization_config`` of an rcsr checkpoint (docs/FORMAT.md, section 2).
 
+    ``module_grids`` (format version 3) maps a quantized module to its own ``bits`` and/or
+    ``group_size`` (mixed precision); every other module uses the top-level grid (``spec_for``).
     ``method`` (what produced the codes), ``lm_head`` and ``rcsr_version`` are informational; keys this
     version does not know are kept in ``extra`` and written back unchanged.
     """
@@ -163,11 +168,22 @@ class QuantConfig:
     lm_head: bool | None = None
     method: dict | None = None
     rcsr_version: str | None = None
+    module_grids: dict[str, dict[str, int]] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> QuantSpec:
+        """The top-level grid (every module without an entry in ``module_grids``)."""
         return QuantSpec(self.bits, self.group_size, self.sym)
+
+    def spec_for(self, module: str) -> QuantSpec:
+        """The grid of one quantized module."""
+        g = (self.module_grids or {}).get(module, {})
+        return QuantSpec(g.get("bits", self.bits), g.get("group_size", self.group_size), self.sym)
+
+    @property
+    def mixed(self) -> bool:
+        return bool(self.module_grids)
 
     @property
     def dynamic(self) -> bool:
@@ -206,10 +222,27 @@ class QuantConfig:
             raise RcsrError(f"{where}.packing {qc['packing']!r} is not supported (expected {PACKING!r})")
         if qc.get("scale_dtype", SCALE_DTYPE) != SCALE_DTYPE:
             raise RcsrError(f"{where}.scale_dtype {qc['scale_dtype']!r} is not supported (expected {SCALE_DTYPE!r})")
+        grids = qc.get("module_grids")
+        if grids is not None:
+            if ver < 3:
+                raise RcsrError(f"{where}.module_grids needs format_version 3 (got {ver})")
+            if not isinstance(grids, Mapping):
+                raise RcsrError(f"{where}.module_grids must be a JSON object")
+            listed = set(mods)
+            for m, g in grids.items():
+                if m not in listed:
+                    raise RcsrError(f"{where}.module_grids.{m}: not in quantized_modules")
+                if not isinstance(g, Mapping) or not g or set(g) - set(_GRID_KEYS):
+                    raise RcsrError(f"{where}.module_grids.{m} must be an object with bits and/or group_size")
+                if "bits" in g:
+                    check_bits(g["bits"], f"{where}.module_grids.{m}.bits")
+                if "group_size" in g:
+                    check_group_size(g["group_size"], f"{where}.module_grids.{m}.group_size")
+            grids = {m: dict(g) for m, g in grids.items()}
         return cls(bits=qc["bits"], group_size=qc["group_size"], sym=qc["sym"], act_order=qc["act_order"],
                    quantized_modules=list(mods), format_version=ver, packing=qc.get("packing", PACKING),
                    scale_dtype=qc.get("scale_dtype", SCALE_DTYPE), lm_head=qc.get("lm_head"),
-                   method=qc.get("method"), rcsr_version=qc.get("rcsr_version"),
+                   method=qc.get("method"), rcsr_version=qc.get("rcsr_version"), module_grids=grids,
                    extra={k: v for k, v in qc.items() if k not in _KNOWN_KEYS})
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,7 +251,7 @@ class QuantConfig:
                                "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
                                "act_order": self.act_order, "packing": self.packing, "scale_dtype": self.scale_dtype,
                                "quantized_modules": list(self.quantized_modules)}
-        for key in ("lm_head", "method", "rcsr_version"):
+        for key in ("lm_head", "method", "rcsr_version", "module_grids"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out.update(self.extra)

@@ -56,13 +56,17 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     for name, r in results.items():
         bias = getattr(modules.get(name), "bias", None)  # a tied embedding or a fused expert has none
         r.bias = None if bias is None else bias.detach().cpu()
+    grids = {n: {"bits": r.spec.bits, "group_size": r.spec.group_size} for n, r in results.items()
+             if r.spec != cfg.spec}
     qcfg = QuantConfig(
         bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
         act_order="none" if cfg.method == "rtn" else cfg.act_order,  # RTN never reorders columns
         quantized_modules=sorted(results),
-        format_version=2 if cfg.lm_head else 1,  # version 2: quantized vocabulary table
+        # the lowest version that holds it: 3 per-module grids, 2 a quantized vocabulary table, else 1
+        format_version=3 if grids else 2 if cfg.lm_head else 1,
+        module_grids=grids or None,
         lm_head=cfg.lm_head,
-        method={k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order")},
+        method={k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order", "module_grids")},
         rcsr_version=__version__,
     )
     report.update({

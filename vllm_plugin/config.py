@@ -1,6 +1,7 @@
 """``RcsrConfig``: vLLM's view of an rcsr checkpoint's ``quantization_config`` (``rcsr_deploy.format.QuantConfig``)."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ class RcsrConfig(QuantizationConfig):
     """Weight-only integer quantization with group-wise fp16 scales (rcsr-deploy checkpoints)."""
 
     def __init__(self, bits: int, group_size: int, sym: bool, act_order: str,
-                 quantized_modules: list[str]):
+                 quantized_modules: list[str], module_grids: dict[str, dict[str, int]] | None = None):
         super().__init__()
         self.bits = bits
         self.group_size = group_size
@@ -37,6 +38,7 @@ class RcsrConfig(QuantizationConfig):
         self.act_order = act_order
         self.quantized_modules = list(quantized_modules)
         self._quantized = set(self.quantized_modules)
+        self.module_grids = dict(module_grids or {})
 
     def __repr__(self) -> str:
         return (f"RcsrConfig(bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "
@@ -62,12 +64,29 @@ class RcsrConfig(QuantizationConfig):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RcsrConfig":
         qc = parse_quant_config(config)
-        return cls(qc.bits, qc.group_size, qc.sym, qc.act_order, qc.quantized_modules)
+        return cls(qc.bits, qc.group_size, qc.sym, qc.act_order, qc.quantized_modules, qc.module_grids)
+
+    def for_modules(self, names: list[str]) -> "RcsrConfig":
+        """This config with the grid of the HF modules ``names`` (one vLLM layer; mixed precision gives
+        each its own ``bits`` / ``group_size``).  Modules fused into one layer must share a grid."""
+        grids = {(g.get("bits", self.bits), g.get("group_size", self.group_size))
+                 for g in (self.module_grids.get(n, {}) for n in names)}
+        if len(grids) > 1:
+            raise RcsrPluginError(f"{', '.join(names)} are one fused vLLM layer but have different grids "
+                                  f"{sorted(grids)} in quantization_config.module_grids; quantize them alike")
+        (bits, group_size), = grids
+        if (bits, group_size) == (self.bits, self.group_size):
+            return self
+        view = copy.copy(self)
+        view.bits, view.group_size = bits, group_size
+        return view
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         """Follow the model's HF -> vLLM module renames (fused names are handled per layer)."""
         self.quantized_modules = hf_to_vllm_mapper.apply_list(self.quantized_modules)
         self._quantized = set(self.quantized_modules)
+        if self.module_grids:
+            self.module_grids = hf_to_vllm_mapper.apply_dict(self.module_grids)
 
     @staticmethod
     def get_checkpoint_weight_mapper():
@@ -99,7 +118,7 @@ class RcsrConfig(QuantizationConfig):
                 # some vLLM models (Llama among them) build embed_tokens without a prefix
                 prefix = self.input_table() or ""
             if prefix in self._quantized:  # a quantized head, or the table a tied head shares
-                return RcsrEmbeddingMethod(self, prefix)
+                return RcsrEmbeddingMethod(self.for_modules([prefix]), prefix)
             if isinstance(layer, ParallelLMHead):
                 return RcsrTiedHeadMethod()  # unquantized unless tied to a quantized embedding
             return None  # unquantized embedding
@@ -110,7 +129,7 @@ class RcsrConfig(QuantizationConfig):
         if all(quantized):
             from .linear import RcsrLinearMethod
 
-            return RcsrLinearMethod(self, prefix, names)
+            return RcsrLinearMethod(self.for_modules(names), prefix, names)
         if not any(quantized):
             return UnquantizedLinearMethod()
         q = [n for n, f in zip(names, quantized) if f]

@@ -1,7 +1,7 @@
 """``QuantizeConfig``: everything that determines the quantized weights (stored in ``quantization_config.method``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import RcsrError
 from ..format import QuantSpec, check_act_order
@@ -44,6 +44,8 @@ class QuantizeConfig:
     # block.  "all" calibrates every expert on all tokens (llm-compressor's default).
     moe_calib: str = "routed"
     moe_min_tokens: int = 64
+    # mixed precision: full module name -> {"bits": b, "group_size": g} overriding the grid above
+    module_grids: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # ``auto``: the H-weighted clip search for every calibrated method (it lowers their perplexity
@@ -56,10 +58,17 @@ class QuantizeConfig:
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.group_size, self.sym)
 
+    def spec_for(self, name: str) -> QuantSpec:
+        """The grid of one module (full name): its ``module_grids`` entry, else the top-level grid."""
+        g = self.module_grids.get(name, {})
+        return QuantSpec(g.get("bits", self.bits), g.get("group_size", self.group_size), self.sym)
+
     def validate(self) -> None:
         if self.method not in METHODS:
             raise RcsrError(f"unknown method {self.method!r} (choose {', '.join(METHODS)})")
         self.spec.check()
+        for g in self.module_grids.values():
+            QuantSpec(g.get("bits", self.bits), g.get("group_size", self.group_size), self.sym).check()
         check_act_order(self.act_order)
         if self.beam < 1:
             raise RcsrError("--beam must be >= 1")

@@ -26,7 +26,7 @@ from .config import QuantizeConfig
 
 def quantize_linear(W: torch.Tensor, stats: LayerStats | None, cfg: QuantizeConfig, name: str) -> QuantizedTensor:
     """Objective → grid → rounding for one weight matrix (fp32, on the compute device)."""
-    spec = cfg.spec
+    spec = cfg.spec_for(name)
     out_f, in_f = W.shape
     spec.validate(in_f, name)
     if not torch.isfinite(W).all():

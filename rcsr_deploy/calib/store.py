@@ -9,7 +9,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import RcsrError
-from ..format import QuantizedTensor
+from ..format import QuantizedTensor, QuantSpec
 from ..storage import save_file_atomic
 from .config import QuantizeConfig
 
@@ -19,8 +19,7 @@ class WorkDir:
 
     def __init__(self, path: Path, cfg: QuantizeConfig, model_id: str):
         self.path = Path(path)
-        self.spec = cfg.spec
-        self.meta = {"config": asdict(cfg), "model": model_id, "format": 1}
+        self.meta = {"config": asdict(cfg), "model": model_id, "format": 2}
 
     def open(self, resume: bool) -> set[int]:
         """Create or validate; return the indices of finished blocks (to skip)."""
@@ -44,7 +43,7 @@ class WorkDir:
             tensors[f"{name}.zero"] = r.zero.contiguous()
             if r.g_idx is not None:
                 tensors[f"{name}.g_idx"] = r.g_idx.contiguous()
-            infos[name] = r.info
+            infos[name] = {"info": r.info, "spec": [r.spec.bits, r.spec.group_size, r.spec.sym]}
         save_file_atomic(tensors, self.path / f"block_{idx:04d}.safetensors", metadata={"info": json.dumps(infos)})
 
     def has_block(self, idx: int) -> bool:
@@ -55,8 +54,9 @@ class WorkDir:
         with safe_open(str(self.path / f"block_{idx:04d}.safetensors"), "pt") as f:
             infos = json.loads(f.metadata()["info"])
             keys = set(f.keys())
-            for name, info in infos.items():
+            for name, entry in infos.items():
                 g = f.get_tensor(f"{name}.g_idx") if f"{name}.g_idx" in keys else None
                 out[name] = QuantizedTensor(f.get_tensor(f"{name}.codes"), f.get_tensor(f"{name}.scale"),
-                                            f.get_tensor(f"{name}.zero"), g, self.spec, info=info)
+                                            f.get_tensor(f"{name}.zero"), g, QuantSpec(*entry["spec"]),
+                                            info=entry["info"])
         return out

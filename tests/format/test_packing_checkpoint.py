@@ -447,7 +447,7 @@ def test_save_validation_errors(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
     fails("quant_method is 'gptq'", cfg={**qc, "quant_method": "gptq"})
-    fails("format_version 3 is not supported", cfg={**qc, "format_version": 3})
+    fails("format_version 4 is not supported", cfg={**qc, "format_version": 4})
     fails(r"quantization_config\.bits 5 is not supported", cfg={**qc, "bits": 5})
     fails(r"quantization_config\.act_order 'sometimes'", cfg={**qc, "act_order": "sometimes"})
     fails(r"quantization_config\.sym is missing", cfg={k: v for k, v in qc.items() if k != "sym"})
@@ -608,8 +608,8 @@ def test_read_quant_config_errors(tmp_path):
         (lambda c: c.pop("quantization_config"), "has no quantization_config"),
         (lambda c: c["quantization_config"].update(quant_method="gptq"),
          "quantization_config.quant_method is 'gptq', expected 'rcsr'"),
-        (lambda c: c["quantization_config"].update(format_version=3),
-         "quantization_config.format_version 3 is not supported"),
+        (lambda c: c["quantization_config"].update(format_version=4),
+         "quantization_config.format_version 4 is not supported"),
         (lambda c: c["quantization_config"].pop("format_version"), "quantization_config.format_version is missing"),
         (lambda c: c["quantization_config"].update(bits=6), "quantization_config.bits 6 is not supported"),
         (lambda c: c["quantization_config"].update(bits=True), "quantization_config.bits True is not supported"),

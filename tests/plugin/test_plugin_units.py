@@ -425,7 +425,11 @@ def test_register_idempotent(vllm_mods):
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("change,field", [
-    ({"format_version": 3}, "format_version 3 is not supported"),
+    ({"format_version": 4}, "format_version 4 is not supported"),
+    ({"module_grids": {"a": {"bits": 3}}}, "module_grids needs format_version 3"),
+    ({"format_version": 3, "module_grids": {"zz": {"bits": 3}}}, "module_grids.zz: not in quantized_modules"),
+    ({"format_version": 3, "module_grids": {"model.layers.0.self_attn.q_proj": {"bits": 5}}},
+     "module_grids.model.layers.0.self_attn.q_proj.bits 5 is not supported"),
     ({"format_version": None}, "format_version None is not supported"),
     ({"bits": 5}, "bits 5 is not supported"),
     ({"group_size": 48}, "group_size 48 is not supported"),
