@@ -24,6 +24,13 @@ def _group_size(value: str) -> int:
         raise RcsrError(f"--group-size must be 32, 64, 128 or 'channel', got {value!r}") from None
 
 
+def _widths(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(v) for v in str(value).split(",") if v.strip()}))
+    except ValueError:
+        raise RcsrError(f"--widths must look like 2,3,4, got {value!r}") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="rcsr-deploy")
@@ -65,12 +72,18 @@ def cli(verbose: int) -> None:
                    "--moe-min-tokens), or every expert on all tokens.")
 @click.option("--moe-min-tokens", "moe_min_tokens", type=int, default=64, show_default=True,
               help="MoE experts with fewer routed calibration tokens are calibrated on all tokens.")
+@click.option("--avg-bits", "avg_bits", type=float, default=0.0,
+              help="Mixed precision: allocate a width from --widths to every layer so that the quantized weights "
+                   "(codes + scales + zeros) average this many bits per weight (e.g. 2.5, 3.25; 0 = off).")
+@click.option("--widths", default="2,3,4", show_default=True, help="Allowed widths for --avg-bits (add 8 if wanted).")
+@click.option("--bits-rule", "bits_rules", multiple=True,
+              help="With --avg-bits: 'REGEX=BITS' pins the layers whose module name matches (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
-             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, resume,
-             overwrite, no_progress):
+             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, avg_bits,
+             widths, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
@@ -81,7 +94,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
-                         moe_min_tokens=moe_min_tokens)
+                         moe_min_tokens=moe_min_tokens, avg_bits=avg_bits, widths=_widths(widths),
+                         bits_rules=tuple(bits_rules))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                                     progress=not no_progress)
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "

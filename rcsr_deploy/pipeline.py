@@ -50,6 +50,9 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     model.eval()
     check_layers_fit(model, cfg.spec)
     load_s = time.perf_counter() - t0
+    alloc = None
+    if cfg.avg_bits:
+        alloc = _allocate(model, tokenizer, cfg, progress)
     results, report = quantize_model(model, tokenizer, cfg, device=device, work_dir=work_dir_for(out_dir),
                                      resume=resume, model_id=str(model_name), progress=progress)
     modules = dict(model.named_modules())
@@ -69,6 +72,11 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
         method={k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order", "module_grids")},
         rcsr_version=__version__,
     )
+    if alloc is not None:
+        achieved = sum(t.numel() * t.element_size() for n, r in results.items() if n in alloc.module_bits
+                       for k, t in r.to_tensors(n).items() if not k.endswith(".bias"))
+        report["allocation"] = {**alloc.report(), "achieved_bytes": achieved,
+                                "achieved_avg_bits": 8 * achieved / alloc.params}
     report.update({
         "model": str(model_name),
         "model_path": str(path),
@@ -88,6 +96,22 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     return report
 
 
+def _allocate(model, tokenizer, cfg: QuantizeConfig, progress: bool):
+    """``--avg-bits``: choose every layer's width (allocate.py) and set ``cfg.module_grids``; the top-level
+    ``bits`` becomes the width that covers most weights."""
+    from .allocate import parse_rules, plan
+
+    alloc = plan(model, tokenizer, cfg, cfg.avg_bits, tuple(cfg.widths), parse_rules(cfg.bits_rules), progress=progress)
+    per_width: dict[int, int] = {}
+    for u in alloc.units:
+        per_width[u["bits"]] = per_width.get(u["bits"], 0) + u["params"]
+    cfg.bits = max(per_width, key=per_width.get)
+    cfg.module_grids = {m: {"bits": b} for m, b in alloc.module_bits.items() if b != cfg.bits}
+    log.info("--avg-bits %.3f: %.3f bits/weight predicted, top-level W%d, %d modules at other widths",
+             cfg.avg_bits, alloc.avg_bits, cfg.bits, len(cfg.module_grids))
+    return alloc
+
+
 def _plot_report(report: dict) -> bytes | None:
     """Per-block relative output error of every module, as PNG bytes."""
     try:
@@ -102,10 +126,16 @@ def _plot_report(report: dict) -> bytes | None:
         for mod, info in entry["modules"].items():
             v = info.get(key, info.get("rel_weight_error"))
             if v is not None:
-                series.setdefault(mod.split(".")[-1], []).append((entry["block"], v))
+                label = ("experts." if ".experts." in f".{mod}" else "") + mod.split(".")[-1]
+                series.setdefault(label, []).append((entry["block"], v))
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    alloc = report.get("allocation")
+    if alloc:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7.5), dpi=110, sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     for mod, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=mod)
     cfg = report["config"]
@@ -115,6 +145,20 @@ def _plot_report(report: dict) -> bytes | None:
     ax.set_title(f"{cfg['method']} W{cfg['bits']} g{cfg['group_size']} {'sym' if cfg['sym'] else 'asym'}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    if alloc:
+        kinds: dict[str, list[tuple[int, int]]] = {}
+        for u in alloc["units"]:
+            block = int(u["unit"].split(".layers.")[-1].split(".")[0]) if ".layers." in u["unit"] else -1
+            kinds.setdefault(u["unit"].rsplit(".", 1)[-1], []).append((block, u["bits"]))
+        for k, (kind, pts) in enumerate(sorted(kinds.items())):
+            ax2.scatter([p[0] + 0.12 * k for p in pts], [p[1] for p in pts], s=14, label=kind)
+        ax2.set_ylabel("bits")
+        ax2.set_xlabel("decoder block")
+        ax2.set_title(f"--avg-bits allocation: predicted {alloc['predicted_avg_bits']:.3f}, achieved "
+                      f"{alloc.get('achieved_avg_bits', float('nan')):.3f} bits/weight (scales, zeros included)",
+                      fontsize=9)
+        ax2.grid(True, alpha=0.3)
+        ax2.legend(fontsize=7, ncol=3)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -97,24 +97,33 @@ def rtn(w: torch.Tensor, spec: grid.QuantSpec, dynamic: bool, gen: torch.Generat
 
 
 def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: bool, act_order: str,
-                     seed: int = 0, layers: int = 2, head: bool = False, tie: bool = True) -> tuple[Path, Path]:
+                     seed: int = 0, layers: int = 2, head: bool = False, tie: bool = True,
+                     grids: dict[str, tuple[int, int]] | None = None) -> tuple[Path, Path]:
     """(quantized checkpoint, dequantized fp32 reference) folders under ``root``.
 
     ``head``: quantize the output head too — stored as ``model.embed_tokens`` when tied (one table for
-    lookup and logits), as ``lm_head`` when not."""
+    lookup and logits), as ``lm_head`` when not.  ``grids`` (mixed precision, format version 3): linear
+    name (e.g. ``"mlp.down_proj"``) -> (bits, group size) of that linear in every block."""
     model = make_model(seed, layers=layers, tie=tie)
     spec = grid.QuantSpec(bits, group_size, sym)
     gen = torch.Generator().manual_seed(seed + 1)
-    quantized = {}
+    quantized, module_grids = {}, {}
     for i in range(layers):
         for lin in LINEARS:
             m = f"model.layers.{i}.{lin}"
-            quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
+            s = spec
+            if grids and lin in grids:
+                s = grid.QuantSpec(*grids[lin], sym)
+                module_grids[m] = {"bits": s.bits, "group_size": s.group_size}
+            quantized[m] = rtn(model.get_submodule(m).weight.detach(), s, act_order == "dynamic", gen)
     if head:
         m = "model.embed_tokens" if tie else "lm_head"
         quantized[m] = rtn(model.get_submodule(m).weight.detach(), spec, act_order == "dynamic", gen)
-    qc = {"quant_method": "rcsr", "format_version": 2 if head else 1, "bits": bits, "group_size": group_size, "sym": sym,
-          "act_order": act_order, "quantized_modules": sorted(quantized), "method": {"name": "rtn"}}
+    qc = {"quant_method": "rcsr", "format_version": 3 if module_grids else 2 if head else 1, "bits": bits,
+          "group_size": group_size, "sym": sym, "act_order": act_order, "quantized_modules": sorted(quantized),
+          "method": {"name": "rtn"}}
+    if module_grids:
+        qc["module_grids"] = module_grids
     ckpt = save_quantized(model, quantized, root / name, qc, make_tokenizer())
     ref = export_dequantized(ckpt, root / f"{name}-ref")
     return ckpt, ref

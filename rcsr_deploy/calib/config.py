@@ -44,7 +44,12 @@ class QuantizeConfig:
     # block.  "all" calibrates every expert on all tokens (llm-compressor's default).
     moe_calib: str = "routed"
     moe_min_tokens: int = 64
-    # mixed precision: full module name -> {"bits": b, "group_size": g} overriding the grid above
+    # mixed precision: --avg-bits B allocates a width from ``widths`` to every layer within B bits per weight
+    # (allocate.py; 0 = off), ``bits_rules`` ("REGEX=BITS") pin layers; the result lands in ``module_grids``:
+    # full module name -> {"bits": b, "group_size": g} overriding the grid above
+    avg_bits: float = 0.0
+    widths: tuple = (2, 3, 4)
+    bits_rules: tuple = ()
     module_grids: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,12 @@ class QuantizeConfig:
             raise RcsrError("--sarqc-lambda must be >= 0")
         if self.method != "rtn" and (self.nsamples < 1 or self.seqlen < 8):
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.avg_bits:
+            for w in self.widths:
+                QuantSpec(w, self.group_size, self.sym).check()
+            lo = min(self.widths)
+            if not lo <= self.avg_bits <= 16:
+                raise RcsrError(f"--avg-bits {self.avg_bits} must be at least the smallest width {lo}")
         if self.moe_calib not in ("routed", "all"):
             raise RcsrError(f"--moe-calib must be 'routed' or 'all', got {self.moe_calib!r}")
         if self.moe_min_tokens < 0:

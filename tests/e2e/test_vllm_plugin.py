@@ -30,6 +30,11 @@ def ckpts(tmp_path_factory):
         # untied model: quantized lm_head, full-precision input embedding
         "w3": write_checkpoint(root, "w3pc", bits=3, group_size=-1, sym=False, act_order="none", seed=2,
                                head=True, tie=False),
+        # mixed precision (format version 3): every vLLM layer on its own width and group size
+        "mix": write_checkpoint(root, "mixed", bits=3, group_size=64, sym=True, act_order="static", seed=3,
+                                grids={"self_attn.q_proj": (2, 32), "self_attn.k_proj": (2, 32),
+                                       "self_attn.v_proj": (2, 32), "mlp.gate_proj": (4, 64), "mlp.up_proj": (4, 64),
+                                       "mlp.down_proj": (8, 128)}),
     }
 
 
@@ -54,6 +59,10 @@ def test_plugin_matches_dequantized_reference(ckpts, reference):
     assert "rcsr: layer model.embed_tokens -> kernel dequant (4-bit, group 64" in log
     assert "rcsr: layer model.embed_tokens -> kernel dequant (2-bit, group 32, asym, act_order dynamic" in log
     assert "rcsr: layer lm_head -> kernel dequant (3-bit, group -1, asym" in log
+    # the mixed checkpoint: each layer on its own grid
+    for layer, grid in (("qkv_proj", "2-bit, group 32"), ("o_proj", "3-bit, group 64"),
+                        ("gate_up_proj", "4-bit, group 64"), ("down_proj", "8-bit, group 128")):
+        assert any(f"{layer} -> kernel dequant ({grid}, sym" in ln for ln in log.splitlines()), layer
 
 
 def test_plugin_torch_int4_paths(ckpts, reference):
