@@ -34,7 +34,27 @@ SETTINGS = {
     "w4g64": dict(bits=4, group_size=64, sym=True),
     "w4g64a": dict(bits=4, group_size=64, sym=False),
     "w3g128": dict(bits=3, group_size=128, sym=True),
+    # mixed precision (--avg-bits: widths 2/3/4, bits per weight counting fp16 scales: W2 g64 = 2.25,
+    # W3 g64 = 3.25, W4 g64 = 4.25) and the simple rule baseline: W2 everywhere, one width higher (W3)
+    # for down_proj and the first and last blocks
+    "avg2.5g64": dict(bits=3, group_size=64, sym=True, avg_bits=2.5, widths=(2, 3, 4)),
+    "avg3.0g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.0, widths=(2, 3, 4)),
+    "avg3.25g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.25, widths=(2, 3, 4)),
+    "avg3.5g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.5, widths=(2, 3, 4)),
+    "rule2+1g64": dict(bits=2, group_size=64, sym=True, rule_up=1),
 }
+
+
+def rule_grids(model_path, bits: int, up: int) -> dict:
+    """The simple allocation rule: ``down_proj`` and the first/last decoder blocks ``up`` widths higher."""
+    from rcsr_deploy.assets import load_model
+    from rcsr_deploy.calib.adapter import find_decoder_layers, linear_modules
+
+    model, _ = load_model(model_path)
+    layers, prefix = find_decoder_layers(model)
+    last = len(layers) - 1
+    return {f"{prefix}.{i}.{n}": {"bits": bits + up} for i, block in enumerate(layers) for n in linear_modules(block)
+            if n.endswith("down_proj") or i in (0, last)}
 METHODS = {  # the paper's comparison rows use the full-range (minmax) grid; "-mse" rows the clip search
     "rtn": dict(method="rtn", clip="minmax"),
     "gptq": dict(method="gptq", clip="minmax"),
@@ -162,6 +182,8 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                 if (setting, row_name, seed, nsamples, seqlen, blocks) in done:
                     continue
                 kw = {**SETTINGS[setting], **METHODS[name]}
+                if "rule_up" in kw:
+                    kw["module_grids"] = rule_grids(path, kw["bits"], kw.pop("rule_up"))
                 cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order,
                                      blocks=blocks, lm_head=lm_head, **kw)
                 tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))
@@ -188,6 +210,8 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
                             "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
+                            "allocation": {k: v for k, v in rep.get("allocation", {}).items() if k != "units"}
+                            or None,
                             "groups": [json.loads(g) for g in groups], "commit": _commit(),
                             "blocks": blocks, "decode_seconds": sum(i.get("seconds", 0.0) for e in rep["layers"]
                                                                    for i in e["modules"].values())})

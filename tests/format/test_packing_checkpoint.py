@@ -699,3 +699,35 @@ def test_quantized_table_needs_format_version_2(tmp_path):
     with pytest.raises(RcsrError, match="tied to model.embed_tokens.weight; quantize the tied source"):
         ck.save_quantized(model, {"lm_head": q["model.embed_tokens"]}, tmp_path / "h",
                        {**qc, "format_version": 2, "quantized_modules": ["lm_head"]})
+
+
+def test_mixed_grids_roundtrip_reference_and_errors(tmp_path):
+    """Format version 3: ``module_grids`` gives modules their own bits/group size; the writer checks every
+    tensor against its module's grid, the reader and the doc's reference implementation decode it."""
+    model = tiny_llama()
+    base = grid.QuantSpec(4, 32, False)
+    q, qc = quantize_model(model, base, "static")
+    grids = {}
+    for i, name in enumerate(sorted(q)):
+        if name.endswith(("down_proj", "o_proj")):
+            spec = grid.QuantSpec(2 if name.endswith("down_proj") else 8, 64, False)
+            q[name] = rtn(model.get_submodule(name).weight.detach(), spec, False, seed=i)
+            grids[name] = {"bits": spec.bits, "group_size": spec.group_size}
+    with pytest.raises(RcsrError, match="module_grids needs format_version 3"):
+        ck.save_quantized(model, q, tmp_path / "v1", {**qc, "module_grids": grids})
+    with pytest.raises(RcsrError, match="differs from quantization_config"):
+        ck.save_quantized(model, q, tmp_path / "nogrid", {**qc, "format_version": 3})
+    out = ck.save_quantized(model, q, tmp_path / "mixed", {**qc, "format_version": 3, "module_grids": grids})
+    loaded = ck.load_quantized_tensors(out)
+    for name, qt in q.items():
+        assert loaded[name].spec == qt.spec and torch.equal(loaded[name].codes, qt.codes.to(torch.uint8)), name
+    ns: dict = {}
+    exec(next(b for b in re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S) if "def dequantize_layer" in b), ns)
+    disk_qc = QuantConfig.read(out).to_dict()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    for name, qt in q.items():
+        assert torch.equal(ns["dequantize_layer"](t, name, disk_qc), qt.dequantize()), name
+    fq, _ = ck.load_fake_quant_model(out)
+    for name, qt in q.items():
+        assert torch.equal(fq.get_submodule(name).weight, qt.dequantize()), name
