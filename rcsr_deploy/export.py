@@ -106,9 +106,16 @@ def gptq_quant_config(qc: QuantConfig, unquantized_linears: Iterable[str] = ()) 
         "meta": {"quantizer": [f"rcsr-deploy:{__version__}"]},
     }
     skip = sorted(unquantized_linears, key=natural_key)
+    dynamic = {}
     if skip:
         # GPTQModel / vLLM "dynamic" rules: "-:" = leave the matching module unquantized.
-        out["dynamic"] = {"-:" + _exact_regex(m): {} for m in skip}
+        dynamic.update({"-:" + _exact_regex(m): {} for m in skip})
+    for m in sorted(qc.module_grids or {}, key=natural_key):
+        # mixed precision (format version 3): "+:" = this module with its own bits / group size
+        spec = qc.spec_for(m)
+        dynamic["+:" + _exact_regex(m)] = {"bits": spec.bits, "group_size": spec.group_size}
+    if dynamic:
+        out["dynamic"] = dynamic
     return out
 
 
@@ -218,9 +225,13 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     fmt = _normalize_format(fmt)
     ckpt_dir = Path(ckpt_dir)
     qc = QuantConfig.read(ckpt_dir)
-    if qc.bits not in EXPORT_BITS:
+    widths = sorted({qc.spec_for(m).bits for m in qc.quantized_modules} | {qc.bits})
+    if any(b not in EXPORT_BITS for b in widths):
         raise RcsrError(f"export to {fmt} supports 4 and 8 bits; 2/3-bit checkpoints are served by the "
-                        f"rcsr vLLM plugin (this checkpoint is {qc.bits}-bit)")
+                        f"rcsr vLLM plugin (this checkpoint has {'/'.join(map(str, widths))}-bit layers)")
+    if qc.mixed and fmt != "gptq":
+        raise RcsrError("a mixed-precision checkpoint exports to gptq only (its per-module \"dynamic\" rules "
+                        "carry the widths); compressed-tensors export takes one grid")
     out = Path(out_dir).absolute()
     if out == ckpt_dir.absolute() or ckpt_dir.absolute() in out.parents:
         raise RcsrError(f"{out}: the export must not be written into the source checkpoint {ckpt_dir}")

@@ -9,6 +9,7 @@ and checks its greedy tokens and logprobs against the fp32 fake-quant reference.
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -426,3 +427,38 @@ def test_stock_vllm_serves_4bit_exports(tmp_path, default_model_dir):
                     assert float(ref.max() - ref[tok]) <= TOL, (path, k, "greedy token is not the reference's")
                     assert abs(float(ref[tok]) - vlp) <= TOL, (path, k, float(ref[tok]), vlp)
         del model
+
+
+def test_mixed_precision_exports_to_gptq_with_dynamic_rules(tmp_path):
+    """A 4/8-bit mixed checkpoint (format version 3) exports to GPTQ: the top-level grid plus one
+    GPTQModel/vLLM ``dynamic`` rule per module with its own grid, codes unchanged; compressed-tensors
+    (one grid) and any 2/3-bit layer are refused with one line."""
+    from rcsr_deploy.packing import unpack_lsb_words
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(5)
+    q, grids = {}, {}
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in n:
+            spec = QuantSpec(8, 64, True) if n.endswith("down_proj") else QuantSpec(4, 32, True)
+            q[n] = synthetic(m.out_features, m.in_features, spec, False, gen)
+            if spec.bits == 8:
+                grids[n] = {"bits": 8, "group_size": 64}
+    qc = {"quant_method": "rcsr", "format_version": 3, "bits": 4, "group_size": 32, "sym": True, "act_order": "none",
+          "quantized_modules": sorted(q), "module_grids": grids}
+    src = ck.save_quantized(model, q, tmp_path / "mixed", qc)
+    out = export_checkpoint(src, tmp_path / "gptq", "gptq")
+    gq = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (gq["bits"], gq["group_size"]) == (4, 32)
+    assert gq["dynamic"] == {"+:^" + re.escape(m) + "$": {"bits": 8, "group_size": 64} for m in grids}
+    t = read_tensors(out)
+    for m, qt in q.items():
+        codes = unpack_lsb_words(t[f"{m}.qweight"], qt.spec.bits, dim=0).t()
+        assert torch.equal(codes, qt.codes.long()), m
+    with pytest.raises(RcsrError, match="exports to gptq only"):
+        export_checkpoint(src, tmp_path / "ct", "compressed-tensors")
+    q["model.layers.0.mlp.down_proj"] = synthetic(64, 128, QuantSpec(3, 64, True), False, gen)
+    grids["model.layers.0.mlp.down_proj"] = {"bits": 3, "group_size": 64}
+    src3 = ck.save_quantized(model, q, tmp_path / "mixed3", {**qc, "module_grids": grids})
+    with pytest.raises(RcsrError, match="has 3/4/8-bit layers"):
+        export_checkpoint(src3, tmp_path / "g3", "gptq")
