@@ -112,8 +112,28 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-progress", is_flag=True)
-def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_progress):
-    """Perplexity of an FP model or of a quantized checkpoint (fake-quant reference)."""
+@click.option("--tasks", default=None, help="Zero-shot accuracy on these lm-eval tasks (comma-separated, e.g. "
+              "rcsr_mobydick_mc or arc_easy,piqa) instead of perplexity.")
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="With --tasks: transformers (fake quant) or vLLM (rcsr plugin).")
+@click.option("--limit", type=int, default=None, help="With --tasks: first N items of each task.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="With --tasks: activation dtype.")
+@click.option("--samples-out", "samples_out", type=click.Path(dir_okay=False), default=None,
+              help="With --tasks: write per-item log-likelihoods (JSONL) here.")
+def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_progress, tasks, backend, limit, dtype,
+             samples_out):
+    """Perplexity, or with --tasks zero-shot accuracy (lm-eval), of an FP model or a quantized checkpoint."""
+    if tasks is not None:
+        from rcsr_deploy.pipeline import resolve_device
+
+        from .zeroshot import format_table, run_zeroshot
+
+        bs = None if click.get_current_context().get_parameter_source("batch_size").name == "DEFAULT" else batch_size
+        res = run_zeroshot(model, tasks, backend=backend, limit=limit, batch_size=bs, device=resolve_device(device),
+                           dtype=dtype, samples_out=samples_out, progress=not no_progress)
+        click.echo(json.dumps(res) if as_json else format_table(res))
+        return
     import time
 
     import torch

