@@ -4,9 +4,10 @@
 (``gate_up_proj``), DeepSeek's ``q_a_proj``/``kv_a_proj_with_mqa``, and all experts of one MoE layer;
 every other decoder matrix (and the head with ``--lm-head``) is a unit of its own.
 
-**Sensitivity (measured, one pass over the calibration windows, FP model).**  For each block, with
-its FP inputs ``X``: for every unit ``u`` and allowed width ``b``, quantize only ``u`` at ``b`` (GPTQ with
-the unit's own ``H`` from ``X``; plain RTN for MoE experts), run the block and measure the squared
+**Sensitivity (measured, one pass over up to ``PROBE_WINDOWS`` calibration windows, FP model).**  For
+each block, with its FP inputs ``X``: for every unit ``u`` and allowed width ``b``, quantize only ``u`` at
+``b`` (GPTQ on the full-range grid with the unit's own ``H`` from ``X``; plain RTN for MoE experts), run
+the block and measure the squared
 error of the **block output** ``e(u, b) = ‖block_{u→b}(X) − block(X)‖²``.  Every unit is measured in
 the same currency — the residual stream the block writes — so errors of different layers and blocks
 can be traded against each other (to first order they add up along the residual stream).  A layer's
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 #: matrices vLLM fuses into one layer (same parent module)
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
 BUCKETS = 50_000
+#: calibration windows the sensitivity probe uses (at most): it ranks units, it does not calibrate them
+PROBE_WINDOWS = 16
 
 
 @dataclass
@@ -117,7 +120,7 @@ def _quantize_unit(block, unit: Unit, bits: int, cfg, stats_of, prefix_len: int)
 
     from .calib.solver import quantize_linear
 
-    probe_cfg = replace(cfg, method="gptq", beam=1, bits=bits, module_grids={}, sarqc_lambda=0.0)
+    probe_cfg = replace(cfg, method="gptq", beam=1, bits=bits, module_grids={}, sarqc_lambda=0.0, clip="minmax")
     out = {}
     for full in unit.modules:
         local = full[prefix_len:]
@@ -149,7 +152,7 @@ def probe(model, tokenizer, cfg, widths: tuple[int, ...], units_by_block: dict[i
 
     layers, prefix = find_decoder_layers(model)
     dtype = next(model.parameters()).dtype
-    windows = calibration_windows(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = calibration_windows(cfg.calib, tokenizer, min(cfg.nsamples, PROBE_WINDOWS), cfg.seqlen, cfg.seed)
     x, kwargs = capture_block_inputs(model, layers, windows, cfg.batch_size, "cpu")
     x = x.float() if dtype == torch.float32 else x
     bs = cfg.batch_size
