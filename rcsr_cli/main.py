@@ -98,6 +98,10 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          bits_rules=tuple(bits_rules))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                                     progress=not no_progress)
+    cov = report["coverage"]
+    left = sorted({r for k in cov["kinds"].values() for r in k["left_out"].values()})
+    click.echo(f"coverage: {cov['quantized_pct']:.2f}% of {cov['matmul_params']:,} matmul parameters quantized"
+               + (f"; left out by name: {', '.join(left)}" if left else ""))
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "
                f"g{cfg.group_size} {'sym' if sym else 'asym'})")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, moe_format
 from .errors import RcsrError
 from .format import (
     CONFIG_NAME,
@@ -72,7 +72,14 @@ def _model_tensors(model, quantized: Mapping[str, QuantizedTensor]) -> dict[str,
         state.pop(key, None)
     tied = tied_weight_map(model)
     qnames = set(quantized)
+    slots = moe_format.expert_slots(model) if any(f"{m}.weight" not in state for m in quantized) else {}
     for m, qt in quantized.items():
+        if m in slots:  # a routed expert's projection, a slice of a fused 3-D parameter (format v3)
+            w = slots[m].view(state[slots[m].param])
+            if tuple(w.shape) != tuple(qt.codes.shape) or qt.bias is not None:
+                raise RcsrError(f"{m}: codes are {shape_str(qt.codes)} but the expert weight is {shape_str(w)}"
+                                f"{' (and experts have no bias)' if qt.bias is not None else ''}")
+            continue
         wkey = f"{m}.weight"
         if wkey not in state:
             raise RcsrError(f"{m}: not a module with a weight in this model (quantized module names must be "
@@ -98,6 +105,8 @@ def _model_tensors(model, quantized: Mapping[str, QuantizedTensor]) -> dict[str,
         del state[wkey]
         for tgt in targets:  # the tied head is rebuilt from the quantized table when loading
             state.pop(tgt, None)
+    for param in moe_format.check_complete(slots, qnames):
+        del state[param]
     # tied weights: store the source once, like save_pretrained
     for tgt, src in tied.items():
         if tgt in state and src in state:
@@ -199,6 +208,10 @@ def save_quantized(
     if tables and qc.format_version < 2:
         raise RcsrError(f"quantized vocabulary table(s) {', '.join(sorted(tables))} need format_version 2 "
                         "(a format_version 1 reader would not know them)")
+    if qc.format_version < moe_format.FORMAT_VERSION_EXPERTS and \
+            moe_format.format_version_for(model, quantized, 0) == moe_format.FORMAT_VERSION_EXPERTS:
+        raise RcsrError("quantized MoE expert projections need format_version 3 "
+                        "(an older reader would not know them)")
     tensors = _model_tensors(model, quantized)
     with atomic_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, shard_bytes)
@@ -302,7 +315,9 @@ def load_fake_quant_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torc
         raise RcsrError(f"{ckpt_dir}: cannot build the model from config.json ({e})") from e
     expected = model.state_dict()       # tensors sharing storage with the parameters / buffers
     tied = tied_weight_map(model)
-    provided = set(plain) | {f"{m}.weight" for m in modules}
+    slots = moe_format.expert_slots(model) if qc.format_version >= moe_format.FORMAT_VERSION_EXPERTS else {}
+    provided = set(plain) | {f"{m}.weight" for m in modules if m not in slots}
+    provided |= moe_format.check_complete(slots, modules)
     unexpected = sorted(provided - set(expected), key=natural_key)
     missing = sorted(set(expected) - provided - {t for t, s in tied.items() if s in provided}, key=natural_key)
     if unexpected:
@@ -323,6 +338,13 @@ def load_fake_quant_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torc
         for name in plain:
             put(name, reader.get(name))
         for m in modules:               # one layer at a time: codes and fp32 weights never all in memory
+            if m in slots:              # a routed expert: its slice of the fused 3-D parameter
+                w = read_module(reader, m, qc).dequantize()
+                dst = slots[m].view(expected[slots[m].param])
+                if tuple(w.shape) != tuple(dst.shape):
+                    raise RcsrError(f"{m}: expected {shape_str(dst)} from config.json, got {shape_str(w)}")
+                dst.copy_(w)
+                continue
             put(f"{m}.weight", read_module(reader, m, qc).dequantize())
         # a tied target absent from the files takes the source's value (normally it is the same tensor)
         for tgt, src in tied.items():

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, moe_format
 from .calib import QuantizeConfig, quantize_model
-from .calib.adapter import check_layers_fit
+from .calib.adapter import check_layers_fit, quantization_plan
+from .coverage import coverage_report
 from .errors import RcsrError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
     model.eval()
     check_layers_fit(model, cfg.spec)
+    plan, left_out = quantization_plan(model, cfg)
+    coverage = coverage_report(model, plan, lm_head=cfg.lm_head, left_out=left_out)  # one error line if short
+    log.info("coverage: %.2f%% of %d matmul parameters quantized", coverage["quantized_pct"], coverage["matmul_params"])
     load_s = time.perf_counter() - t0
     alloc = None
     if cfg.avg_bits:
@@ -65,8 +69,8 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
         bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
         act_order="none" if cfg.method == "rtn" else cfg.act_order,  # RTN never reorders columns
         quantized_modules=sorted(results),
-        # the lowest version that holds it: 3 per-module grids, 2 a quantized vocabulary table, else 1
-        format_version=3 if grids else 2 if cfg.lm_head else 1,
+        # the lowest version that holds it: 3 per-module grids or MoE experts, 2 a quantized vocabulary table, else 1
+        format_version=3 if grids or moe_format.format_version_for(model, results, 0) else 2 if cfg.lm_head else 1,
         module_grids=grids or None,
         lm_head=cfg.lm_head,
         method={k: v for k, v in report["config"].items() if k not in ("bits", "group_size", "sym", "act_order", "module_grids")},
@@ -77,6 +81,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
                        for k, t in r.to_tensors(n).items() if not k.endswith(".bias"))
         report["allocation"] = {**alloc.report(), "achieved_bytes": achieved,
                                 "achieved_avg_bits": 8 * achieved / alloc.params}
+    report["coverage"] = coverage
     report.update({
         "model": str(model_name),
         "model_path": str(path),

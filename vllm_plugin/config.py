@@ -122,6 +122,12 @@ class RcsrConfig(QuantizationConfig):
             if isinstance(layer, ParallelLMHead):
                 return RcsrTiedHeadMethod()  # unquantized unless tied to a quantized embedding
             return None  # unquantized embedding
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+        if isinstance(layer, RoutedExperts):  # MoE experts (format_version 3): vllm_plugin.moe
+            from .moe import moe_quant_method
+
+            return moe_quant_method(self, layer, prefix)
         if not isinstance(layer, LinearBase):
             return None  # attention: unquantized
         names = self.hf_names(prefix)

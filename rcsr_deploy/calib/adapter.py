@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import moe_format
 from ..errors import RcsrError
 from ..format import QuantSpec
 
@@ -64,7 +65,7 @@ class ExpertsModule:
         return int(self.module.down_proj.shape[2])
 
     def matrix_names(self, e: int) -> dict[str, str]:
-        return {p: f"{self.name}.{e}.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+        return {p: f"{self.name}.{e}.{p}" for p in moe_format.PROJ_NAMES}
 
     def weight(self, e: int, part: str) -> torch.Tensor:
         """A view of expert ``e``'s ``gate_proj`` / ``up_proj`` / ``down_proj`` matrix ``[out, in]``."""
@@ -77,17 +78,17 @@ class ExpertsModule:
 
 
 def experts_modules(block: nn.Module) -> dict[str, ExpertsModule]:
-    """The block's fused expert modules of the supported layout (see :class:`ExpertsModule`)."""
+    """The block's fused expert modules of the supported layout (``moe_format``; see :class:`ExpertsModule`).
+    Other layouts (GPT-OSS: transposed, interleaved, with biases) are left to the coverage guard, which
+    names them."""
     out = {}
-    for name, m in block.named_modules():
-        gu, dn = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
-        if not (isinstance(gu, nn.Parameter) and isinstance(dn, nn.Parameter) and gu.dim() == 3 and dn.dim() == 3):
+    for name, m in moe_format.experts_modules(block).items():
+        try:
+            moe_format.expert_layout(name, m)
+        except RcsrError:
             continue
-        e, two_i, h = gu.shape
-        if two_i % 2 or tuple(dn.shape) != (e, h, two_i // 2) or getattr(m, "gate_up_proj_bias", None) is not None \
-                or not callable(getattr(m, "act_fn", None)):
-            continue  # another layout (e.g. GPT-OSS: transposed, interleaved, with biases): not supported
-        out[name] = ExpertsModule(name, m)
+        if callable(getattr(m, "act_fn", None)):
+            out[name] = ExpertsModule(name, m)
     return out
 
 
@@ -152,3 +153,24 @@ def weight_view(block: nn.Module, name: str) -> torch.Tensor:
     if ex is None or not e.isdigit():
         raise RcsrError(f"{name}: not a matmul weight of this block")
     return ex.weight(int(e), part)
+
+
+def quantization_plan(model, cfg) -> tuple[list[str], dict[str, str]]:
+    """(the names the quantizer will produce, parameters deliberately left out with the reason) for the
+    coverage guard: every linear (routers excepted) and expert matrix of the selected blocks, the head
+    with ``--lm-head``; the blocks ``--blocks`` leaves out are left out by name."""
+    layers, prefix = find_decoder_layers(model)
+    selected = set(cfg.block_set(len(layers)))
+    plan, left_out = [], {}
+    for i, block in enumerate(layers):
+        names = list(linear_modules(block)) + [n for ex in experts_modules(block).values()
+                                               for e in range(ex.num_experts) for n in ex.matrix_names(e).values()]
+        if i in selected:
+            plan += [f"{prefix}.{i}.{n}" for n in names]
+        else:
+            left_out.update({f"{prefix}.{i}.{n}": "--blocks" for n in linear_modules(block)})
+            left_out.update({f"{prefix}.{i}.{n}.{p}": "--blocks" for n in experts_modules(block)
+                             for p in ("gate_up_proj", "down_proj")})
+    if cfg.lm_head:
+        plan.append(find_output_head(model).store_name)
+    return plan, left_out

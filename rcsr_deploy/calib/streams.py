@@ -121,7 +121,7 @@ def run_block_capturing(block, x: torch.Tensor, kwargs: dict, device, batch_size
                 y = y[0]
             out[b0:b0 + xb.shape[0]] = y.to("cpu", x.dtype)
             for n in modules:
-                v = box.pop(n)
+                v = per_sequence(box.pop(n), xb.shape[0])
                 if store[n] is None:
                     store[n] = torch.empty(x.shape[0], *v.shape[1:], dtype=v.dtype)
                 store[n][b0:b0 + xb.shape[0]] = v.to("cpu")
@@ -174,6 +174,13 @@ def discover_groups(block, x0: torch.Tensor, kwargs: dict, device, dtype) -> lis
     return groups
 
 
+def per_sequence(t: torch.Tensor, n_seq: int) -> torch.Tensor:
+    """A module input as ``[sequences, tokens, features]``: some modules (MoE shared experts, MLA
+    projections) get the mini-batch's tokens flattened to ``[sequences * tokens, features]``, in sequence
+    order; the statistics pair each sequence with its own α and its FP twin."""
+    return t if t.dim() == 3 and t.shape[0] == n_seq else t.reshape(n_seq, -1, t.shape[-1])
+
+
 def collect_calls(block, module: nn.Module, x: torch.Tensor, kwargs, device, dtype, batch_size):
     """The positional and keyword arguments of ``module``'s call for host stream ``x``, the forward cut
     short at that module.  Yields ``(b0, args, kwargs)`` per mini-batch (tensors detached)."""
@@ -205,6 +212,6 @@ def collect_inputs(block, module: nn.Module, x: torch.Tensor, kwargs, device, dt
     calls = collect_calls(block, module, x, kwargs, device, dtype, batch_size)
     try:
         for b0, args, _ in calls:
-            yield b0, args[0]
+            yield b0, per_sequence(args[0], min(batch_size, x.shape[0] - b0))
     finally:
         calls.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import moe_model, tiny_llama
+from factories import tiny_llama, tiny_moe
 
 from rcsr_deploy.allocate import Unit, allocate, block_units, parse_rules
 from rcsr_deploy.calib import QuantizeConfig
@@ -20,10 +20,10 @@ def test_units_follow_vllm_fusion():
     layers, prefix = find_decoder_layers(model)
     names = [u.name.removeprefix("model.layers.0.") for u in block_units(layers[0], 0, prefix)]
     assert names == ["self_attn.q_proj/k_proj/v_proj", "self_attn.o_proj", "mlp.gate_proj/up_proj", "mlp.down_proj"]
-    moe = moe_model("qwen2_moe", layers=1)
+    moe = tiny_moe("qwen2_moe")
     layers, prefix = find_decoder_layers(moe)
     units = {u.name.removeprefix("model.layers.0."): u for u in block_units(layers[0], 0, prefix)}
-    assert "mlp.experts.*" in units and len(units["mlp.experts.*"].modules) == 8 * 3
+    assert "mlp.experts.*" in units and len(units["mlp.experts.*"].modules) == 4 * 3
     assert "mlp.shared_expert.gate_proj/up_proj" in units and not any("shared_expert_gate" in n for n in units)
 
 

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from factories import MOE_FAMILIES, moe_model
+from factories import QUANTIZABLE_MOE, tiny_moe
 
 import rcsr_deploy.calib.experts as experts_mod
 from rcsr_deploy.calib import QuantizeConfig, quantize_model
@@ -38,9 +38,9 @@ def _expected_experts(model) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", QUANTIZABLE_MOE)
 def test_every_expert_is_quantized_and_written_back(family, tokenizer, text_file, tmp_path):
-    model = moe_model(family)
+    model = tiny_moe(family)
     fp = {n: p.detach().clone() for n, p in model.named_parameters()}
     want = _expected_experts(model)
     assert want, "the factory built no fused experts"
@@ -74,7 +74,7 @@ def test_expert_beats_rtn_on_its_own_tokens(family, tokenizer, text_file, tmp_pa
         return r
 
     monkeypatch.setattr(experts_mod, "quantize_linear", spy)
-    model = moe_model(family)
+    model = tiny_moe(family)
     quantize_model(model, tokenizer, _cfg(text_file, moe_min_tokens=1), work_dir=tmp_path / "w", progress=False)
     assert seen
     spec = QuantSpec(3, 32, True)
@@ -87,15 +87,15 @@ def test_expert_beats_rtn_on_its_own_tokens(family, tokenizer, text_file, tmp_pa
 
 
 def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_file, tmp_path, caplog):
-    """A router biased away from expert 5 sends it no token: it is calibrated on all tokens, the report
+    """A router biased away from expert 3 sends it no token: it is calibrated on all tokens, the report
     says so (0 tokens, ``all-tokens``), the log names it; the other experts stay on their own tokens."""
-    model = moe_model("qwen3_moe")
+    model = tiny_moe("qwen3_moe")
     layers, prefix = find_decoder_layers(model)
 
     def biased(router):
-        def forward(hidden_states):  # Qwen3MoeTopKRouter.forward with a -1e4 bias on expert 5's logit
+        def forward(hidden_states):  # Qwen3MoeTopKRouter.forward with a -1e4 bias on expert 3's logit
             logits = torch.nn.functional.linear(hidden_states.reshape(-1, router.hidden_dim), router.weight)
-            logits[:, 5] -= 1e4
+            logits[:, 3] -= 1e4
             probs = torch.softmax(logits, dtype=torch.float, dim=-1)
             top, idx = torch.topk(probs, router.top_k, dim=-1)
             if router.norm_topk_prob:
@@ -109,17 +109,17 @@ def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_
     results, report = quantize_model(model, tokenizer, _cfg(text_file), work_dir=tmp_path / "w", progress=False)
     for i in range(len(layers)):
         for part in ("gate_proj", "up_proj", "down_proj"):
-            info = results[f"{prefix}.{i}.mlp.experts.5.{part}"].info
+            info = results[f"{prefix}.{i}.mlp.experts.3.{part}"].info
             assert (info["tokens"], info["calibration"]) == (0, "all-tokens")
-        routed = [results[f"{prefix}.{i}.mlp.experts.{e}.gate_proj"].info for e in range(8) if e != 5]
-        assert sum(inf["calibration"] == "routed" for inf in routed) >= 5
-    assert "experts [5] had < 8 routed tokens" in caplog.text
+        routed = [results[f"{prefix}.{i}.mlp.experts.{e}.gate_proj"].info for e in range(4) if e != 3]
+        assert sum(inf["calibration"] == "routed" for inf in routed) >= 2
+    assert "experts [3] had < 8 routed tokens" in caplog.text
 
 
 def test_calibrate_all_experts_on_all_tokens(tokenizer, text_file, tmp_path):
     """``moe_calib="all"`` (llm-compressor's default): every expert on every token, and an SNRQ run
     (sampled α, both streams) completes with finite objectives."""
-    model = moe_model("olmoe")
+    model = tiny_moe("olmoe")
     results, _ = quantize_model(model, tokenizer, _cfg(text_file, method="snrq", moe_calib="all"),
                                 work_dir=tmp_path / "w", progress=False)
     experts = [r for n, r in results.items() if ".experts." in n]
@@ -141,10 +141,55 @@ def test_streams_pair_the_same_tokens_at_the_experts(tokenizer, text_file, tmp_p
         return real(W, stats, cfg, name)
 
     monkeypatch.setattr(experts_mod, "quantize_linear", spy)
-    model = moe_model("qwen3_moe", layers=1)
-    cfg = _cfg(text_file, method="snrq", alpha="1.0")
+    model = tiny_moe("qwen3_moe")
+    cfg = _cfg(text_file, method="snrq", alpha="1.0", blocks="0")  # block 1's streams differ (block 0 quantized)
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
     quantize_model(model, tokenizer, cfg, work_dir=tmp_path / "w", progress=False)
     gate_up = [(n, d, t) for n, d, t in seen if n.endswith(("gate_proj", "up_proj"))]
     assert gate_up and all(d == 0.0 for _, d, _ in gate_up), gate_up[:3]
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_quantize_moe_checkpoint_end_to_end(family, tokenizer, text_file, tmp_path):
+    """``rcsr quantize`` on an MoE model: coverage 100 % of expert + attention matmuls (routers left out by
+    name) in quant_report.json, format version 3, and the fake-quant model (``rcsr eval``) holds exactly
+    the quantized experts and gives finite logits."""
+    from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors
+    from rcsr_deploy.format import QuantConfig
+    from rcsr_deploy.pipeline import quantize_to_checkpoint
+
+    src = tmp_path / "fp"
+    tiny_moe(family, vocab_size=len(tokenizer)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", _cfg(text_file, method="snrq"), device="cpu",
+                                 progress=False)
+    cov = rep["coverage"]
+    assert cov["kinds"]["experts"]["quantized_pct"] == 100.0 and cov["kinds"]["linear"]["quantized_pct"] == 100.0
+    assert all("router" in r for r in cov["kinds"]["router"]["left_out"].values())
+    assert QuantConfig.read(tmp_path / "q").format_version == 3
+    model, _ = load_fake_quant_model(tmp_path / "q")
+    tensors = load_quantized_tensors(tmp_path / "q")
+    layers, prefix = find_decoder_layers(model)
+    n = 0
+    for i, block in enumerate(layers):
+        for name, ex in experts_modules(block).items():
+            for e in range(ex.num_experts):
+                for part, m in ex.matrix_names(e).items():
+                    assert torch.equal(ex.weight(e, part), tensors[f"{prefix}.{i}.{m}"].dequantize())
+                    n += 1
+    assert n and torch.isfinite(model(torch.tensor([[1, 5, 9, 30]])).logits).all()
+
+
+def test_coverage_guard_refuses_an_unsupported_expert_layout(tokenizer, text_file, tmp_path):
+    """GPT-OSS stores its experts transposed, interleaved and with biases: the quantizer cannot take them,
+    so ``rcsr quantize`` stops before calibrating with one line naming the uncovered weights."""
+    from rcsr_deploy.errors import RcsrError
+    from rcsr_deploy.pipeline import quantize_to_checkpoint
+
+    src = tmp_path / "fp"
+    tiny_moe("gpt_oss", vocab_size=len(tokenizer)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    with pytest.raises(RcsrError, match=r"coverage: weights neither quantized nor left out by name -- .*experts") as e:
+        quantize_to_checkpoint(str(src), tmp_path / "q", _cfg(text_file), device="cpu", progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "q").exists()

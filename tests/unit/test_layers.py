@@ -1,7 +1,8 @@
 """The package layering (docs/ARCHITECTURE.md), checked on the source: no import cycle anywhere.
 
 * ``rcsr_deploy`` (the quantizer library) imports neither ``vllm_plugin`` nor ``rcsr_cli``;
-* ``vllm_plugin`` imports from ``rcsr_deploy`` only the pure modules ``format``, ``packing``, ``errors``
+* ``vllm_plugin`` imports from ``rcsr_deploy`` only the pure modules ``format``, ``moe_format``, ``packing``,
+  ``errors``
   and never ``rcsr_cli``;
 * ``rcsr_cli`` (command line, benchmark harness, server lifecycle) may import both;
 * the module-level import graph inside and across the three packages has no cycle.
@@ -13,7 +14,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("rcsr_deploy", "vllm_plugin", "rcsr_cli")
-PURE = {"rcsr_deploy", "rcsr_deploy.format", "rcsr_deploy.packing", "rcsr_deploy.errors"}
+#: the contract (format, and the MoE tensor names of moe_format), the bit layout, the errors: torch only
+PURE = {"rcsr_deploy", "rcsr_deploy.format", "rcsr_deploy.moe_format", "rcsr_deploy.packing", "rcsr_deploy.errors"}
 
 
 def _module_name(path: Path) -> str:

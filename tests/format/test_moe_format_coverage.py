@@ -1,0 +1,179 @@
+"""MoE without vLLM: the coverage guard on each tiny family, and format_version 3 (per-expert tensors)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from factories import MOE_FAMILIES, tiny_moe, write_moe_checkpoint
+
+from rcsr_deploy import coverage, moe_format
+from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors
+from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.format import QuantConfig
+
+STORABLE = [f for f in MOE_FAMILIES if f != "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {f: tiny_moe(f) for f in MOE_FAMILIES}
+
+
+# --------------------------------------------------------------------------------------------------
+# coverage guard
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
+def test_linear_only_plan_fails_on_moe_and_lists_the_experts(models, family):
+    """Today's nn.Linear-only walk misses the fused 3-D experts: one RcsrError line naming them."""
+    model = models[family]
+    with pytest.raises(RcsrError) as ei:
+        coverage.coverage_report(model, coverage.linear_only_plan(model))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith("coverage: ")
+    first = next(n for n, m in model.named_modules() if n.endswith("mlp.experts"))
+    assert "experts weight(s)" in msg and f"{first}.gate_up_proj" in msg, msg
+    # non-strict: the same numbers as a report
+    rep = coverage.coverage_report(model, coverage.linear_only_plan(model), strict=False)
+    assert rep["kinds"]["experts"]["quantized_params"] == 0
+    assert rep["kinds"]["experts"]["total_params"] == sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    assert rep["uncovered"]["experts"]
+
+
+@pytest.mark.parametrize("family", STORABLE)
+def test_full_plan_covers_100_percent(models, family):
+    model = models[family]
+    rep = coverage.coverage_report(model, coverage.full_plan(model))
+    json.dumps(rep)
+    for kind in ("linear", "experts"):
+        assert rep["kinds"][kind]["quantized_pct"] == 100.0, rep["kinds"][kind]
+        assert rep["kinds"][kind]["left_out"] == {}
+    router = rep["kinds"]["router"]
+    assert router["quantized_params"] == 0 and router["left_out"]
+    assert all(r.startswith("router/gate") for r in router["left_out"].values())
+    assert rep["kinds"]["embedding"]["left_out"] and rep["kinds"]["lm_head"]["left_out"]
+    assert not rep["uncovered"]
+    # every matmul weight is either quantized or a router / embedding / head left out by name
+    left = sum(rep["kinds"][k]["total_params"] for k in ("router", "embedding", "lm_head"))
+    assert rep["quantized_params"] + left == rep["matmul_params"]
+
+
+def test_partial_experts_and_lm_head_flag(models):
+    model = models["qwen3_moe"]
+    plan = [n for n in coverage.full_plan(model) if not n.endswith("experts.3.down_proj")]
+    with pytest.raises(RcsrError, match=r"experts weight\(s\).*down_proj \(\d+ of \d+ params quantized\)"):
+        coverage.coverage_report(model, plan)
+    with pytest.raises(RcsrError, match=r"1 lm_head weight\(s\).*lm_head.weight"):
+        coverage.coverage_report(model, coverage.full_plan(model), lm_head=True)
+    rep = coverage.coverage_report(model, coverage.full_plan(model) + ["lm_head"], lm_head=True)
+    assert rep["kinds"]["lm_head"]["quantized_pct"] == 100.0
+    # deliberately left out by name, with the reason recorded
+    with pytest.raises(RcsrError, match=r"1 experts weight\(s\), 6,144 params left"):
+        coverage.coverage_report(model, plan, left_out={"model.layers.0.mlp.experts.down_proj": "test"})
+    rep = coverage.coverage_report(model, plan, left_out={f"model.layers.{i}.mlp.experts.down_proj": "test"
+                                                          for i in (0, 1)})
+    assert rep["kinds"]["experts"]["left_out"]["model.layers.1.mlp.experts.down_proj"] == "test"
+    assert rep["kinds"]["experts"]["quantized_params"] == rep["kinds"]["experts"]["total_params"] - 2 * 6144
+    with pytest.raises(RcsrError, match="plan names 1 weight"):
+        coverage.coverage_report(model, ["model.layers.9.mlp.experts.0.gate_proj"])
+
+
+class _Odd(nn.Module):
+    """A block with a 3-D weight the forward multiplies with, of no known kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.mix = nn.Parameter(torch.randn(4, 32, 32))
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x):
+        return self.norm(torch.einsum("bi,kio->bo", self.proj(x), self.mix))
+
+
+def test_unsupported_3d_weight_is_refused():
+    model = _Odd()
+    with pytest.raises(RcsrError, match=r"coverage: .*1 other weight\(s\), 4,096 params left.*: mix$"):
+        coverage.coverage_report(model, ["proj"])
+    rep = coverage.coverage_report(model, ["proj", "mix"])
+    assert rep["kinds"]["other"]["quantized_pct"] == 100.0
+    assert rep["kinds"]["norm/bias"]["left_out"]["norm.weight"].startswith("norm")
+
+
+def test_gpt_oss_experts_are_reported_not_crashing(models):
+    model = models["gpt_oss"]
+    with pytest.raises(RcsrError, match=r"experts weight\(s\).*model.layers.0.mlp.experts.gate_up_proj"):
+        coverage.coverage_report(model, coverage.linear_only_plan(model))
+    with pytest.raises(RcsrError, match="transposed / with biases"):
+        moe_format.expert_slots(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# format_version 3
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "olmoe"])
+def test_per_expert_orientation_matches_transformers_save(models, family, tmp_path):
+    """Our per-expert [out, in] slices equal what transformers' own save_pretrained writes per expert
+    (gate = first half of gate_up_proj's rows, up = second half, down = down_proj[e])."""
+    from safetensors.torch import load_file
+
+    model = models[family]
+    model.save_pretrained(tmp_path)
+    disk = load_file(str(tmp_path / "model.safetensors"))
+    hub = {"mixtral": {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}}.get(family)
+    ours = moe_format.expert_weights(model)
+    assert len(ours) == 2 * 4 * 3
+    for name, w in ours.items():
+        key = f"{name}.weight"
+        if hub:
+            head, e, proj = name.rsplit(".", 2)
+            key = f"{head.replace('mlp.experts', 'block_sparse_moe.experts')}.{e}.{hub[proj]}.weight"
+        assert torch.equal(disk[key], w), name
+
+
+@pytest.mark.parametrize("family", STORABLE)
+def test_checkpoint_roundtrip_and_fake_quant(models, family, tmp_path):
+    model = models[family]
+    ck = write_moe_checkpoint(model, tmp_path / "ck", bits=3, group_size=32, sym=False, act_order="dynamic")
+    qc = QuantConfig.read(ck).to_dict()
+    assert qc["format_version"] == 3
+    qt = load_quantized_tensors(ck)
+    slots = moe_format.expert_slots(model)
+    assert set(slots) <= set(qt)
+    from safetensors import safe_open
+
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
+    e0 = next(iter(slots))
+    assert {f"{e0}.qweight", f"{e0}.scales", f"{e0}.zeros", f"{e0}.group_index"} <= keys
+    fq, _ = load_fake_quant_model(ck)
+    params = dict(fq.named_parameters())
+    for name, s in slots.items():
+        assert torch.equal(s.view(params[s.param]), qt[name].dequantize()), name
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fq(ids).logits, model(ids).logits
+    assert torch.isfinite(a).all() and 0 < (a - b).abs().max() < 5
+
+
+def test_writer_refuses_partial_experts_and_old_version(models, tmp_path):
+    from rcsr_deploy.checkpoint import save_quantized
+    from factories import rtn
+    from rcsr_deploy import grid
+
+    model = models["qwen3_moe"]
+    spec = grid.QuantSpec(4, 32, True)
+    gen = torch.Generator().manual_seed(0)
+    ws = moe_format.expert_weights(model)
+    part = {n: rtn(w, spec, False, gen) for n, w in ws.items() if ".layers.0." in n and ".3." not in n}
+    qc = {"quant_method": "rcsr", "format_version": 3, "bits": 4, "group_size": 32, "sym": True,
+          "act_order": "static", "quantized_modules": sorted(part)}
+    with pytest.raises(RcsrError, match=r"model.layers.0.mlp.experts.gate_up_proj: 6 of its 8 expert projections"):
+        save_quantized(model, part, tmp_path / "a", qc)
+    full = {n: rtn(w, spec, False, gen) for n, w in ws.items()}
+    with pytest.raises(RcsrError, match="need format_version 3"):
+        save_quantized(model, full, tmp_path / "b", dict(qc, format_version=1, quantized_modules=sorted(full)))

@@ -1,0 +1,185 @@
+"""``vllm_plugin.moe`` without a vLLM engine: the experts kernel against transformers' own expert forward,
+the per-expert weight loader and its checks, and ``get_quant_method``'s all-or-none rule."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+from factories import tiny_moe, write_moe_checkpoint
+
+from rcsr_deploy.checkpoint import load_fake_quant_model
+from rcsr_deploy.format import QuantConfig
+from rcsr_deploy.moe_format import SHARD_IDS
+
+pytestmark = pytest.mark.vllm
+
+
+class FakeExpertsLayer(torch.nn.Module):
+    """What RcsrMoEMethod uses of vLLM's RoutedExperts (TP 1, no EP)."""
+
+    def __init__(self, activation: str = "silu"):
+        super().__init__()
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+
+        self.expert_map = None
+        self.activation = MoEActivation(activation)
+        self.apply_router_weight_on_input = False
+
+    @staticmethod
+    def _map_global_expert_id_to_local_expert_id(e: int) -> int:
+        return e
+
+
+def vllm_like_loader(param, loaded, weight_name, shard_id, expert_id, return_success=False):
+    """vLLM's RoutedExperts.weight_loader at TP 1 for 'group' params: w1 -> first half, w3 -> second."""
+    dst = param.data[expert_id]
+    if shard_id == "w2":
+        dst.copy_(loaded)
+    else:
+        half = dst.shape[0] // 2
+        dst[:half].copy_(loaded) if shard_id == "w1" else dst[half:].copy_(loaded)
+    return True if return_success else None
+
+
+def load_layer(ckpt: Path, layer_idx: int, act_dtype=torch.float32, drop: str | None = None):
+    from safetensors.torch import load_file
+
+    from vllm_plugin.config import RcsrConfig
+    from vllm_plugin.moe import RcsrMoEMethod
+
+    qc = QuantConfig.read(ckpt).to_dict()
+    cfg = RcsrConfig.from_config(qc)
+    hf = f"model.layers.{layer_idx}.mlp.experts"
+    E = 4
+    moe = SimpleNamespace(tp_size=1, has_bias=False, num_experts=E)
+    method = RcsrMoEMethod(cfg, moe, hf)
+    layer = FakeExpertsLayer()
+    method.create_weights(layer, E, 64, 96, act_dtype, weight_loader=vllm_like_loader)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    for name, t in tensors.items():
+        if not name.startswith(hf + ".") or name == drop:
+            continue
+        e, proj, kind = name[len(hf) + 1:].split(".")
+        stem = "w2" if proj == "down_proj" else "w13"
+        param = getattr(layer, f"{stem}_{kind}")
+        param.weight_loader(param, t, f"{hf}.{stem}_{kind}", SHARD_IDS[proj], int(e), return_success=True)
+    method.process_weights_after_loading(layer)
+    return method, layer
+
+
+@pytest.fixture(scope="module")
+def moe_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-units")
+    model = tiny_moe("qwen3_moe")
+    return model, {
+        "w4": write_moe_checkpoint(model, root / "w4", bits=4, group_size=32, sym=True, act_order="static"),
+        "w3": write_moe_checkpoint(model, root / "w3", bits=3, group_size=32, sym=False, act_order="dynamic"),
+        "w2": write_moe_checkpoint(model, root / "w2", bits=2, group_size=-1, sym=False, act_order="none"),
+        "w8": write_moe_checkpoint(model, root / "w8", bits=8, group_size=32, sym=True, act_order="dynamic"),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["vllm_cpu", "dequant"])
+@pytest.mark.parametrize("key", ["w4", "w3", "w2", "w8"])
+def test_experts_match_transformers_on_dequantized_weights(moe_ckpts, key, kernel, monkeypatch):
+    """fp32: identical (to rounding) to transformers' Qwen3MoeExperts forward on the fake-quant weights,
+    with the same top-k ids / weights; tokens routed to every expert, one expert unused in a 2nd call."""
+    monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
+    _, ckpts = moe_ckpts
+    fq, _ = load_fake_quant_model(ckpts[key])
+    for layer_idx in (0, 1):
+        method, layer = load_layer(ckpts[key], layer_idx)
+        ref_experts = fq.model.layers[layer_idx].mlp.experts
+        gen = torch.Generator().manual_seed(layer_idx)
+        x = torch.randn(37, 64, generator=gen)
+        logits = torch.randn(37, 4, generator=gen)
+        w, ids = torch.topk(torch.softmax(logits, -1), 2, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        got = method.apply(layer, x, w, ids.to(torch.int32))
+        with torch.no_grad():
+            want = ref_experts(x, ids, w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        # only experts 1 and 2 get tokens
+        ids2 = torch.tensor([[1, 2]] * 5, dtype=torch.int32)
+        w2 = torch.full((5, 2), 0.5)
+        with torch.no_grad():
+            torch.testing.assert_close(method.apply(layer, x[:5], w2, ids2), ref_experts(x[:5], ids2.long(), w2),
+                                       rtol=1e-5, atol=1e-5)
+    # the canonical tensors are gone; dequant holds 1 byte per weight (+ fp32 scales), vllm_cpu dense fp32
+    assert "w13_qweight" not in layer._parameters and layer.rcsr_experts.name == kernel
+    per_weight = 4 if kernel == "vllm_cpu" else 1
+    assert layer.rcsr_experts.nbytes() >= per_weight * 4 * 3 * 64 * 96
+
+
+@pytest.mark.parametrize("kernel", ["vllm_cpu", "dequant"])
+def test_bf16_close_to_fp32(moe_ckpts, kernel, monkeypatch):
+    monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
+    _, ckpts = moe_ckpts
+    m32, l32 = load_layer(ckpts["w4"], 0)
+    m16, l16 = load_layer(ckpts["w4"], 0, act_dtype=torch.bfloat16)
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    ids = torch.tensor([[0, 3]] * 9, dtype=torch.int32)
+    w = torch.full((9, 2), 0.5)
+    a = m32.apply(l32, x, w, ids)
+    b = m16.apply(l16, x.bfloat16(), w, ids)
+    assert b.dtype == torch.bfloat16
+    assert (a - b.float()).abs().max() < 0.05 * a.abs().max()
+
+
+def test_loader_rejects_bad_tensors_and_reports_missing(moe_ckpts, tmp_path):
+    from vllm_plugin.errors import RcsrPluginError
+
+    _, ckpts = moe_ckpts
+    with pytest.raises(RcsrPluginError, match=r"^rcsr: model.layers.1.mlp.experts.2.up_proj.scales is missing "
+                                              r"from the checkpoint; the experts are listed in "):
+        load_layer(ckpts["w4"], 1, drop="model.layers.1.mlp.experts.2.up_proj.scales")
+    from vllm_plugin.config import RcsrConfig
+    from vllm_plugin.moe import RcsrMoEMethod
+
+    cfg = RcsrConfig.from_config(QuantConfig.read(ckpts["w4"]).to_dict())
+    method = RcsrMoEMethod(cfg, SimpleNamespace(tp_size=1, has_bias=False, num_experts=4), "m.experts")
+    layer = FakeExpertsLayer()
+    method.create_weights(layer, 4, 64, 96, torch.float32, weight_loader=vllm_like_loader)
+    p = layer.w2_scales
+    with pytest.raises(RcsrPluginError, match=r"m.experts.1.down_proj.scales: expected float16 \[64, 3\] in the "
+                                              r"checkpoint, got float32 \[64, 3\]"):
+        p.weight_loader(p, torch.zeros(64, 3), "w2_scales", "w2", 1)
+    with pytest.raises(RcsrPluginError, match="hidden size 48 must be a multiple of 32"):
+        method.create_weights(FakeExpertsLayer(), 4, 48, 64, torch.float32, weight_loader=vllm_like_loader)
+
+
+def test_get_quant_method_all_or_none(moe_ckpts):
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    from vllm_plugin.config import RcsrConfig
+    from vllm_plugin.errors import RcsrPluginError
+    from vllm_plugin.moe import RcsrMoEMethod, moe_quant_method
+
+    _, ckpts = moe_ckpts
+    qc = QuantConfig.read(ckpts["w4"]).to_dict()
+    layer = SimpleNamespace(moe_config=SimpleNamespace(num_experts=4, tp_size=1, has_bias=False))
+    cfg = RcsrConfig.from_config(qc)
+    assert isinstance(moe_quant_method(cfg, layer, "model.layers.0.mlp.experts"), RcsrMoEMethod)
+    mods = [m for m in qc["quantized_modules"] if m != "model.layers.1.mlp.experts.3.down_proj"]
+    cfg2 = RcsrConfig.from_config(dict(qc, quantized_modules=mods))
+    with pytest.raises(RcsrPluginError, match=r"model.layers.1.mlp.experts: quantized_modules lists 11 of its 12 "
+                                              r"expert projections \(not model.layers.1.mlp.experts.3.down_proj\)"):
+        moe_quant_method(cfg2, layer, "model.layers.1.mlp.experts")
+    cfg3 = RcsrConfig.from_config(dict(qc, quantized_modules=[m for m in qc["quantized_modules"] if "experts" not in m]))
+    try:
+        got = moe_quant_method(cfg3, layer, "model.layers.0.mlp.experts")
+    except Exception:  # vLLM's unquantized method needs a real FusedMoEConfig
+        got = None
+    assert got is None or isinstance(got, UnquantizedFusedMoEMethod)
+
+
+def test_forced_unknown_experts_kernel(monkeypatch, moe_ckpts):
+    from vllm_plugin.errors import RcsrPluginError
+
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "nope")
+    with pytest.raises(RcsrPluginError, match="RCSR_MOE_KERNEL='nope' is not an experts kernel"):
+        load_layer(moe_ckpts[1]["w4"], 0)

@@ -1,0 +1,392 @@
+"""``RcsrMoEMethod``: quantized routed experts (vLLM's ``RoutedExperts`` layer) from rcsr checkpoints.
+
+On disk (format_version 3, docs/FORMAT.md section 12) every expert projection is stored like a dense
+quantized linear under its hub name ``<experts>.<e>.gate_proj|up_proj|down_proj``; vLLM's model loaders
+map those names (``make_expert_params_mapping``) to this layer's 3-D parameters with shard ids
+w1 (gate) / w3 (up) / w2 (down) and the expert id:
+
+* ``w13_qweight`` int32 ``[E, 2I, H*bits/32]``   ``w2_qweight`` int32 ``[E, H, I*bits/32]``
+* ``w13_scales``  fp16  ``[E, 2I, G(H)]``         ``w2_scales``  fp16  ``[E, H, G(I)]``
+* ``w13_zeros`` / ``w2_zeros``  uint8, like the scales (asymmetric only)
+* ``w13_group_index`` int32 ``[E, 2, H]`` (one row per shard)  ``w2_group_index`` int32 ``[E, 1, I]``
+  (dynamic act order only)
+
+Packing is along the input dim, so tensor parallelism splits w13 along its output rows (gate and up
+each keep their rank's ``I/TP`` rows) and w2 along its packed input words / groups -- exactly what
+vLLM's own ``RoutedExperts.weight_loader`` does for ``quant_method="group"`` parameters, which loads
+qweight / scales / zeros here.  ``group_index`` and per-channel w2 scales are loaded by this module.
+
+Runtime: :func:`select_experts_kernel` picks an :class:`ExpertsKernel` (the ONE place to plug in a
+native grouped MoE kernel over the packed codes).  Routing (top-k ids and weights) is always vLLM's own,
+passed to ``apply``.  Kernels today (both dequantizing fallbacks):
+
+* ``vllm_cpu`` (default on CPU): dequantizes every expert once at load into the activation dtype and
+  runs vLLM's own unquantized CPU grouped MoE op -- same numerics as vLLM on the dequantized reference;
+  memory holds DENSE experts (2 or 4 bytes per weight).
+* ``dequant`` (``RCSR_MOE_KERNEL=dequant``; any device/dtype): keeps each expert as a
+  ``vllm_plugin.kernels.dequant.DequantKernel`` (``q - z`` unpacked as int8: 1 byte per weight, not the
+  packed codes) and per call dequantizes only the experts that received tokens into the shared scratch
+  buffer (tokens sorted by expert, one dense GEMM pair per expert).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from rcsr_deploy.moe_format import PROJ_NAMES, SHARD_IDS, vllm_expert_modules
+from rcsr_deploy.format import QuantSpec, tensor_table
+
+from .errors import RcsrPluginError
+from .kernels.base import LayerSpec, QuantWeights
+from .kernels.dequant import DequantKernel
+
+logger = logging.getLogger("vllm.rcsr_plugin.moe")
+ENV_MOE_KERNEL = "RCSR_MOE_KERNEL"
+_DTYPES = {"qweight": torch.int32, "scales": torch.float16, "zeros": torch.uint8, "group_index": torch.int32}
+_SHARD_PROJ = {v: k for k, v in SHARD_IDS.items()}   # w1 -> gate_proj, ...
+
+
+def experts_prefix(prefix: str) -> str:
+    """The HF module name of the experts behind a vLLM ``RoutedExperts`` prefix."""
+    return prefix.removesuffix(".routed_experts")
+
+
+def moe_quant_method(config, layer, prefix: str):
+    """``get_quant_method`` for a ``RoutedExperts`` layer: ours when every expert projection of the layer
+    is listed in ``quantized_modules``, vLLM's unquantized method when none is, else one error line."""
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    moe = layer.moe_config
+    hf = experts_prefix(prefix)
+    listed = vllm_expert_modules(config.quantized_modules, hf)
+    n = int(moe.num_experts)
+    if not listed:
+        return UnquantizedFusedMoEMethod(moe)
+    want = {(e, p) for e in range(n) for p in PROJ_NAMES}
+    have = {(e, p) for e, d in listed.items() for p in d}
+    if have != want:
+        miss = sorted(want - have)
+        extra = sorted(have - want)
+        what = (f"not {hf}.{miss[0][0]}.{miss[0][1]}" if miss else f"{hf}.{extra[0][0]}.{extra[0][1]} is beyond "
+                f"its {n} experts")
+        raise RcsrPluginError(f"{hf}: quantized_modules lists {len(have & want)} of its {len(want)} expert "
+                              f"projections ({what}); quantize all experts of a layer or none")
+    # mixed precision: the layer's experts (gate, up and down) are one layer for vLLM: one grid
+    return RcsrMoEMethod(config.for_modules([m for d in listed.values() for m in d.values()]), moe, hf)
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels for a whole layer of experts
+# --------------------------------------------------------------------------------------------------
+class ExpertsKernel(ABC):
+    """Runtime form of one layer of quantized experts.  ``prepare`` gets the canonical per-expert tensors
+    (``w13[e]``: gate and up stacked, ``spec13.shard_sizes == (I, I)``; ``w2[e]``), ``apply`` computes
+    ``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])`` with ``act(gate) * up`` in between."""
+
+    name: ClassVar[str] = "?"
+
+    def __init__(self, spec13: LayerSpec, spec2: LayerSpec, num_experts: int):
+        self.spec13, self.spec2, self.num_experts = spec13, spec2, num_experts
+
+    @classmethod
+    @abstractmethod
+    def unsupported_reason(cls, spec13: LayerSpec, spec2: LayerSpec, activation: str) -> str | None:
+        ...
+
+    @abstractmethod
+    def prepare(self, w13: list[QuantWeights], w2: list[QuantWeights]) -> None:
+        ...
+
+    @abstractmethod
+    def apply(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+              activation: str, apply_router_weight_on_input: bool = False) -> torch.Tensor:
+        ...
+
+    def nbytes(self) -> int:
+        return 0
+
+
+_ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+class DequantExperts(ExpertsKernel):
+    """Per expert that received tokens: dequantize (shared scratch buffer) + dense GEMMs; exact in fp32."""
+
+    name = "dequant"
+
+    @classmethod
+    def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
+        if activation not in _ACTS:
+            return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
+        return DequantKernel.unsupported_reason(spec13) or DequantKernel.unsupported_reason(spec2)
+
+    def prepare(self, w13, w2) -> None:
+        self.k13, self.k2 = [], []
+        for a, b in zip(w13, w2, strict=True):
+            k1, k2 = DequantKernel(self.spec13), DequantKernel(self.spec2)
+            k1.prepare(a)
+            k2.prepare(b)
+            self.k13.append(k1)
+            self.k2.append(k2)
+
+    def nbytes(self) -> int:
+        return sum(k.qz.numel() * k.qz.element_size() + k.s.numel() * 4 for k in self.k13 + self.k2)
+
+    def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
+        act = _ACTS[activation]
+        inter = self.spec13.shard_sizes[0]
+        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        k = topk_ids.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tok = pairs // k
+            w = topk_weights.reshape(-1)[pairs].to(torch.float32).unsqueeze(1)
+            xe = x.index_select(0, tok)
+            if apply_router_weight_on_input:
+                xe = (xe.float() * w).to(x.dtype)
+            h = self.k13[e].apply(xe)
+            h = act(h[:, :inter]) * h[:, inter:]
+            y = self.k2[e].apply(h).float()
+            out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
+        return out.to(x.dtype)
+
+
+class VllmCpuExperts(ExpertsKernel):
+    """Dequantize every expert ONCE at load into the activation dtype (dense ``[E, 2I, H]`` / ``[E, H, I]``,
+    vLLM's CPU prepacked layout) and run vLLM's own unquantized CPU grouped MoE op (``cpu_fused_moe``, the
+    kernel vLLM's unquantized path uses here): numerically the same as vLLM serving the dequantized
+    reference, and fast -- but the memory holds DENSE dequantized experts, not the packed codes."""
+
+    name = "vllm_cpu"
+    isa = "vec"
+
+    @classmethod
+    def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
+        if spec13.device.type != "cpu":
+            return "CPU only"
+        if spec13.act_dtype not in (torch.float32, torch.bfloat16):
+            return f"activation dtype {spec13.act_dtype}"
+        if activation not in ("silu", "gelu"):
+            return f"activation {activation!r}"
+        if spec13.in_features % 32 or spec2.in_features % 32:
+            return "hidden and intermediate sizes must be multiples of 32"
+        try:
+            from vllm.platforms import current_platform
+
+            current_platform.import_kernels()
+            if not (hasattr(torch.ops._C, "cpu_fused_moe") and hasattr(torch.ops._C, "prepack_moe_weight")):
+                return "vLLM's CPU MoE ops are not available"
+        except Exception as e:  # pragma: no cover
+            return f"vLLM's CPU MoE ops are not available ({e})"
+        return None
+
+    def prepare(self, w13, w2) -> None:
+        from vllm._custom_ops import cpu_prepack_moe_weight
+
+        dt = self.spec13.act_dtype
+        d13 = torch.empty(self.num_experts, self.spec13.out_features, self.spec13.in_features, dtype=dt)
+        d2 = torch.empty(self.num_experts, self.spec2.out_features, self.spec2.in_features, dtype=dt)
+        for e, (a, b) in enumerate(zip(w13, w2, strict=True)):
+            for spec, src, dst in ((self.spec13, a, d13[e]), (self.spec2, b, d2[e])):
+                kern = DequantKernel(spec)
+                kern.prepare(src)
+                kern.dequantize_into(dst)   # fp32 (q - z) * s, rounded once to the activation dtype
+        self.w13 = cpu_prepack_moe_weight(d13, self.isa)
+        self.w2 = cpu_prepack_moe_weight(d2, self.isa)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2))
+
+    def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
+        from vllm._custom_ops import cpu_fused_moe
+
+        if apply_router_weight_on_input:  # as vLLM's prepare step does for topk == 1
+            x = x * topk_weights.to(x.dtype)
+        out = torch.empty(x.shape[0], self.spec2.out_features, dtype=x.dtype, device=x.device)
+        cpu_fused_moe(out, x.contiguous(), self.w13, self.w2, None, None, topk_weights, topk_ids, activation,
+                      self.isa, apply_router_weight_on_input)
+        return out
+
+
+MOE_KERNELS: dict[str, type[ExpertsKernel]] = {k.name: k for k in (VllmCpuExperts, DequantExperts)}
+#: first that can run the layer wins; ``RCSR_MOE_KERNEL=dequant`` keeps only 1 byte per weight instead
+DEFAULT_MOE_ORDER = ("vllm_cpu", "dequant")
+
+
+def select_experts_kernel(spec13: LayerSpec, spec2: LayerSpec, num_experts: int, activation: str,
+                          prefix: str = "") -> ExpertsKernel:
+    """The kernel for one layer of experts (unprepared); ``RCSR_MOE_KERNEL`` forces one."""
+    forced = os.environ.get(ENV_MOE_KERNEL, "").strip()
+    names = (forced,) if forced else DEFAULT_MOE_ORDER
+    reasons = []
+    for name in names:
+        cls = MOE_KERNELS.get(name)
+        if cls is None:
+            raise RcsrPluginError(f"{ENV_MOE_KERNEL}={forced!r} is not an experts kernel "
+                                  f"(choose one of {', '.join(MOE_KERNELS)})")
+        reason = cls.unsupported_reason(spec13, spec2, activation)
+        if reason is None:
+            logger.info("rcsr: experts %s -> kernel %s (%d experts, %d-bit, group %d, %s, act_order %s, %s)",
+                        prefix, name, num_experts, spec13.bits, spec13.group_size,
+                        "sym" if spec13.sym else "asym", spec13.act_order,
+                        str(spec13.act_dtype).removeprefix("torch."))
+            return cls(spec13, spec2, num_experts)
+        reasons.append(f"{name}: {reason}")
+    raise RcsrPluginError(f"no experts kernel can run {prefix} ({'; '.join(reasons)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# the vLLM method
+# --------------------------------------------------------------------------------------------------
+class RcsrMoEMethod(FusedMoEMethodBase):
+    """Quantized routed experts (all experts of the layer listed in ``quantized_modules``)."""
+
+    def __init__(self, config, moe, hf_prefix: str):
+        super().__init__(moe)
+        self.config = config
+        self.hf_prefix = hf_prefix
+
+    # --- creation ---------------------------------------------------------------------------------
+    def create_weights(self, layer, num_experts: int, hidden_size: int, intermediate_size_per_partition: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs):
+        cfg = self.config
+        bits, gs = cfg.bits, cfg.group_size
+        H, inter = int(hidden_size), int(intermediate_size_per_partition)
+        tp = int(self.moe.tp_size or 1)
+        where = self.hf_prefix
+        for what, n in (("hidden size", H), ("intermediate size per rank", inter)):
+            if n % 32 or (gs != -1 and n % gs):
+                raise RcsrPluginError(f"{where}: {what} {n} must be a multiple of 32 and of group_size {gs}")
+        if cfg.act_order == "dynamic" and tp > 1:
+            raise RcsrPluginError(f"{where}: dynamic act order cannot be split for tensor parallelism "
+                                  f"(down_proj is row-parallel); serve with TP 1")
+        if getattr(self.moe, "has_bias", False):
+            raise RcsrPluginError(f"{where}: experts with biases are not supported")
+        E = int(num_experts)
+        g13 = 1 if gs == -1 else H // gs
+        g2 = 1 if gs == -1 else inter // gs
+        weight_loader = extra_weight_attrs.pop("weight_loader")
+        layer.rcsr_loaded = set()
+        layer.rcsr_dims = (E, H, inter, tp)
+        layer.rcsr_params_dtype = params_dtype
+        shapes = {"w13_qweight": (E, 2 * inter, H * bits // 32), "w2_qweight": (E, H, inter * bits // 32),
+                  "w13_scales": (E, 2 * inter, g13), "w2_scales": (E, H, g2)}
+        if not cfg.sym:
+            shapes.update({"w13_zeros": (E, 2 * inter, g13), "w2_zeros": (E, H, g2)})
+        if cfg.act_order == "dynamic":
+            shapes.update({"w13_group_index": (E, 2, H), "w2_group_index": (E, 1, inter)})
+        for name, shape in shapes.items():
+            kind = name.split("_", 1)[1]
+            p = torch.nn.Parameter(torch.zeros(shape, dtype=_DTYPES[kind]), requires_grad=False)
+            layer.register_parameter(name, p)
+            set_weight_attrs(p, {"quant_method": "group", "is_transposed": False,
+                                 "weight_loader": self._checked_loader(layer, kind, weight_loader)})
+
+    def expected_shape(self, layer, kind: str, shard_id: str) -> tuple[int, ...]:
+        """Full (pre-TP) on-disk shape of one expert's ``<proj>.<kind>``."""
+        cfg = self.config
+        _, H, inter, tp = layer.rcsr_dims
+        I_full = inter * tp
+        in_f, out_f = (I_full, H) if shard_id == "w2" else (H, I_full)
+        return tensor_table(QuantSpec(cfg.bits, cfg.group_size, False), out_f, in_f, True)[kind][1]
+
+    def _checked_loader(self, layer, kind: str, inner):
+        method = self
+
+        def loader(param, loaded_weight: torch.Tensor, weight_name: str, shard_id: str, expert_id: int,
+                   return_success: bool = False):
+            if shard_id not in _SHARD_PROJ:
+                raise RcsrPluginError(f"{method.hf_prefix}: unexpected expert shard id {shard_id!r}")
+            what = f"{method.hf_prefix}.{expert_id}.{_SHARD_PROJ[shard_id]}.{kind}"
+            want = method.expected_shape(layer, kind, shard_id)
+            if loaded_weight.dtype != _DTYPES[kind] or tuple(loaded_weight.shape) != want:
+                raise RcsrPluginError(
+                    f"{what}: expected {str(_DTYPES[kind]).removeprefix('torch.')} {list(want)} in the checkpoint, "
+                    f"got {str(loaded_weight.dtype).removeprefix('torch.')} {list(loaded_weight.shape)}")
+            local = layer._map_global_expert_id_to_local_expert_id(expert_id)
+            ok = True
+            if local == -1:
+                ok = False
+            elif kind == "group_index":
+                row = 1 if shard_id == "w3" else 0
+                param.data[local, row].copy_(loaded_weight)
+            elif shard_id == "w2" and kind in ("scales", "zeros") and method.config.group_size == -1:
+                param.data[local].copy_(loaded_weight)   # per channel: every rank keeps the one group
+            else:
+                ok = inner(param, loaded_weight, weight_name, shard_id, expert_id, return_success=True)
+                ok = True if ok is None else bool(ok)
+            if ok:
+                layer.rcsr_loaded.add((expert_id, shard_id, kind))
+            return ok if return_success else None
+
+        return loader
+
+    # --- after loading ----------------------------------------------------------------------------
+    def process_weights_after_loading(self, layer) -> None:
+        cfg = self.config
+        E, H, inter, _ = layer.rcsr_dims
+        if layer.expert_map is not None:
+            raise RcsrPluginError(f"{self.hf_prefix}: expert parallelism is not supported by the rcsr plugin")
+        kinds = [k for k in ("qweight", "scales", "zeros", "group_index") if hasattr(layer, f"w13_{k}")]
+        from .linear import _load_format
+
+        if _load_format() != "dummy":
+            missing = [f"{self.hf_prefix}.{e}.{_SHARD_PROJ[s]}.{k}" for e in range(E) for s in ("w1", "w3", "w2")
+                       for k in kinds if (e, s, k) not in layer.rcsr_loaded]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise RcsrPluginError(f"{missing[0]} is missing from the checkpoint{more}; the experts are listed in "
+                                      "quantization_config.quantized_modules")
+            for name in ("w13_scales", "w2_scales"):
+                if not bool(torch.isfinite(getattr(layer, name).data).all()):
+                    raise RcsrPluginError(f"{self.hf_prefix}: {name.split('_')[0]} scales have non-finite values")
+            if not cfg.sym:
+                for name in ("w13_zeros", "w2_zeros"):
+                    z = getattr(layer, name).data
+                    if z.numel() and int(z.max()) > (1 << cfg.bits) - 1:
+                        raise RcsrPluginError(f"{self.hf_prefix}: zeros must lie in [0, {(1 << cfg.bits) - 1}]")
+        dt = layer.rcsr_params_dtype
+        dev = layer.w13_qweight.device
+        spec13 = LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, H, 2 * inter, dt, dev,
+                           shard_sizes=(inter, inter), shared_group_index=False, prefix=self.hf_prefix + ".w13")
+        spec2 = LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, inter, H, dt, dev,
+                          prefix=self.hf_prefix + ".w2")
+        activation = getattr(layer.activation, "value", str(layer.activation))
+        kernel = select_experts_kernel(spec13, spec2, E, activation, self.hf_prefix)
+
+        def qw(stem: str, e: int) -> QuantWeights:
+            g = getattr(layer, f"{stem}_group_index", None)
+            z = getattr(layer, f"{stem}_zeros", None)
+            return QuantWeights(getattr(layer, f"{stem}_qweight").data[e], getattr(layer, f"{stem}_scales").data[e],
+                                None if z is None else z.data[e], None if g is None else g.data[e])
+
+        kernel.prepare([qw("w13", e) for e in range(E)], [qw("w2", e) for e in range(E)])
+        layer.rcsr_experts = kernel
+        layer.rcsr_activation = activation
+        for stem in ("w13", "w2"):
+            for k in kinds:
+                del layer._parameters[f"{stem}_{k}"]
+        del layer.rcsr_loaded
+
+    # --- forward ----------------------------------------------------------------------------------
+    def get_fused_moe_quant_config(self, layer):
+        return None  # the experts run in this plugin's own kernels, not in a vLLM modular kernel
+
+    def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        return layer.rcsr_experts.apply(x, topk_weights, topk_ids, activation=layer.rcsr_activation,
+                                        apply_router_weight_on_input=bool(layer.apply_router_weight_on_input))
