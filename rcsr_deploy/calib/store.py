@@ -19,7 +19,8 @@ class WorkDir:
 
     def __init__(self, path: Path, cfg: QuantizeConfig, model_id: str):
         self.path = Path(path)
-        self.meta = {"config": asdict(cfg), "model": model_id, "format": 2}
+        # as it reads back from run.json (tuples become lists), so that a resumed run compares equal
+        self.meta = json.loads(json.dumps({"config": asdict(cfg), "model": model_id, "format": 2}))
 
     def open(self, resume: bool) -> set[int]:
         """Create or validate; return the indices of finished blocks (to skip)."""
