@@ -22,7 +22,6 @@ One vLLM start in the module (~40-60 s).  Timings: ``pytest tests/e2e/test_zeros
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -122,8 +121,6 @@ def test_fp_and_quantized_accuracy_differ(hf_runs):
 
 @pytest.mark.vllm
 def test_vllm_backend_matches_hf_on_the_checkpoint(models, hf_runs, tmp_path):
-    if importlib.util.find_spec("vllm") is None:
-        pytest.skip("vLLM not installed")
     samples = tmp_path / "vllm.jsonl"
     env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     proc = subprocess.run([sys.executable, "-m", "rcsr_cli", "eval", "--model", str(models["w2"]),
