@@ -161,7 +161,7 @@ def coverage_report(model: nn.Module, plan: Iterable[str], *, lm_head: bool = Fa
 
 
 def linear_only_plan(model: nn.Module, layers_prefix: str = "model.layers.") -> list[str]:
-    """Today's quantizer walk (``rcsr_deploy.calibrate.linear_modules`` per decoder block): every
+    """Today's quantizer walk (``rcsr_deploy.calib.adapter.linear_modules`` per decoder block): every
     ``nn.Linear`` inside the decoder blocks, routers excepted (for the tests and as the baseline)."""
     return [n for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.startswith(layers_prefix) and not _is_router(n, m)]

@@ -52,7 +52,7 @@ def models(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from rcsr_deploy.calibrate import QuantizeConfig
+    from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
 
     root = tmp_path_factory.mktemp("zeroshot")
