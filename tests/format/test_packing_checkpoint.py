@@ -17,7 +17,7 @@ from factories import tiny_llama
 from rcsr_deploy import checkpoint as ck
 from rcsr_deploy import storage
 from rcsr_deploy import grid
-from rcsr_deploy.checkpoint import QuantizedTensor
+from rcsr_deploy.format import QuantizedTensor
 from rcsr_deploy.errors import RcsrError
 from rcsr_deploy.format import QuantConfig
 from rcsr_deploy.packing import pack_codes, packed_width, unpack_codes
