@@ -9,6 +9,9 @@ Kernels (``RCSR_KERNEL=<name>`` forces one for every layer; it is an error if it
                     (``choose_mp_linear_kernel``), 4/8-bit; on CUDA only when vLLM picks Machete or
                     Marlin (``vllm_plugin.kernels.vllm_mp``)
 * ``triton``     -- CUDA only: ``vllm_plugin.kernels.triton_wna16`` (when it imports and says it is available)
+* ``native_cpu`` -- CPU, 2/3/4/8 bits, fp32/bf16/fp16: this project's C++ kernels over the packed codes
+                    (``vllm_plugin.kernels.native_cpu``; AVX-512 BF16 / AVX-512 / AVX2 / scalar chosen
+                    at run time, ``RCSR_CPU_ISA`` forces one); absent when the extension was not built
 * ``torch_int4`` -- CPU, codes <= 4 bits, fp32/bf16/fp16: torch's int4 GEMM for small M, dequantize
                     into a scratch buffer + dense GEMM for large M
 * ``cpu_wna16``  -- CPU, codes <= 4 bits, bf16/fp16: vLLM's cpu_gemm_wna16 (W4A16)
@@ -20,9 +23,9 @@ kernel of the list that can take the layer:
 
 * CUDA: vllm_mp (4/8-bit on Machete/Marlin), triton (2/3-bit, and 4/8-bit shapes Machete/Marlin do not
   take), dequant
-* CPU bf16: torch_int4 (int4 GEMM below 80 rows, dense above), cpu_wna16, dequant
-* CPU fp16: cpu_wna16, dequant (torch's int4 and fp16 GEMMs are not vectorized on CPU)
-* CPU fp32: dequant (no int4 kernel has a fast fp32 path)
+* CPU: native_cpu first for every bit width and dtype (docs/RESULTS-serving.md); without the
+  extension: bf16 torch_int4 (int4 GEMM below 80 rows, dense above), cpu_wna16, dequant; fp16
+  cpu_wna16, dequant (torch's int4 and fp16 GEMMs are not vectorized on CPU); fp32 dequant
 
 On CPU ``vllm_mp`` is not in the default order: it reaches the same ``cpu_gemm_wna16`` op as
 ``cpu_wna16`` (for 4-bit only) through vLLM's layout conversion; ``RCSR_KERNEL=vllm_mp`` forces it.
@@ -40,6 +43,7 @@ from ..errors import RcsrPluginError
 from .base import Kernel, LayerSpec, QuantWeights
 from .cpu_wna16 import CpuWna16Kernel
 from .dequant import SCRATCH, DequantKernel
+from .native_cpu import NativeCpuKernel
 from .torch_int4 import TorchInt4Kernel
 from .vllm_mp import VllmMpKernel
 
@@ -86,14 +90,14 @@ class TritonKernel(Kernel):
 
 
 KERNELS: dict[str, type[Kernel]] = {
-    k.name: k for k in (VllmMpKernel, TritonKernel, TorchInt4Kernel, CpuWna16Kernel, DequantKernel)
+    k.name: k for k in (VllmMpKernel, TritonKernel, NativeCpuKernel, TorchInt4Kernel, CpuWna16Kernel, DequantKernel)
 }
 
 #: CPU preference per activation dtype, first match wins (measurements in vllm_plugin/README.md)
 DEFAULT_CPU_ORDER = {
-    torch.bfloat16: ("torch_int4", "cpu_wna16", "dequant"),
-    torch.float16: ("cpu_wna16", "dequant"),
-    torch.float32: ("dequant",),
+    torch.bfloat16: ("native_cpu", "torch_int4", "cpu_wna16", "dequant"),
+    torch.float16: ("native_cpu", "cpu_wna16", "dequant"),
+    torch.float32: ("native_cpu", "dequant"),
 }
 DEFAULT_CUDA_ORDER = ("vllm_mp", "triton", "dequant")
 

@@ -1,0 +1,69 @@
+// rcsr_cpu: the arguments every ISA's low-bit kernel takes, and the kernels' declarations.
+//
+// This header is included by the ISA translation units (kernel_*.cpp), which are compiled with
+// different target ISAs (#pragma GCC target).  It must therefore hold plain data and declarations
+// only: no inline functions and no standard-library templates, whose instantiations the linker
+// could share between translation units compiled for different ISAs.
+//
+// Packed layout ("rcsr tile-16 v1"), written once by rcsr_cpu::repack:
+//   * output channels in tiles of NT = 16 (padded with code 0), input in blocks of KB = 32 (padded);
+//   * a code of b bits is split into planes: b=2: {2}, 3: {2 low, 1 high}, 4: {4}, 8: {8};
+//   * packed int32 [n_tiles][k_blocks][b][16]: for each block the words of each plane, one 32-bit
+//     word per lane (output channel) per word index; a plane of width p has p words per block and
+//     32/p codes per word.  Within a word the even codes of the run sit in the low 16 bits and the
+//     odd codes in the high 16 bits: code c of the word is at bit 16*(c&1) + p*(c>>1).  So one shift
+//     and one mask give the pair (k, k+1) in the two halves -- one bf16 pair for vdpbf16ps, or two
+//     fp32 lanes.
+//   * scales fp16 [n_tiles][n_groups][16], zero points uint8 [n_tiles][n_groups][16] (asymmetric
+//     only; symmetric grids use the constant 2^(b-1)); W[n,k] = (q[n,k] - z[n,g]) * s[n,g].
+#pragma once
+#include <stdint.h>
+
+namespace rcsr_cpu {
+
+constexpr int NT = 16;  // output channels per tile
+constexpr int KB = 32;  // input columns per block
+
+struct GemmArgs {
+  // activations blocked as [k_blocks][rows][32] (the rows' 32 columns of one block are adjacent, so
+  // rows never alias in the L1 cache): fp32, or bf16 for the bf16 kernel; row m of this call is at
+  // x + m*32, block kb at + kb*x_block_stride
+  const void* x;
+  const float* xsum;     // [M][n_groups]: sum of x over each group
+  const int32_t* packed; // [n_tiles][k_blocks][bits][16]
+  const uint16_t* scales;  // fp16 bits [n_tiles][n_groups][16]
+  const uint8_t* zeros;  // [n_tiles][n_groups][16] or nullptr (symmetric)
+  float* out;            // [M][out_stride], columns tile*16 ...
+  int64_t M;
+  int64_t x_block_stride;  // elements between consecutive k-blocks
+  int64_t out_stride;    // elements
+  int64_t k_blocks;
+  int64_t n_groups;
+  int64_t group_blocks;  // k-blocks per group (the last group may be shorter: per-channel padding)
+  int bits;
+};
+
+struct DequantArgs {
+  const int32_t* packed;
+  const uint16_t* scales;
+  const uint8_t* zeros;
+  float* w;              // W^T [k_blocks*32][ldw]; tile t writes columns (t - tile0)*16 ...
+  int64_t ldw;
+  int64_t tile0;
+  int64_t k_blocks;
+  int64_t n_groups;
+  int64_t group_blocks;
+  int bits;
+};
+
+// Each computes output tiles [t0, t1) for all M rows (GEMM) or dequantizes them (W^T).
+void gemm_scalar(const GemmArgs& a, int64_t t0, int64_t t1);
+void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1);
+void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1);
+void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1);  // bits <= 4, bf16 x
+
+void dequant_scalar(const DequantArgs& a, int64_t t0, int64_t t1);
+void dequant_avx2(const DequantArgs& a, int64_t t0, int64_t t1);
+void dequant_avx512(const DequantArgs& a, int64_t t0, int64_t t1);
+
+}  // namespace rcsr_cpu

@@ -1,0 +1,196 @@
+"""The native C++ CPU kernels (``vllm_plugin.kernels.native_cpu``, sources in ``csrc/cpu``).
+
+Against the fp32 dequantized reference (``rcsr_deploy.grid.dequantize``): every bits x group x
+sym/asym x act order x activation dtype, M = 1, 2, 7, 16, 33, 64, 300, odd N / K multiples of the
+group, both code paths (packed-code kernel and dequantize + ATen GEMM), and every ISA this machine
+can run (each forced).  Also: the packed layout against an independent Python packer and its round
+trip, the grouped (MoE) op, torch.compile opacity, dispatch and ``RCSR_CPU_ISA`` errors.
+
+The extension is built by ``pip install --no-build-isolation -e .`` (scripts/bootstrap.sh); these
+tests fail -- not skip -- when it is missing, because serving then silently loses its fastest path.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_support import make_layer, spec_of
+
+from vllm_plugin.errors import RcsrPluginError
+from vllm_plugin.kernels import native_cpu as nc
+from vllm_plugin.kernels import select_kernel
+
+MS = (1, 2, 7, 16, 33, 64, 300)
+ISAS = nc.supported_isas()
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
+
+
+def test_extension_is_built_and_dispatched_first():
+    assert nc.unavailable_reason() is None, nc.unavailable_reason()
+    assert "scalar" in ISAS
+    spec = spec_of(96, 256, 3, 64, True, False, torch.bfloat16)
+    assert select_kernel(spec, log=False).name == "native_cpu"
+    for dt in (torch.float32, torch.float16):
+        assert select_kernel(spec_of(96, 256, 8, -1, False, True, dt), log=False).name == "native_cpu"
+    # what the layout cannot hold goes to the next kernel
+    assert select_kernel(spec_of(96, 256, 4, 16, True, False, torch.bfloat16), log=False).name != "native_cpu"
+
+
+def _py_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Independent packer written from the layout text in csrc/cpu/kernel.h."""
+    n, k = codes.shape
+    nt, kb = -(-n // 16), -(-k // 32)
+    out = [[[[0] * 16 for _ in range(bits)] for _ in range(kb)] for _ in range(nt)]
+    planes = [(2, 0, 0), (1, 2, 2)] if bits == 3 else [(bits, 0, 0)]
+    for r in range(n):
+        for c in range(k):
+            q = int(codes[r, c])
+            for width, shift, off in planes:
+                per = 32 // width
+                wi, ci = (c % 32) // per, (c % 32) % per
+                bit = 16 * (ci & 1) + width * (ci >> 1)
+                out[r // 16][c // 32][off + wi][r % 16] |= ((q >> shift) & ((1 << width) - 1)) << bit
+    t = torch.tensor(out, dtype=torch.int64)
+    return torch.where(t >= 2**31, t - 2**32, t).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_packed_layout_and_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    for n, k in ((17, 40), (16, 32), (3, 100)):
+        codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        packed = torch.ops.rcsr_cpu.repack(codes, bits)
+        assert torch.equal(packed, _py_pack(codes, bits)), (n, k)
+        assert torch.equal(torch.ops.rcsr_cpu.unpack(packed, bits, n, k), codes)
+    # packed stays at the checkpoint's own width: bits/8 bytes per (padded) weight
+    big = torch.randint(0, 1 << bits, (256, 1024), generator=g, dtype=torch.uint8)
+    assert torch.ops.rcsr_cpu.repack(big, bits).numel() * 4 == 256 * 1024 * bits // 8
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.rcsr_cpu.repack(torch.full((2, 32), 1 << bits, dtype=torch.uint8).clamp(max=255), bits) \
+            if bits < 8 else (_ for _ in ()).throw(RuntimeError("does not fit"))
+
+
+CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (True, False), (False, True),
+                               (torch.float32, torch.bfloat16, torch.float16)))
+
+
+@pytest.mark.parametrize("bits,gs,sym,dynamic,dtype", CASES,
+                         ids=[f"w{b}-g{g}-{'sym' if s else 'asym'}-{'dyn' if d else 'static'}-"
+                              f"{str(t).removeprefix('torch.')}" for b, g, s, d, t in CASES])
+def test_gemm_matches_fp32_reference(bits, gs, sym, dynamic, dtype, monkeypatch):
+    # odd numbers of groups / tiles: K = 3 groups (per channel: 7 blocks of 32), N = 5 tiles + 3
+    k = 3 * gs if gs != -1 else 224
+    n = 83
+    w, ref = make_layer(n, k, bits, gs, sym, dynamic, seed=bits * 31 + gs)
+    bias = torch.randn(n).to(dtype)
+    g = torch.Generator().manual_seed(7)
+    xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in MS}
+    for isa in ISAS:
+        monkeypatch.setenv(nc.ENV_ISA, isa)
+        kern = nc.NativeCpuKernel(spec_of(n, k, bits, gs, sym, dynamic, dtype))
+        kern.prepare(w)
+        for m, x in xs.items():
+            want = F.linear(x.float(), ref, bias.float())
+            scale = float(want.abs().max())
+            for large_m in (0, 1):  # the packed-code kernel, then dequantize + ATen GEMM
+                kern.large_m = large_m
+                y = kern.apply(x, bias)
+                assert y.dtype == dtype and y.shape == (m, n)
+                err = float((y.float() - want).abs().max()) / scale
+                assert err <= TOL[dtype], (isa, m, large_m, err)
+    # 3-D input as vLLM may pass it
+    x3 = torch.randn(2, 5, k).to(dtype)
+    assert kern.apply(x3).shape == (2, 5, n)
+
+
+def test_fused_shards_and_dynamic_orders():
+    """q/k/v-like fused layer: shared group_index works; differing ones are refused (dequant takes them)."""
+    w, ref = make_layer(160, 256, 4, 64, False, True, shard_sizes=(64, 64, 32))
+    spec = spec_of(160, 256, 4, 64, False, True, torch.float32, shard_sizes=(64, 64, 32))
+    kern = nc.NativeCpuKernel(spec)
+    kern.prepare(w)
+    x = torch.randn(5, 256)
+    torch.testing.assert_close(kern.apply(x), F.linear(x, ref), rtol=0, atol=2e-5 * float(F.linear(x, ref).abs().max()))
+    spec2 = spec_of(160, 256, 4, 64, False, True, torch.float32, shard_sizes=(64, 64, 32), shared=False)
+    assert "different group_index" in nc.NativeCpuKernel.unsupported_reason(spec2)
+
+
+def test_bf16_kernel_is_exact_on_integers():
+    """The AVX-512 BF16 path multiplies with the exact numbers 128 + q: integer activations and
+    power-of-two scales give the exact integer result."""
+    if "avx512_bf16" not in ISAS:
+        pytest.skip("this CPU has no AVX512_BF16")  # the generic test above still ran every other ISA
+    n, k = 32, 256
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, k // 64), generator=g, dtype=torch.uint8)
+    scales = torch.full((n, k // 64), 0.25, dtype=torch.float16)
+    pw = nc.PackedWeight.from_codes(codes, scales, zeros, 4, 64)
+    x = torch.randint(-4, 5, (3, k), generator=g).to(torch.bfloat16)
+    wref = (codes.float() - zeros.float().repeat_interleave(64, 1)) * 0.25
+    y = pw.matmul(x, isa=3, large_m=0)
+    assert torch.equal(y.float(), (x.float() @ wref.t()).bfloat16().float())
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 64, True), (3, 32, False), (2, -1, False), (8, 128, True)])
+def test_grouped_gemm_matches_per_expert(bits, gs, sym):
+    E, n, k = 5, 48, 256
+    layers = [make_layer(n, k, bits, gs, sym, False, seed=e) for e in range(E)]
+    from rcsr_deploy.packing import unpack_codes
+
+    codes = torch.stack([unpack_codes(w.qweight, bits, k) for w, _ in layers])
+    scales = torch.stack([w.scales for w, _ in layers])
+    zeros = None if sym else torch.stack([w.zeros for w, _ in layers])
+    pw = nc.PackedWeight.from_codes(codes, scales, zeros, bits, gs)
+    counts = [3, 0, 40, 1, 9]  # an expert without rows, one over the large-M switch
+    offsets = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int64)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(int(offsets[-1]), k).to(dtype)
+        want = torch.cat([F.linear(x[offsets[e]:offsets[e + 1]].float(), layers[e][1]) for e in range(E)])
+        for isa in ISAS:
+            i = nc.ISA_NAMES.index(isa)
+            for large_m in (0, 8):
+                y = pw.grouped(x, offsets, i, large_m)
+                err = float((y.float() - want).abs().max() / want.abs().max())
+                assert y.dtype == dtype and err <= TOL[dtype], (isa, large_m, err)
+    with pytest.raises(RuntimeError, match="offsets"):
+        pw.grouped(torch.randn(4, k), torch.tensor([0, 1, 2, 3, 4, 9]), 0)
+
+
+def test_torch_compile_keeps_the_op_opaque():
+    w, ref = make_layer(64, 128, 3, 32, False, False)
+    kern = nc.NativeCpuKernel(spec_of(64, 128, 3, 32, False, False, torch.float32))
+    kern.prepare(w)
+    pw = kern.weight
+
+    def f(x):
+        return torch.ops.rcsr_cpu.gemm(x, pw.packed, pw.scales, pw.zeros, None, 3, 32, 64, kern.isa, 0) * 2
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True, dynamic=True)
+    for m in (1, 5, 40):
+        x = torch.randn(m, 128)
+        torch.testing.assert_close(compiled(x), f(x))
+    torch._dynamo.reset()
+
+
+def test_isa_selection(monkeypatch):
+    monkeypatch.setenv(nc.ENV_ISA, "sse9")
+    with pytest.raises(RcsrPluginError, match="RCSR_CPU_ISA='sse9' is not an ISA"):
+        nc.resolve_isa()
+    monkeypatch.setenv(nc.ENV_ISA, "auto")
+    assert nc.ISA_NAMES[nc.resolve_isa()] == ISAS[-1]
+    for name in nc.ISA_NAMES:
+        monkeypatch.setenv(nc.ENV_ISA, name)
+        if name in ISAS:
+            assert nc.resolve_isa() == nc.ISA_NAMES.index(name)
+        else:
+            with pytest.raises(RcsrPluginError, match="this CPU cannot run it"):
+                nc.resolve_isa()
+    monkeypatch.setenv(nc.ENV_LARGE_M, "x")
+    with pytest.raises(RcsrPluginError, match="RCSR_CPU_LARGE_M='x' is not an integer"):
+        nc.large_m_for(2, torch.float32, 4)
+    with pytest.raises(RuntimeError, match="group size 16"):
+        torch.ops.rcsr_cpu.gemm(torch.randn(1, 64), torch.zeros(1, 2, 4, 16, dtype=torch.int32),
+                                torch.zeros(1, 4, 16, dtype=torch.float16), None, None, 4, 16, 16, 0, 0)

@@ -1,0 +1,242 @@
+"""``native_cpu``: this project's own C++ CPU kernels (``csrc/cpu``, built at install into
+``vllm_plugin._rcsr_cpu``) -- 2/3/4/8-bit weights stay packed at their own bit width.
+
+Ops (``torch.ops.rcsr_cpu``, C++ schemas in ``csrc/cpu/ops.cpp``, fake implementations here so that
+``torch.compile`` keeps them opaque):
+
+* ``repack(codes, bits)``: uint8 codes ``[N, K]`` -> the tile-16 layout (``csrc/cpu/kernel.h``)
+* ``gemm(x, packed, scales, zeros, perm, bits, group_size, n, isa, large_m)``: ``x[:, perm] @ W^T``
+* ``grouped_gemm(..., offsets, ...)``: the same for rows sorted by expert, one call per MoE layer
+
+ISA (``RCSR_CPU_ISA`` forces one: ``avx512_bf16``, ``avx512``, ``avx2``, ``scalar``; default: the best
+the CPU runs).  ``avx512_bf16`` multiplies bf16 activations with the exact bf16 numbers ``128 + q``
+(``vdpbf16ps``) for codes of up to 4 bits; other layers of that model run the AVX-512 fp32 kernel.
+
+Two code paths per call, switched at ``large_m`` rows (``RCSR_CPU_LARGE_M`` overrides
+:func:`large_m_for`): below it the kernel reads the packed codes once per 8 (AVX2: 3) rows; from it
+on, column chunks of ``W^T`` are dequantized into cache and multiplied by ATen's GEMM (oneDNN).
+
+Numerics: fp32 accumulation of ``x * (q - z)``, one multiply by the fp32 scale per group; the result
+matches the fp32 dequantized reference to the activation dtype's rounding.  The large-M path rounds
+the dequantized weight to the activation dtype (like ``dequant``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import RcsrPluginError
+from .base import Kernel, LayerSpec, QuantWeights, flatten_x, group_permutation, unpack
+
+ENV_ISA = "RCSR_CPU_ISA"
+ENV_LARGE_M = "RCSR_CPU_LARGE_M"
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
+NT, KB = 16, 32  # output channels per tile, input columns per block (csrc/cpu/kernel.h)
+
+_EXT = None
+_EXT_ERROR: str | None = None
+
+
+def extension():
+    """The compiled module (``None`` if it was not built; :func:`unavailable_reason` says why)."""
+    global _EXT, _EXT_ERROR
+    if _EXT is None and _EXT_ERROR is None:
+        try:
+            from .. import _rcsr_cpu  # type: ignore[attr-defined]
+        except ImportError as e:
+            _EXT_ERROR = (f"the native CPU kernels were not built ({e}); reinstall with "
+                          "`pip install --no-build-isolation -e .` and a C++ compiler")
+        else:
+            _EXT = _rcsr_cpu
+            _register_fakes()
+    return _EXT
+
+
+def unavailable_reason() -> str | None:
+    return None if extension() is not None else _EXT_ERROR
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("rcsr_cpu::repack")
+    def _repack_fake(codes, bits):
+        n, k = codes.shape
+        return codes.new_empty(((n + NT - 1) // NT, (k + KB - 1) // KB, bits, NT), dtype=torch.int32)
+
+    @torch.library.register_fake("rcsr_cpu::unpack")
+    def _unpack_fake(packed, bits, n, k):
+        return packed.new_empty((n, k), dtype=torch.uint8)
+
+    @torch.library.register_fake("rcsr_cpu::gemm")
+    def _gemm_fake(x, packed, scales, zeros, perm, bits, group_size, n, isa, large_m):
+        return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("rcsr_cpu::grouped_gemm")
+    def _grouped_fake(x, packed, scales, zeros, perm, offsets, bits, group_size, n, isa, large_m):
+        return x.new_empty((x.shape[0], n))
+
+
+def best_isa() -> int:
+    ext = extension()
+    return int(ext.best_isa()) if ext is not None else 0
+
+
+def resolve_isa(name: str | None = None) -> int:
+    """ISA level from ``name`` or ``RCSR_CPU_ISA`` (``auto``/unset: the best this CPU runs)."""
+    ext = extension()
+    if ext is None:
+        raise RcsrPluginError(_EXT_ERROR or "native CPU kernels unavailable")
+    name = (name if name is not None else os.environ.get(ENV_ISA, "")).strip().lower()
+    if name in ("", "auto"):
+        return int(ext.best_isa())
+    if name not in ISA_NAMES:
+        raise RcsrPluginError(f"{ENV_ISA}={name!r} is not an ISA (choose auto or one of {', '.join(ISA_NAMES)})")
+    isa = ISA_NAMES.index(name)
+    if not ext.isa_supported(isa):
+        raise RcsrPluginError(f"{ENV_ISA}={name}: this CPU cannot run it (best here: {ISA_NAMES[ext.best_isa()]})")
+    return isa
+
+
+def supported_isas() -> list[str]:
+    ext = extension()
+    return [] if ext is None else [n for i, n in enumerate(ISA_NAMES) if ext.isa_supported(i)]
+
+
+def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
+    """The kernel a call really runs (the bf16 kernel takes bf16 activations and <= 4 bits)."""
+    if isa == 3 and (dtype != torch.bfloat16 or bits > 4):
+        return 2
+    return isa
+
+
+def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
+    """Rows from which the dequantize + ATen GEMM path runs (0: never).  Measured with
+    ``tools/bench_native_cpu.py`` (docs/RESULTS-serving.md): the bf16 dot-product kernel beats
+    dequantize + oneDNN up to at least 256 rows; the fp32-FMA kernels lose to it from ~32 rows."""
+    env = os.environ.get(ENV_LARGE_M, "").strip()
+    if env:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise RcsrPluginError(f"{ENV_LARGE_M}={env!r} is not an integer") from None
+    if effective_isa(isa, dtype, bits) == 3:
+        return 0
+    return 32
+
+
+def tile_rows(t: torch.Tensor) -> torch.Tensor:
+    """Per-output-row tensor ``[..., N, G]`` -> ``[..., ceil(N/16), G, 16]`` (padded with zeros)."""
+    n = t.shape[-2]
+    nt = (n + NT - 1) // NT
+    if nt * NT != n:
+        pad = t.new_zeros((*t.shape[:-2], nt * NT - n, t.shape[-1]))
+        t = torch.cat([t, pad], dim=-2)
+    return t.reshape(*t.shape[:-2], nt, NT, t.shape[-1]).transpose(-1, -2).contiguous()
+
+
+@dataclass
+class PackedWeight:
+    """One weight (or a stack of experts' weights) in the native layout."""
+
+    packed: torch.Tensor  # int32 [(E,) nt, kb, bits, 16]
+    scales: torch.Tensor  # fp16 [(E,) nt, G, 16]
+    zeros: torch.Tensor | None  # uint8 like scales, None for symmetric grids
+    perm: torch.Tensor | None  # int64 [K]: input permutation (dynamic act order), shared by all experts
+    bits: int
+    group_size: int
+    n: int
+    k: int
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group_size: int, perm: torch.Tensor | None = None) -> "PackedWeight":
+        """``codes`` uint8 ``[(E,) N, K]`` (already permuted), ``scales`` ``[(E,) N, G]``, ``zeros`` uint8 or None."""
+        if extension() is None:
+            raise RcsrPluginError(_EXT_ERROR or "native CPU kernels unavailable")
+        ops = torch.ops.rcsr_cpu
+        if codes.dim() == 3:
+            packed = torch.stack([ops.repack(c.contiguous(), bits) for c in codes])
+        else:
+            packed = ops.repack(codes.contiguous(), bits)
+        return cls(packed, tile_rows(scales.to(torch.float16)),
+                   None if zeros is None else tile_rows(zeros.to(torch.uint8)),
+                   None if perm is None else perm.to(torch.int64).contiguous(), bits, group_size,
+                   codes.shape[-2], codes.shape[-1])
+
+    def matmul(self, x: torch.Tensor, isa: int, large_m: int | None = None) -> torch.Tensor:
+        """``x [M, K] -> [M, N]`` in ``x.dtype``."""
+        if large_m is None:
+            large_m = large_m_for(isa, x.dtype, self.bits)
+        return torch.ops.rcsr_cpu.gemm(x, self.packed, self.scales, self.zeros, self.perm, self.bits,
+                                       self.group_size, self.n, isa, large_m)
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor, isa: int, large_m: int | None = None) -> torch.Tensor:
+        """Rows ``offsets[e]:offsets[e+1]`` of ``x`` times expert ``e``'s weight."""
+        if large_m is None:
+            large_m = large_m_for(isa, x.dtype, self.bits)
+        return torch.ops.rcsr_cpu.grouped_gemm(x, self.packed, self.scales, self.zeros, self.perm, offsets,
+                                               self.bits, self.group_size, self.n, isa, large_m)
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """uint8 ``[N, K]`` (one weight): the inverse of the repacking, for checks."""
+        return torch.ops.rcsr_cpu.unpack(self.packed, self.bits, self.n, self.k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.perm)
+                   if t is not None)
+
+
+def layout_reason(spec: LayerSpec) -> str | None:
+    """Why the native layout cannot hold this layer (``None`` if it can)."""
+    if spec.group_size != -1 and spec.group_size % KB:
+        return f"group size {spec.group_size} is not a multiple of {KB}"
+    if spec.bits not in (2, 3, 4, 8):
+        return f"{spec.bits}-bit codes"
+    return None
+
+
+class NativeCpuKernel(Kernel):
+    name = "native_cpu"
+
+    @classmethod
+    def unsupported_reason(cls, spec: LayerSpec) -> str | None:
+        if spec.device.type != "cpu":
+            return "CPU only"
+        reason = layout_reason(spec)
+        if reason:
+            return reason
+        if spec.act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"activation dtype {spec.act_dtype}"
+        if spec.dynamic and not spec.shared_group_index:
+            return "fused shards have different group_index"
+        return unavailable_reason()
+
+    @classmethod
+    def label(cls, spec: LayerSpec) -> str:
+        try:
+            isa = effective_isa(resolve_isa(), spec.act_dtype, spec.bits)
+        except RcsrPluginError:
+            return cls.name
+        return f"{cls.name}[{ISA_NAMES[isa]}]"
+
+    def prepare(self, w: QuantWeights) -> None:
+        spec = self.spec
+        codes = unpack(w, spec)
+        perm = group_permutation(w, spec)
+        if perm is not None:
+            codes = codes[:, perm]
+        self.isa = resolve_isa()
+        self.weight = PackedWeight.from_codes(codes, w.scales, None if spec.sym else w.zeros, spec.bits,
+                                              spec.group_size, perm)
+        self.large_m = large_m_for(self.isa, spec.act_dtype, spec.bits)
+
+    def nbytes(self) -> int:
+        return self.weight.nbytes()
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x2, lead = flatten_x(x)
+        y = self.weight.matmul(x2.contiguous(), self.isa, self.large_m)
+        if bias is not None:
+            y.add_(bias)
+        return y.reshape(*lead, y.shape[-1])
