@@ -271,9 +271,20 @@ def test_torch_compile_sees_one_opaque_op(monkeypatch):
 def test_default_kernel_choice(monkeypatch):
     monkeypatch.delenv("RCSR_KERNEL", raising=False)
 
-    def pick(bits, dtype, **kw):
-        return select_kernel(LayerSpec(bits, 64, True, "static", 576, 192, dtype, "cpu", **kw), log=False).name
+    def pick(bits, dtype, gs=64, **kw):
+        return select_kernel(LayerSpec(bits, gs, True, "static", 576, 192, dtype, "cpu", **kw), log=False).name
 
+    # the native C++ kernels take every width and dtype (tests/plugin/test_native_cpu.py)
+    for b, dt in itertools.product((2, 3, 4, 8), (torch.bfloat16, torch.float16, torch.float32)):
+        assert pick(b, dt) == "native_cpu"
+    # groups the native layout cannot hold
+    assert pick(4, torch.bfloat16, gs=16) == "cpu_wna16"
+    assert pick(8, torch.bfloat16, gs=16) == "dequant"
+    assert pick(4, torch.float32, gs=16) == "dequant"
+    # without the extension (installed without a compiler): the previous order
+    from vllm_plugin.kernels import native_cpu
+
+    monkeypatch.setattr(native_cpu, "unavailable_reason", lambda: "not built")
     assert pick(4, torch.bfloat16) == "torch_int4"
     assert pick(2, torch.bfloat16) == "torch_int4"
     assert pick(8, torch.bfloat16) == "dequant"
@@ -315,7 +326,7 @@ def test_import_without_vllm_and_kernel_registry():
     code = ("import sys, vllm_plugin, vllm_plugin.kernels, vllm_plugin.partition; "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert set(KERNELS) == {"vllm_mp", "triton", "torch_int4", "cpu_wna16", "dequant"}
+    assert set(KERNELS) == {"vllm_mp", "triton", "native_cpu", "torch_int4", "cpu_wna16", "dequant"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,9 +486,11 @@ CASES = [(4, 64, True, "static"), (3, -1, False, "none"), (2, 32, False, "dynami
 @pytest.mark.vllm
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("bits,gs,sym,act_order", CASES)
-def test_vllm_layers_tensor_parallel(tp_env, vllm_mods, tp, bits, gs, sym, act_order):
+def test_vllm_layers_tensor_parallel(tp_env, vllm_mods, tp, bits, gs, sym, act_order, monkeypatch):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
+    # the dequant kernel is bit-exact to the reference rows, which pins each rank's rows exactly
+    monkeypatch.setenv("RCSR_KERNEL", "dequant")
     dyn = act_order == "dynamic"
     pre = "model.layers.0"
     cfg = _config(vllm_mods, bits, gs, sym, act_order,
@@ -523,7 +536,7 @@ def test_vllm_layers_tensor_parallel(tp_env, vllm_mods, tp, bits, gs, sym, act_o
                           ref["self_attn.k_proj"][:, kv_rank(r) * ks:(kv_rank(r) + 1) * ks],
                           ref["self_attn.v_proj"][:, kv_rank(r) * ks:(kv_rank(r) + 1) * ks]], dim=1)
         assert rel_err(y, want) < 1e-5
-        if bits != 2:  # static groups run the dequant kernel: bit-exact to the rank's reference rows
+        if bits != 2:  # static groups on the dequant kernel: bit-exact to the rank's reference rows
             assert torch.equal(y, F.linear(x, _rows_of(hf, r, kv_rank, qs, ks)))
     gs_ = INTER // tp
     for r, y in enumerate(gu_out):
