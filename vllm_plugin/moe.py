@@ -16,10 +16,14 @@ each keep their rank's ``I/TP`` rows) and w2 along its packed input words / grou
 vLLM's own ``RoutedExperts.weight_loader`` does for ``quant_method="group"`` parameters, which loads
 qweight / scales / zeros here.  ``group_index`` and per-channel w2 scales are loaded by this module.
 
-Runtime: :func:`select_experts_kernel` picks an :class:`ExpertsKernel` (the ONE place to plug in a
-native grouped MoE kernel over the packed codes).  Routing (top-k ids and weights) is always vLLM's own,
-passed to ``apply``.  Kernels today (both dequantizing fallbacks):
+Runtime: :func:`select_experts_kernel` picks an :class:`ExpertsKernel`.  Routing (top-k ids and
+weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default order:
 
+* ``native_cpu`` (default on CPU when the extension is built): the project's grouped C++ kernel
+  (``rcsr_cpu::grouped_gemm``, ``vllm_plugin.kernels.native_cpu``) over the PACKED codes at the
+  checkpoint's bit width -- (token, slot) pairs sorted by expert, one call for gate+up of all
+  experts, one for down.  Static groups only: with dynamic act order every expert (and gate vs up)
+  has its own column order, which one input permutation cannot serve.
 * ``vllm_cpu`` (default on CPU): dequantizes every expert once at load into the activation dtype and
   runs vLLM's own unquantized CPU grouped MoE op -- same numerics as vLLM on the dequantized reference;
   memory holds DENSE experts (2 or 4 bytes per weight).
@@ -46,6 +50,8 @@ from rcsr_deploy.format import QuantSpec, tensor_table
 from .errors import RcsrPluginError
 from .kernels.base import LayerSpec, QuantWeights
 from .kernels.dequant import DequantKernel
+from .kernels.native_cpu import PackedWeight, layout_reason, resolve_isa, unavailable_reason
+from .kernels.base import unpack
 
 logger = logging.getLogger("vllm.rcsr_plugin.moe")
 ENV_MOE_KERNEL = "RCSR_MOE_KERNEL"
@@ -222,9 +228,65 @@ class VllmCpuExperts(ExpertsKernel):
         return out
 
 
-MOE_KERNELS: dict[str, type[ExpertsKernel]] = {k.name: k for k in (VllmCpuExperts, DequantExperts)}
-#: first that can run the layer wins; ``RCSR_MOE_KERNEL=dequant`` keeps only 1 byte per weight instead
-DEFAULT_MOE_ORDER = ("vllm_cpu", "dequant")
+class NativeExperts(ExpertsKernel):
+    """The native grouped kernel over the packed codes (2/3/4/8 bits stay packed in memory)."""
+
+    name = "native_cpu"
+
+    @classmethod
+    def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
+        if activation not in _ACTS:
+            return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
+        for spec in (spec13, spec2):
+            if spec.device.type != "cpu":
+                return "CPU only"
+            reason = layout_reason(spec)
+            if reason:
+                return reason
+            if spec.act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                return f"activation dtype {spec.act_dtype}"
+        if spec13.dynamic:
+            return "dynamic act order (every expert has its own column order)"
+        return unavailable_reason()
+
+    def prepare(self, w13, w2) -> None:
+        self.isa = resolve_isa()
+
+        def stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
+            codes = torch.stack([unpack(w, spec) for w in ws])
+            zeros = None if spec.sym else torch.stack([w.zeros for w in ws])
+            return PackedWeight.from_codes(codes, torch.stack([w.scales for w in ws]), zeros, spec.bits,
+                                           spec.group_size)
+
+        self.w13 = stack(w13, self.spec13)
+        self.w2 = stack(w2, self.spec2)
+
+    def nbytes(self) -> int:
+        return self.w13.nbytes() + self.w2.nbytes()
+
+    def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
+        act = _ACTS[activation]
+        inter = self.spec13.shard_sizes[0]
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
+        offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
+        torch.cumsum(torch.bincount(flat_ids, minlength=self.num_experts), 0, out=offsets[1:])
+        tok = order // topk_ids.shape[1]
+        w = topk_weights.reshape(-1)[order].to(torch.float32).unsqueeze(1)
+        xs = x.index_select(0, tok)
+        if apply_router_weight_on_input:
+            xs = (xs.float() * w).to(x.dtype)
+        h = self.w13.grouped(xs, offsets, self.isa)
+        h = act(h[:, :inter]) * h[:, inter:]
+        y = self.w2.grouped(h.contiguous(), offsets, self.isa).float()
+        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
+        out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
+        return out.to(x.dtype)
+
+
+MOE_KERNELS: dict[str, type[ExpertsKernel]] = {k.name: k for k in (NativeExperts, VllmCpuExperts, DequantExperts)}
+#: first that can run the layer wins; ``RCSR_MOE_KERNEL`` forces one
+DEFAULT_MOE_ORDER = ("native_cpu", "vllm_cpu", "dequant")
 
 
 def select_experts_kernel(spec13: LayerSpec, spec2: LayerSpec, num_experts: int, activation: str,

@@ -45,24 +45,36 @@ def reference(ckpts):
     return out
 
 
+def _kernel_of(log: str, layer: str) -> str:
+    """The kernel label logged for ``layer`` (first line), e.g. ``native_cpu[avx512]``."""
+    for ln in log.splitlines():
+        if f"rcsr: layer {layer} -> kernel " in ln:
+            return ln.split(" -> kernel ", 1)[1].split(" (", 1)[0]
+    raise AssertionError(f"no kernel line for {layer}")
+
+
 def test_plugin_matches_dequantized_reference(ckpts, reference):
-    """fp32, default kernels: 4-bit g64 sym static, 2-bit g32 asym dynamic act order (each of q/k/v
-    and gate/up with its own group_index), 3-bit per-channel asym -- identical greedy tokens and
-    logprobs within 1e-3 of vLLM on the dequantized weights."""
+    """fp32, default kernels (the native C++ kernels, packed codes at the checkpoint's own width):
+    4-bit g64 sym static, 2-bit g32 asym dynamic act order (each of q/k/v and gate/up with its own
+    group_index: those fused layers go to dequant, the others permute the input), 3-bit per-channel
+    asym, a mixed 2/3/4/8-bit checkpoint -- identical greedy tokens and logprobs within 1e-3 of vLLM
+    on the dequantized weights."""
     out, log = generate([(k, ck) for k, (ck, _) in ckpts.items()])
     for key in ckpts:
         assert_same(out[key], reference[key], key)
     # every quantized layer went through the plugin, its kernel logged once with the vLLM prefix
     for layer in ("0.self_attn.qkv_proj", "0.self_attn.o_proj", "1.mlp.gate_up_proj", "1.mlp.down_proj"):
-        assert f"rcsr: layer model.layers.{layer} -> kernel dequant" in log
+        assert _kernel_of(log, f"model.layers.{layer}").startswith(("native_cpu[", "dequant")), layer
     # the quantized vocabulary tables: the tied embedding (w4, w2) and the untied lm_head (w3)
-    assert "rcsr: layer model.embed_tokens -> kernel dequant (4-bit, group 64" in log
-    assert "rcsr: layer model.embed_tokens -> kernel dequant (2-bit, group 32, asym, act_order dynamic" in log
-    assert "rcsr: layer lm_head -> kernel dequant (3-bit, group -1, asym" in log
-    # the mixed checkpoint: each layer on its own grid
+    assert "rcsr: layer model.embed_tokens -> kernel native_cpu[" in log
+    assert "(4-bit, group 64, sym" in log and "(2-bit, group 32, asym, act_order dynamic" in log
+    assert "rcsr: layer lm_head -> kernel native_cpu[" in log
+    # the mixed checkpoint: each layer on its own grid, every width on the native kernel
     for layer, grid in (("qkv_proj", "2-bit, group 32"), ("o_proj", "3-bit, group 64"),
                         ("gate_up_proj", "4-bit, group 64"), ("down_proj", "8-bit, group 128")):
-        assert any(f"{layer} -> kernel dequant ({grid}, sym" in ln for ln in log.splitlines()), layer
+        assert any(f"{layer} -> kernel native_cpu[" in ln and f"({grid}, sym" in ln for ln in log.splitlines()), layer
+    # fused layers whose shards have different dynamic column orders stay on dequant
+    assert any("-> kernel dequant (2-bit, group 32, asym, act_order dynamic" in ln for ln in log.splitlines())
 
 
 def test_plugin_torch_int4_paths(ckpts, reference):
@@ -72,12 +84,23 @@ def test_plugin_torch_int4_paths(ckpts, reference):
     out, log = generate([("w4", ckpts["w4"][0])], env={"RCSR_KERNEL": "torch_int4"})
     assert_same(out["w4"], reference["w4"], "4-bit torch_int4 fp32")
     assert "-> kernel torch_int4" in log
-    out16, log16 = generate([("w4", ckpts["w4"][0])], env={"RCSR_DTYPE": "bfloat16"})
+    out16, log16 = generate([("w4", ckpts["w4"][0])], env={"RCSR_KERNEL": "torch_int4", "RCSR_DTYPE": "bfloat16"})
     assert "model.layers.0.self_attn.qkv_proj -> kernel torch_int4 (4-bit, group 64, sym, act_order static, " \
            "bfloat16)" in log16
     worst = max(abs(a - b) for g, e in zip(out16["w4"], reference["w4"]) for a, b in zip(g["plp"], e["plp"]))
     assert worst < 0.1, f"bf16 prompt logprobs differ from the fp32 reference by {worst}"
     print(f"4-bit bf16 torch_int4: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
+
+
+def test_plugin_native_bf16(ckpts, reference):
+    """bf16 serving on the default (native) kernels -- the AVX-512 BF16 dot-product kernel where the CPU
+    has it: teacher-forced prompt logprobs close to the fp32 reference of every checkpoint."""
+    out, log = generate([(k, ck) for k, (ck, _) in ckpts.items()], env={"RCSR_DTYPE": "bfloat16"})
+    assert "model.layers.0.self_attn.o_proj -> kernel native_cpu[" in log
+    for key in ckpts:
+        worst = max(abs(a - b) for g, e in zip(out[key], reference[key]) for a, b in zip(g["plp"], e["plp"]))
+        assert worst < 0.1, f"{key}: bf16 prompt logprobs differ from the fp32 reference by {worst}"
+        print(f"{key} bf16 native: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
 
 
 def test_plugin_on_vllms_own_kernel_selection(ckpts, reference):

@@ -14,6 +14,7 @@ from factories import tiny_moe, write_moe_checkpoint
 from rcsr_deploy.checkpoint import load_fake_quant_model
 from rcsr_deploy.format import QuantConfig
 from rcsr_deploy.moe_format import SHARD_IDS
+from vllm_plugin.errors import RcsrPluginError
 
 pytestmark = pytest.mark.vllm
 
@@ -83,13 +84,17 @@ def moe_ckpts(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("kernel", ["vllm_cpu", "dequant"])
+@pytest.mark.parametrize("kernel", ["native_cpu", "vllm_cpu", "dequant"])
 @pytest.mark.parametrize("key", ["w4", "w3", "w2", "w8"])
 def test_experts_match_transformers_on_dequantized_weights(moe_ckpts, key, kernel, monkeypatch):
     """fp32: identical (to rounding) to transformers' Qwen3MoeExperts forward on the fake-quant weights,
     with the same top-k ids / weights; tokens routed to every expert, one expert unused in a 2nd call."""
     monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
     _, ckpts = moe_ckpts
+    if kernel == "native_cpu" and QuantConfig.read(ckpts[key]).act_order == "dynamic":
+        with pytest.raises(RcsrPluginError, match="native_cpu: dynamic act order"):
+            load_layer(ckpts[key], 0)
+        return
     fq, _ = load_fake_quant_model(ckpts[key])
     for layer_idx in (0, 1):
         method, layer = load_layer(ckpts[key], layer_idx)
@@ -109,13 +114,18 @@ def test_experts_match_transformers_on_dequantized_weights(moe_ckpts, key, kerne
         with torch.no_grad():
             torch.testing.assert_close(method.apply(layer, x[:5], w2, ids2), ref_experts(x[:5], ids2.long(), w2),
                                        rtol=1e-5, atol=1e-5)
-    # the canonical tensors are gone; dequant holds 1 byte per weight (+ fp32 scales), vllm_cpu dense fp32
+    # the canonical tensors are gone; dequant holds 1 byte per weight (+ fp32 scales), vllm_cpu dense
+    # fp32, native_cpu the packed codes (bits / 8 bytes per weight + fp16 scales / uint8 zeros)
     assert "w13_qweight" not in layer._parameters and layer.rcsr_experts.name == kernel
-    per_weight = 4 if kernel == "vllm_cpu" else 1
-    assert layer.rcsr_experts.nbytes() >= per_weight * 4 * 3 * 64 * 96
+    n_weights = 4 * 3 * 64 * 96
+    if kernel == "native_cpu":
+        bits = QuantConfig.read(ckpts[key]).bits
+        assert n_weights * bits / 8 <= layer.rcsr_experts.nbytes() <= n_weights * (bits / 8 + 0.2)
+    else:
+        assert layer.rcsr_experts.nbytes() >= (4 if kernel == "vllm_cpu" else 1) * n_weights
 
 
-@pytest.mark.parametrize("kernel", ["vllm_cpu", "dequant"])
+@pytest.mark.parametrize("kernel", ["native_cpu", "vllm_cpu", "dequant"])
 def test_bf16_close_to_fp32(moe_ckpts, kernel, monkeypatch):
     monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
     _, ckpts = moe_ckpts
