@@ -100,9 +100,11 @@ def test_default_model_w4_w3_match_dequantized_reference(smol_ckpts, default_mod
         assert worst <= MAX_DLOGPROB
         assert all(len(r["tokens"]) == 16 for r in out[f"w{bits}"])
     log = proc.stdout + proc.stderr
-    assert "rcsr: layer model.layers.29.mlp.down_proj -> kernel dequant (4-bit, group 64, sym, act_order static, " \
-           "float32)" in log
-    assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel dequant (3-bit, group 64" in log
+    lines = log.splitlines()
+    assert any("rcsr: layer model.layers.29.mlp.down_proj -> kernel native_cpu[" in ln and
+               "(4-bit, group 64, sym, act_order static, float32)" in ln for ln in lines)
+    assert any("rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel native_cpu[" in ln and "(3-bit, group 64" in ln
+               for ln in lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def test_rcsr_serve_concurrent_requests_and_clean_stop(tiny_w2, tmp_path):
         time.sleep(0.5)
     assert not _alive(tree, proc.pid), f"server processes left after SIGTERM: {_alive(tree, proc.pid)}"
     text = log_path.read_text()
-    assert "-> kernel torch_int4 (2-bit, group 32, sym, act_order none, bfloat16)" in text
+    assert any("-> kernel native_cpu[" in ln and "(2-bit, group 32, sym, act_order none, bfloat16)" in ln
+               for ln in text.splitlines())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,7 +239,7 @@ def test_tensor_parallel_2_matches_tp1(tmp_path):
     """A W4 g64 checkpoint (tiny Llama: 4 heads, 2 KV heads; the default model's 9 heads cannot be
     split in 2) at TP=2 -- column- and row-parallel shards of packed codes, scales and groups --
     gives the same greedy tokens and logprobs (fp32, <= 1e-3) as TP=1, on the default fp32 kernel
-    and on torch_int4's repacked shards."""
+    (the native kernels) and on torch_int4's repacked shards."""
     ckpt, _ = write_checkpoint(tmp_path, "w4g64", bits=4, group_size=64, sym=True, act_order="static", seed=0)
     prompts = [[0, 17, 99, 250, 3, 77, 42], [0, 300, 301, 5, 9], [0, 12] * 12, [0] + list(range(2, 100))]
     t0 = time.perf_counter()
@@ -245,7 +248,7 @@ def test_tensor_parallel_2_matches_tp1(tmp_path):
     print(f"TP=1 + 2 x TP=2 runs in {time.perf_counter() - t0:.0f}s")
     log = proc.stdout + proc.stderr
     assert "local_rank=1, core ids=[1]" in log
-    assert "(Worker_TP1" in log and "-> kernel torch_int4 (4-bit, group 64" in log
+    assert "(Worker_TP1" in log and "-> kernel torch_int4 (4-bit, group 64" in log and "-> kernel native_cpu[" in log
     assert_same(out["tp2"], out["tp1"], "TP=2 (dequant) vs TP=1")
     assert_same(out["tp2-int4"], out["tp1"], "TP=2 (torch_int4) vs TP=1")
 
@@ -290,7 +293,7 @@ def test_rcsr_bench_quick_json(tiny_w2, tiny_llama_dir, tmp_path):
         assert sv["server_peak_rss_bytes"] > 10 * 2**20 and sv["server_startup_s"] > 0
         assert mdl["weight_bytes"]["disk"] > 0 and mdl["weight_bytes"]["bf16_equivalent"] > 0
     assert ck["weight_bytes"] == weight_bytes(tiny_w2) and base["weight_bytes"] == weight_bytes(tiny_llama_dir)
-    assert ck["kernels"] == {"torch_int4": 8} and base["kernels"] == {}
+    assert ck["kernels"] == {"native_cpu": 8} and base["kernels"] == {}
     assert "throughput" in r.stdout.splitlines()[-1] and "served output tok/s" in r.stdout.splitlines()[-1]
     assert "| model | req/s | output tok/s | TTFT mean / p99 ms |" in r.stdout
     for key in ("decode_speedup_b1", "ttft", "throughput_output_tok_s", "serve_output_throughput", "weight_bytes_disk", "weight_bytes_bf16_equivalent",

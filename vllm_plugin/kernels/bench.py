@@ -1,12 +1,16 @@
 """Micro-benchmark of the plugin's kernels against a dense ``F.linear``.
 
     python -m vllm_plugin.kernels.bench [--threads 1] [--bits 4] [--group 64] [--m 1,16]
-                                        [--dtypes bfloat16,float32] [--shapes 576x576,...]
+                                        [--dtypes bfloat16,float32] [--shapes default|llm|576x576,...]
+                                        [--ratios-of native_cpu]
 
-Shapes are ``out x in`` (default: the default model's SmolLM2-135M layers, unfused and vLLM-fused).
-Prints the CPU's features first; timings are microseconds per call (best of several batches, the
-kernels taking turns, so that other processes' load affects them alike).
-Weights are random codes (the kernels' speed does not depend on their values).
+Shapes are ``out x in``: ``default`` = the default model's SmolLM2-135M layers, unfused and
+vLLM-fused; ``llm`` = 4096x4096, 11008x4096, 4096x11008, 14336x4096 (Llama-2-7B / Mistral-7B).
+Prints the CPU's features and its measured memory read bandwidth first; timings are microseconds per
+call (best of several batches, the kernels taking turns, so that other processes' load affects them
+alike).  For the kernel named by ``--ratios-of`` it adds its speed-up over the dense ``F.linear``,
+the GB/s of weight traffic (bytes the prepared layer holds / time) and that as a % of the measured
+bandwidth.  Weights are random codes (the kernels' speed does not depend on their values).
 """
 from __future__ import annotations
 
@@ -23,6 +27,19 @@ from rcsr_deploy.packing import pack_codes
 from . import KERNELS, LayerSpec, QuantWeights
 
 DEFAULT_SHAPES = "576x576,192x576,1536x576,576x1536,960x576,3072x576"
+LLM_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"
+
+
+def read_bandwidth_gbs(mbytes: int = 512, rounds: int = 5) -> float:
+    """Memory read bandwidth with the current thread count: best of ``rounds`` sums over a buffer far
+    larger than the caches."""
+    t = torch.ones(mbytes * (1 << 20) // 4)
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        t.sum()
+        best = min(best, time.perf_counter() - t0)
+    return t.numel() * 4 / best / 1e9
 
 
 def cpu_features() -> str:
@@ -97,24 +114,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
     ap.add_argument("--kernels", default=",".join(k for k in KERNELS if k != "triton"))
     ap.add_argument("--min-time", type=float, default=0.15)
+    ap.add_argument("--ratios-of", default="native_cpu",
+                    help="kernel whose speed-up over dense, weight GB/s and %% of bandwidth are printed")
     ap.add_argument("--split-int4", action="store_true",
                     help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shapes = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES}.get(args.shapes, args.shapes)
+    bw = read_bandwidth_gbs()
     print(f"# {cpu_features()}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cpus")
+          f"on {os.cpu_count()} cpus; measured read bandwidth {bw:.1f} GB/s")
     print("# microseconds per call; 'dense' = F.linear on a dense weight of the activation dtype")
     ms = [int(m) for m in args.m.split(",")]
     names = [k for k in args.kernels.split(",") if k]
     if args.split_int4 and "torch_int4" in names:
         i = names.index("torch_int4")
         names[i:i + 1] = ["i4:mm", "i4:dense"]
-    header = f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
+    rk = args.ratios_of
+    header = (f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
+              + (f" {'x dense':>8} {'GB/s':>6} {'%bw':>4}" if rk in names else ""))
     print(header)
     for bits in [int(b) for b in args.bits.split(",")]:
         for dname in args.dtypes.split(","):
             dt = getattr(torch, dname)
-            for shape in args.shapes.split(","):
+            for shape in shapes.split(","):
                 out_f, in_f = (int(v) for v in shape.split("x"))
                 w = make_layer(out_f, in_f, bits, args.group, not args.asym)
                 spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
@@ -138,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
                     t = time_calls(fns, args.min_time * (1 + len(fns)))
                     t_dense = t["dense"]
                     cols = [f"{t[n]:11.1f}" if n in t else f"{'-':>11}" for n in names]
-                    print(f"{bits:>4} {dname[:8]:>8} {shape:>10} {m:>4} {t_dense:8.1f} " + " ".join(cols), flush=True)
+                    extra = ""
+                    if rk in t:
+                        gbs = kernels[rk].nbytes() / (t[rk] * 1e-6) / 1e9
+                        extra = f" {t_dense / t[rk]:8.2f} {gbs:6.1f} {100 * gbs / bw:4.0f}"
+                    print(f"{bits:>4} {dname[:8]:>8} {shape:>10} {m:>4} {t_dense:8.1f} " + " ".join(cols) + extra,
+                          flush=True)
     return 0
 
 
