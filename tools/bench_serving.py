@@ -2,6 +2,11 @@
 """Serving benchmark of several checkpoints of one model against its FP original (docs/RESULTS).
 
     python tools/bench_serving.py --bits 4,3,2 --group-size 64 --method rtn [--lm-head both] [--quick]
+    python tools/bench_serving.py --model random-llama-1b --bits 4,3,2 --lm-head no   # speed at 1B scale
+
+``--model random-llama-1b`` builds (once, under ``--work``) a random-init Llama with TinyLlama-1.1B's
+shape (hidden 2048, 22 layers, 32 heads / 4 KV heads, intermediate 5632) and the default model's
+tokenizer, saved in bf16: its weights are random, so only speed and memory mean anything.
 
 Quantizes the model (``rcsr quantize``; reused when the folder exists), then measures the FP model
 once and every checkpoint with :func:`rcsr_cli.bench.bench_model` -- the numbers of
@@ -24,6 +29,29 @@ import click
 HERE = Path(__file__).resolve().parent.parent
 
 
+def build_random_llama(out: Path) -> Path:
+    """A random-init Llama of TinyLlama-1.1B's shape with the default model's tokenizer, in bf16."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rcsr_deploy import assets
+    from rcsr_deploy.storage import atomic_dir
+
+    tok = AutoTokenizer.from_pretrained(assets.default_model_dir())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
 @click.command()
 @click.option("--model", default="default", show_default=True)
 @click.option("--bits", default="4,3,2", show_default=True)
@@ -33,10 +61,16 @@ HERE = Path(__file__).resolve().parent.parent
 @click.option("--work", default=str(HERE / "runs" / "serving"), show_default=True,
               help="Checkpoints, vLLM logs and the result JSON go here.")
 @click.option("--quick", is_flag=True, help="16 output tokens, one timed iteration.")
+@click.option("--iters", type=int, default=None, help="Timed iterations of each latency run (default 3).")
+@click.option("--throughput-prompts", "throughput_prompts", type=int, default=None,
+              help="vllm bench throughput prompts (default 64; 0 skips).")
+@click.option("--serve-prompts", "serve_prompts", type=int, default=None,
+              help="vllm bench serve prompts (default 32; 0 skips).")
 @click.option("--batch-sizes", "batch_sizes", default="1,16", show_default=True)
 @click.option("--lm-head", "lm_head", type=click.Choice(["no", "yes", "both"]), default="both", show_default=True,
               help="Checkpoints with the decoder linears only, with the output head quantized too (--lm-head), or both.")
-def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_head):
+def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_prompts, serve_prompts, batch_sizes,
+         lm_head):
     from rcsr_deploy.assets import resolve_model
     from rcsr_cli.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
                                    ratios, served_table, table_header, table_rows)
@@ -44,7 +78,12 @@ def main(model, bits, group_size, method, dtype, work, quick, batch_sizes, lm_he
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes))
+    for key, val in (("iters", iters), ("throughput_prompts", throughput_prompts), ("serve_prompts", serve_prompts)):
+        if val is not None:
+            kw[key] = val
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    if model == "random-llama-1b":
+        model = str(build_random_llama(work / "random-llama-1b"))
     fp_dir = resolve_model(model)
     ckpts = []
     heads = {"no": [False], "yes": [True], "both": [False, True]}[lm_head]
