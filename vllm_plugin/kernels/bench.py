@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-time", type=float, default=0.15)
     ap.add_argument("--ratios-of", default="native_cpu",
                     help="kernel whose speed-up over dense, weight GB/s and %% of bandwidth are printed")
+    ap.add_argument("--split-native", action="store_true",
+                    help="time native_cpu's two paths separately (packed-code kernel 'nc:small', dequantize + "
+                         "ATen GEMM 'nc:large') to place the switch-over")
     ap.add_argument("--split-int4", action="store_true",
                     help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
     args = ap.parse_args(argv)
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_int4 and "torch_int4" in names:
         i = names.index("torch_int4")
         names[i:i + 1] = ["i4:mm", "i4:dense"]
+    if args.split_native and "native_cpu" in names:
+        i = names.index("native_cpu")
+        names[i:i + 1] = ["nc:small", "nc:large"]
     rk = args.ratios_of
     header = (f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
               + (f" {'x dense':>8} {'GB/s':>6} {'%bw':>4}" if rk in names else ""))
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
                 kernels = {}
                 for n in names:
-                    base = "torch_int4" if n.startswith("i4:") else n
+                    base = {"i4": "torch_int4", "nc": "native_cpu"}.get(n.split(":")[0], n)
                     if KERNELS[base].unsupported_reason(spec) is None:
                         k = KERNELS[base](spec)
                         k.prepare(w)
@@ -151,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                             k.dense_min_m = 1 << 62
                         elif n == "i4:dense":
                             k.dense_min_m = 0
+                        elif n == "nc:small":
+                            k.large_m = 0
+                        elif n == "nc:large":
+                            k.large_m = 1
                         kernels[n] = k
                 dense = torch.randn(out_f, in_f).to(dt)
                 for m in ms:
