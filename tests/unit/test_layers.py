@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("rcsr_deploy", "vllm_plugin", "rcsr_cli")
 #: the contract (format, and the MoE tensor names of moe_format), the bit layout, the errors: torch only
 PURE = {"rcsr_deploy", "rcsr_deploy.format", "rcsr_deploy.moe_format", "rcsr_deploy.packing", "rcsr_deploy.errors"}
+#: compiled extension modules (setup.py): leaves of the graph, importing nothing of the project
+EXTENSIONS = {"vllm_plugin._rcsr_cpu"}
 
 
 def _module_name(path: Path) -> str:
@@ -51,8 +53,11 @@ def _imports(path: Path) -> set[str]:
 def _graph() -> dict[str, set[str]]:
     files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")]
     mods = {_module_name(p): p for p in files}
-    graph = {}
+    graph = {e: set() for e in EXTENSIONS}
+    mods.update({e: None for e in EXTENSIONS})
     for m, p in mods.items():
+        if p is None:
+            continue
         deps = set()
         for imp in _imports(p):
             while imp and imp not in mods:  # ``from pkg.mod import name``: keep the module
