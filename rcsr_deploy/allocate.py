@@ -4,22 +4,32 @@
 (``gate_up_proj``), DeepSeek's ``q_a_proj``/``kv_a_proj_with_mqa``, and all experts of one MoE layer;
 every other decoder matrix (and the head with ``--lm-head``) is a unit of its own.
 
-**Sensitivity (measured, one pass over up to ``PROBE_WINDOWS`` calibration windows, FP model).**  For
-each block, with its FP inputs ``X``: for every unit ``u`` and allowed width ``b``, quantize only ``u`` at
-``b`` (GPTQ on the full-range grid with the unit's own ``H`` from ``X``; plain RTN for MoE experts), run
-the block and measure the squared
-error of the **block output** ``e(u, b) = ‖block_{u→b}(X) − block(X)‖²``.  Every unit is measured in
-the same currency — the residual stream the block writes — so errors of different layers and blocks
-can be traded against each other (to first order they add up along the residual stream).  A layer's
-own output error ``‖(W − Q)X‖²`` cannot be compared across layer types: q/k/v errors are in attention
-space, o/down errors in the residual stream.  The same pass also reports each unit's relative
-layer-output error in quant_report.json.
+**Sensitivity: predicted end-to-end KL (measured on up to ``PROBE_WINDOWS`` calibration windows of at
+most ``PROBE_SEQLEN`` tokens, FP model).**  One forward/backward pass of the FP model gives, for every
+block ``i``, ``G_i`` = the gradients of the summed next-token loss w.r.t. block ``i``'s output, for
+``FISHER_SAMPLES`` label sets sampled from the FP model's own predictions.  Then per block, with its FP
+inputs ``X``: for every unit ``u`` and allowed width ``b``, quantize only ``u`` at ``b`` (GPTQ on the
+full-range grid with the unit's own ``H`` from ``X``; plain RTN for MoE experts), run the block, take the
+block-output perturbation ``δ = block_{u→b}(X) − block(X)`` and score
+
+    e(u, b) = ½ · mean_k Σ_sequences (G_i,k · δ)² / tokens  ≈  mean per-token KL(p_FP ‖ p_{u→b})
+
+-- the second-order Taylor expansion of the end-to-end KL of the final logits in ``δ`` (its Hessian at
+``δ = 0`` is the Fisher ``E_y[g gᵀ]``, estimated without bias by the sampled-label gradients; every later
+block and attention across tokens included, no diagonal approximation).  All units are scored in one
+currency, nats of the model's output, so errors of different blocks -- which the later blocks amplify
+differently -- can be traded against each other (to first order they add up).  The former proxy, the
+summed block-output squared error ``‖δ‖²``, is kept in the report (``block_errors``): it is on a different
+scale in every block and predicted the measured 3.25-bit allocation better than uniform W3 when it was
+44 % worse (docs/RESULTS.md).
 
 **Allocation.**  Minimise ``Σ_u e(u, b_u)`` subject to ``Σ_u bytes(u, b_u) ≤ budget``, where bytes count
 the packed codes, fp16 scales and uint8 zeros (``avg_bits = 8 · bytes / params`` over the quantized
 weights), by an exact dynamic program over units (multiple-choice knapsack, bytes in buckets of
-budget/50 000, each choice's bytes rounded *up* so the result never exceeds the budget).  ``--bits-rule
-REGEX=BITS`` pins matching units.
+budget/50 000, each choice's bytes rounded *up* so the result never exceeds the budget), then a guard: every
+uniform allocation (one width for all unpinned units) that fits the budget in exact bytes is compared with
+the knapsack's answer and wins when predicted no worse (bucket rounding can drop a uniform width that fits
+to the byte, e.g. ``--avg-bits 3.25`` = uniform W3 g64 sym).  ``--bits-rule REGEX=BITS`` pins matching units.
 """
 from __future__ import annotations
 
@@ -42,6 +52,10 @@ FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", 
 BUCKETS = 50_000
 #: calibration windows the sensitivity probe uses (at most): it ranks units, it does not calibrate them
 PROBE_WINDOWS = 16
+#: ... of at most this many tokens each
+PROBE_SEQLEN = 256
+#: labels sampled per token from the FP model's predictions for the Fisher (KL) estimate
+FISHER_SAMPLES = 4
 
 
 @dataclass
@@ -53,7 +67,8 @@ class Unit:
     shapes: list[tuple[int, int]]
     block: int
     pinned: int | None = None
-    errors: dict[int, float] = field(default_factory=dict)  # width -> block-output squared error
+    errors: dict[int, float] = field(default_factory=dict)  # width -> predicted end-to-end KL (nats/token)
+    block_errors: dict[int, float] = field(default_factory=dict)  # width -> block-output squared error
 
     @property
     def params(self) -> int:
@@ -140,9 +155,80 @@ def _weight(block, local: str) -> torch.Tensor:
     return weight_view(block, local)
 
 
+def output_fisher_factors(model, layers, windows: torch.Tensor, samples: int, seed: int,
+                          batch_size: int, keep: set[int]) -> dict[int, torch.Tensor]:
+    """Per block ``i`` in ``keep``: ``G[i]`` [samples, N, L, d], the gradients of the FP model's summed
+    next-token loss w.r.t. block ``i``'s output, for labels *sampled from the FP model's own predictions*.
+
+    For a perturbation ``δ`` [N, L, d] of block ``i``'s output, ``E_y[(G·δ)²] = δᵀ F δ`` per sequence, where
+    ``F = Σ_t Jₜᵀ (diag pₜ − pₜpₜᵀ) Jₜ`` is the Fisher (= Gauss-Newton = exact Hessian at δ = 0) of the summed
+    ``KL(p_FP ‖ p_perturbed)`` over the sequence's tokens: so ``½ mean_k (G_k·δ)²`` estimates the end-to-end KL
+    to second order, through every later block, attention across tokens included (no diagonal approximation).
+    """
+    gen = torch.Generator().manual_seed(int(seed) + 7919)
+    emb = model.get_input_embeddings()
+    outs: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def f(mod, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            if h.requires_grad:
+                h.retain_grad()
+            outs[i] = h
+        return f
+
+    hooks = [layers[i].register_forward_hook(hook(i)) for i in keep]
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n, L = windows.shape
+    G = {i: None for i in keep}
+    try:
+        for b0 in range(0, n, batch_size):
+            ids = windows[b0:b0 + batch_size]
+            with torch.no_grad():
+                e = emb(ids)
+            e = e.detach().requires_grad_(True)
+            outs.clear()
+            with torch.enable_grad():
+                logits = model(inputs_embeds=e, use_cache=False).logits.float()
+                logp = torch.log_softmax(logits, -1)
+                probs = logp.detach().exp().reshape(-1, logp.shape[-1])
+                for k in range(samples):
+                    y = torch.multinomial(probs, 1, generator=gen).reshape(ids.shape)
+                    loss = -logp.gather(-1, y[..., None]).sum()
+                    for h in outs.values():
+                        h.grad = None
+                    loss.backward(retain_graph=k < samples - 1)
+                    for i in keep:
+                        g = outs[i].grad
+                        g = per_sequence_grad(g, ids.shape[0])
+                        if G[i] is None:
+                            G[i] = torch.zeros(samples, n, *g.shape[1:], dtype=torch.float32)
+                        G[i][k, b0:b0 + ids.shape[0]] = g.float()
+            del logits, logp, probs
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    return G
+
+
+def per_sequence_grad(g: torch.Tensor, n_seq: int) -> torch.Tensor:
+    return g if g.dim() == 3 and g.shape[0] == n_seq else g.reshape(n_seq, -1, g.shape[-1])
+
+
+def fisher_kl(G: torch.Tensor, delta: torch.Tensor) -> float:
+    """Predicted mean per-token ``KL(p_FP ‖ p)`` (nats) of a block-output perturbation ``delta`` [N, L, d]."""
+    proj = torch.einsum("knld,nld->kn", G.double(), delta.double())  # [samples, N]
+    return float(0.5 * (proj ** 2).mean(0).sum() / (delta.shape[0] * delta.shape[1]))
+
+
 def probe(model, tokenizer, cfg, widths: tuple[int, ...], units_by_block: dict[int, list[Unit]],
           progress: bool = True) -> None:
-    """Fill ``unit.errors[b]`` (block-output squared error with only ``unit`` at ``b`` bits) for every unit."""
+    """Fill ``unit.errors[b]`` (predicted end-to-end mean per-token KL with only ``unit`` at ``b`` bits) for
+    every unit; ``unit.block_errors[b]`` keeps the block-output squared error (the former proxy)."""
     from tqdm.auto import tqdm
 
     from .calib.adapter import find_decoder_layers
@@ -152,13 +238,19 @@ def probe(model, tokenizer, cfg, widths: tuple[int, ...], units_by_block: dict[i
 
     layers, prefix = find_decoder_layers(model)
     dtype = next(model.parameters()).dtype
-    windows = calibration_windows(cfg.calib, tokenizer, min(cfg.nsamples, PROBE_WINDOWS), cfg.seqlen, cfg.seed)
+    windows = calibration_windows(cfg.calib, tokenizer, min(cfg.nsamples, PROBE_WINDOWS),
+                                  min(cfg.seqlen, PROBE_SEQLEN), cfg.seed)
+    G = output_fisher_factors(model, layers, windows, FISHER_SAMPLES, cfg.seed, cfg.batch_size,
+                              set(units_by_block))
     x, kwargs = capture_block_inputs(model, layers, windows, cfg.batch_size, "cpu")
     x = x.float() if dtype == torch.float32 else x
     bs = cfg.batch_size
-    for i in tqdm(sorted(units_by_block), desc="sensitivity", disable=not progress):
+    for i in tqdm(range(max(units_by_block) + 1), desc="sensitivity", disable=not progress):
         block = layers[i]
         kw = kwargs[i]
+        if i not in units_by_block:  # a block left out by --blocks: only propagate the FP stream
+            x = run_block(block, x, kw, "cpu", bs, dtype)
+            continue
         groups = discover_groups(block, x, kw, "cpu", dtype)
         mods = dict(block.named_modules())
         firsts = {g[0]: mods[g[0]] for g in groups}
@@ -182,14 +274,43 @@ def probe(model, tokenizer, cfg, widths: tuple[int, ...], units_by_block: dict[i
                     for local, w in deq.items():
                         _weight(block, local).copy_(w.to(dtype))
                 yb = run_block(block, x, kw, "cpu", bs, dtype)
-                u.errors[b] = float(((yb.double() - y.double()) ** 2).sum())
+                delta = yb.double() - y.double()
+                u.block_errors[b] = float((delta ** 2).sum())
+                u.errors[b] = fisher_kl(G[i], delta)
                 with torch.no_grad():
                     for local, w in saved.items():
                         _weight(block, local).copy_(w)
+        G.pop(i)
         x = y
 
 
 def allocate(units: list[Unit], widths: tuple[int, ...], budget_bytes: int, group_size: int,
+             sym: bool) -> dict[str, int]:
+    """The width of every unit minimising the summed predicted error within budget: the exact knapsack
+    (``knapsack``), then the uniform allocations compared with *exact* bytes -- the knapsack rounds each
+    choice's bytes up to a bucket, which can push a uniform width that fits exactly (``--avg-bits 3.25`` is
+    uniform W3 g64 to the byte) out of its feasible set.  A uniform width that fits and is predicted no worse
+    than the knapsack's choice wins (ties go to uniform)."""
+    try:
+        best = knapsack(units, widths, budget_bytes, group_size, sym)
+    except RcsrError:
+        best = None
+    best_err = float("inf") if best is None else sum(u.errors[best[u.name]] for u in units)
+    for b in sorted(widths, reverse=True):
+        uni = {u.name: (b if u.pinned is None else u.pinned) for u in units}
+        if not all(w in u.errors for u, w in zip(units, uni.values())):
+            continue
+        if sum(u.nbytes(uni[u.name], group_size, sym) for u in units) > budget_bytes:
+            continue
+        err = sum(u.errors[uni[u.name]] for u in units)
+        if err <= best_err:
+            best, best_err = uni, err
+    if best is None:
+        return knapsack(units, widths, budget_bytes, group_size, sym)  # raises the budget error
+    return best
+
+
+def knapsack(units: list[Unit], widths: tuple[int, ...], budget_bytes: int, group_size: int,
              sym: bool) -> dict[str, int]:
     """Exact multiple-choice knapsack: the width of every unit minimising the summed error within budget."""
     bucket = max(budget_bytes / BUCKETS, 1.0)
@@ -278,6 +399,7 @@ def plan(model, tokenizer, cfg, avg_bits: float, widths: tuple[int, ...], rules:
     uniform = {b: sum(u.errors.get(b, float("nan")) for u in units) for b in widths}
     module_bits = {m: chosen[u.name] for u in units for m in u.modules}
     rows = [{"unit": u.name, "bits": chosen[u.name], "params": u.params, "errors": u.errors,
+             "block_errors": u.block_errors,
              "bytes": {b: u.nbytes(b, cfg.group_size, cfg.sym) for b in widths}, "pinned": u.pinned} for u in units]
     alloc = Allocation(chosen, module_bits, budget, predicted, params,
                        sum(u.errors[chosen[u.name]] for u in units), uniform, time.perf_counter() - t0, rows)

@@ -131,3 +131,61 @@ def test_uniform_budget_gives_uniform_codes(tiny_dir, text_file, tmp_path):
     assert set(a) == set(b) and plain
     for m in a:
         assert torch.equal(a[m].codes, b[m].codes) and torch.equal(a[m].scale, b[m].scale), m
+
+
+def test_uniform_width_that_fits_is_considered():
+    """Guard: the uniform allocation at a width that fits the budget (exact bytes) is one of the candidates.
+
+    The budget is exactly uniform W3; the knapsack rounds each choice's bytes up to a bucket, so on its own
+    it cannot fit all-W3 and must push a unit down to W2 (predicted 100× worse).  ``allocate`` must return
+    uniform W3, and must keep the knapsack's answer where a mixed allocation is predicted better."""
+    from rcsr_deploy.allocate import knapsack
+
+    shapes = [(64, 128), (192, 128), (320, 128), (128, 128), (256, 128), (64, 128), (192, 128)]
+    units = [Unit(f"u{k}", [f"u{k}"], [s], 0, errors={2: 100.0, 3: 1.0, 4: 0.9}) for k, s in enumerate(shapes)]
+    budget = sum(u.nbytes(3, 32, True) for u in units)
+    dp = knapsack(units, (2, 3, 4), budget, 32, True)
+    assert set(dp.values()) != {3}, "precondition: bucket rounding excludes uniform W3 from the DP"
+    chosen = allocate(units, (2, 3, 4), budget, 32, True)
+    assert chosen == {u.name: 3 for u in units}
+    # a mixed allocation that is predicted better than every uniform one that fits is kept
+    for k, u in enumerate(units):
+        u.errors = {2: 1.0, 3: 1.0, 4: 1.0} if k % 2 else {2: 50.0, 3: 10.0, 4: 0.1}
+    chosen = allocate(units, (2, 3, 4), budget, 32, True)
+    assert len(set(chosen.values())) > 1
+    assert sum(u.nbytes(chosen[u.name], 32, True) for u in units) <= budget
+    # pinned units stay pinned in the uniform candidate
+    for u in units:
+        u.errors = {2: 100.0, 3: 1.0, 4: 0.9}
+    units[0].pinned = 2
+    chosen = allocate(units, (2, 3, 4), budget, 32, True)
+    assert chosen["u0"] == 2
+
+
+def test_fisher_kl_predicts_end_to_end_kl():
+    """The sensitivity currency: ``fisher_kl(G_i, δ)`` (sampled-label Fisher of the final logits, pulled back to
+    block ``i``'s output) matches the measured mean per-token KL(p_FP ‖ p) of adding a small ``δ`` to that
+    output, for the first and the last block -- errors of different blocks land on one scale."""
+    import torch.nn.functional as F
+
+    from rcsr_deploy.allocate import fisher_kl, output_fisher_factors
+
+    model = tiny_llama(layers=3, vocab_size=256, initializer_range=0.25)
+    layers, _ = find_decoder_layers(model)
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, 256, (6, 24), generator=g)
+    G = output_fisher_factors(model, layers, windows, 256, 0, 3, {0, 2})
+    with torch.no_grad():
+        ref = F.log_softmax(model(windows).logits.double(), -1)
+    for i in (0, 2):
+        delta = 0.02 * torch.randn(6, 24, 64, generator=g)
+        h = layers[i].register_forward_hook(
+            lambda m, a, out: ((out[0] + delta,) + tuple(out[1:])) if isinstance(out, tuple) else out + delta)
+        try:
+            with torch.no_grad():
+                lp = F.log_softmax(model(windows).logits.double(), -1)
+        finally:
+            h.remove()
+        measured = float((ref.exp() * (ref - lp)).sum(-1).mean())
+        predicted = fisher_kl(G[i], delta)
+        assert measured > 0 and abs(predicted / measured - 1) < 0.25, (i, predicted, measured)
