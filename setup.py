@@ -41,7 +41,9 @@ def native_extension():
             else:
                 print(f"rcsr-deploy: built {ext.name} in {time.time() - t0:.0f} s", file=sys.stderr)
 
-    ext = CppExtension("vllm_plugin._rcsr_cpu", SOURCES, extra_compile_args=["-O3", "-std=c++17"])
+    # -fopenmp: at::parallel_for is inline ATen code that only runs in parallel when compiled with OpenMP
+    ext = CppExtension("vllm_plugin._rcsr_cpu", SOURCES, extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+                       extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": OptionalBuildExtension}
 
 

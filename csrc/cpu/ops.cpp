@@ -54,6 +54,16 @@ const char* isa_name(int64_t isa) {
   return isa >= 0 && isa <= 3 ? names[isa] : "?";
 }
 
+// how many threads an at::parallel_for of this library really uses (0 .. n): a build without OpenMP
+// would silently run every kernel on one thread
+int64_t parallel_threads(int64_t n) {
+  std::vector<char> used(at::get_num_threads(), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { used[at::get_thread_num()] = 1; });
+  int64_t k = 0;
+  for (char u : used) k += u;
+  return k;
+}
+
 using GemmFn = void (*)(const GemmArgs&, int64_t, int64_t);
 using DequantFn = void (*)(const DequantArgs&, int64_t, int64_t);
 
@@ -380,5 +390,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rcsr-deploy native CPU low-bit GEMM (ops under torch.ops.rcsr_cpu)";
   m.def("isa_supported", &rcsr_cpu::isa_supported, "whether this CPU can run ISA level i (0 scalar .. 3 avx512_bf16)");
   m.def("best_isa", &rcsr_cpu::best_isa, "the fastest ISA level this CPU runs");
+  m.def("parallel_threads", &rcsr_cpu::parallel_threads, "threads an at::parallel_for over n items uses here");
   m.attr("ISA_NAMES") = pybind11::make_tuple("scalar", "avx2", "avx512", "avx512_bf16");
 }

@@ -38,6 +38,16 @@ def test_extension_is_built_and_dispatched_first():
     assert select_kernel(spec_of(96, 256, 4, 16, True, False, torch.bfloat16), log=False).name != "native_cpu"
 
 
+def test_kernels_run_on_every_thread():
+    """The extension is built with OpenMP: its parallel loops use all of torch's threads."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert nc.extension().parallel_threads(64) == 2
+    finally:
+        torch.set_num_threads(old)
+
+
 def _py_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Independent packer written from the layout text in csrc/cpu/kernel.h."""
     n, k = codes.shape
