@@ -214,14 +214,49 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& packed, const at::T
 
 // x (permuted) in the kernel's input form: fp32, or bf16 for the bf16 kernel, zero-padded to
 // k_blocks*32 columns and blocked [k_blocks][M][32]; and the group sums of x in fp32 [M][n_groups].
+template <typename T>
+void block_rows(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, bool bf16_out, void* xk, float* xsum) {
+  const int64_t gl = k / ng;
+  for (int64_t r = 0; r < m; ++r) {
+    const T* row = x + r * k;
+    for (int64_t g = 0; g < ng; ++g) {
+      double acc = 0;
+      for (int64_t c = g * gl; c < (g + 1) * gl; ++c) acc += static_cast<float>(row[c]);
+      xsum[r * ng + g] = static_cast<float>(acc);
+    }
+    for (int64_t c = 0; c < kpad; ++c) {
+      const int64_t dst = (c / KB) * m * KB + r * KB + c % KB;
+      if (bf16_out) {
+        static_cast<uint16_t*>(xk)[dst] = c < k ? reinterpret_cast<const uint16_t*>(row)[c] : 0;
+      } else {
+        static_cast<float*>(xk)[dst] = c < k ? static_cast<float>(row[c]) : 0.f;
+      }
+    }
+  }
+}
+
+// x (permuted, contiguous) in the kernel's input form, in one pass: fp32, or bf16 for the bf16
+// kernel, zero-padded to k_blocks*32 columns and blocked [k_blocks][M][32]; and the group sums of x
+// [M][n_groups] (fp32, summed in double).
 void kernel_inputs(const at::Tensor& xp, const Problem& p, at::Tensor* xk, at::Tensor* xsum) {
   const int64_t m = xp.size(0), kpad = p.k_blocks * KB;
-  const auto kdtype = p.isa == kAvx512Bf16 ? at::kBFloat16 : at::kFloat;
-  auto xpad = at::zeros({m, kpad}, xp.options().dtype(kdtype));
-  xpad.narrow(1, 0, p.k).copy_(xp);
-  *xk = xpad.view({m, p.k_blocks, KB}).permute({1, 0, 2}).contiguous();
-  const auto xf = xp.to(at::kFloat);
-  *xsum = xf.view({m, p.n_groups, p.k / p.n_groups}).sum(-1).contiguous();
+  const bool bf16 = p.isa == kAvx512Bf16;
+  *xk = at::empty({p.k_blocks, m, KB}, xp.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  *xsum = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
+  void* dst = xk->data_ptr();
+  float* xs = xsum->data_ptr<float>();
+  switch (xp.scalar_type()) {
+    case at::kFloat: block_rows(xp.data_ptr<float>(), m, p.k, kpad, p.n_groups, false, dst, xs); break;
+    case at::kBFloat16: block_rows(xp.data_ptr<at::BFloat16>(), m, p.k, kpad, p.n_groups, bf16, dst, xs); break;
+    case at::kHalf: block_rows(xp.data_ptr<at::Half>(), m, p.k, kpad, p.n_groups, false, dst, xs); break;
+    default: TORCH_CHECK(false, "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
+  }
+}
+
+// tiles per parallel chunk: small layers (a decode step of a small model) run on the calling thread
+int64_t tile_grain(const Problem& p, int64_t m) {
+  const int64_t work = p.k_blocks * KB * NT * std::max<int64_t>(m, 1);  // MACs per tile
+  return std::max<int64_t>(1, (1 << 18) / work);
 }
 
 GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, const at::Tensor& xsum, float* out,
@@ -234,7 +269,7 @@ GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, cons
   a.zeros = w.zeros;
   a.out = out;
   a.M = xk.size(1);
-  a.x_block_stride = xk.size(1) * KB;
+  a.x_block_stride = xk.size(1) * KB;  // xk is [k_blocks][M][32]
   a.out_stride = out_stride;
   a.k_blocks = p.k_blocks;
   a.n_groups = p.n_groups;
@@ -294,11 +329,13 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   }
   at::Tensor xk, xsum;
   kernel_inputs(xp, p, &xk, &xsum);
-  auto acc = at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
+  // fp32 output whose width is whole tiles: the kernel writes it directly
+  const bool direct = x.scalar_type() == at::kFloat && n == p.n_tiles * NT;
+  auto acc = direct ? out : at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
   const GemmArgs a = make_args(p, w, xk, xsum, acc.data_ptr<float>(), acc.size(1));
   const GemmFn fn = gemm_fn(p.isa);
-  at::parallel_for(0, p.n_tiles, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
-  out.copy_(acc.narrow(1, 0, n));
+  at::parallel_for(0, p.n_tiles, tile_grain(p, m), [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  if (!direct) out.copy_(acc.narrow(1, 0, n));
   return out;
 }
 
