@@ -50,7 +50,8 @@ def cli(verbose: int) -> None:
 @click.option("--group-size", "group_size", default="128", show_default=True, help="32, 64, 128 or 'channel'.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (GPTQ uint-b8 style) or asymmetric grid.")
 @click.option("--beam", type=int, default=None, help="K-SNRQ beams per row (ksnrq only; default 4).")
-@click.option("--alpha", default="sample", show_default=True, help="'sample' (Beta per sequence), 'closed-form', or a number in [0,1].")
+@click.option("--alpha", default="sample", show_default=True, help="'sample' (Beta per sequence), 'closed-form', 'auto' (per layer, chosen on held-back calibration "
+                   "sequences among 0/0.125/0.25/0.5/1; 0 = GPTQ's target is a candidate), or a number in [0,1].")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
 @click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,

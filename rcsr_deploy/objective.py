@@ -18,7 +18,19 @@ so every rounding method keeps GPTQ's quadratic form.  α = 0 is GPTQ's objectiv
 * sampled per sequence: ``u ~ Beta(m, m)``, ``α_s = min(u, 1−u) ∈ [0, 0.5]``, and ``ΔX_s`` is scaled by
   ``α_s`` before it enters ``D`` (then ``W_ref = W (H + D) H⁻¹``);
 * closed form: given a quantized point ``Q₀`` (the α = 0 decode), the α minimising
-  ``‖W_ref(α) − Q₀‖²_H`` is ``α* = clamp(⟨Q₀ − W, W D⟩_F / tr(W D H⁻¹ (W D)ᵀ), 0, 1)``.
+  ``‖W_ref(α) − Q₀‖²_H`` is ``α* = clamp(⟨Q₀ − W, W D⟩_F / tr(W D H⁻¹ (W D)ᵀ), 0, 1)``;
+* auto (chosen from data, per layer): every 4th calibration sequence is held back
+  (``holdout_sequences``).  For each candidate α in ``AUTO_ALPHAS`` the layer is quantized on the
+  other sequences (``H_fit``, ``D_fit``); the candidate whose ``Q_α`` has the smallest *held-out*
+  error of the quantized path against the FP output,
+
+      e_v(Q) = ‖W X_v − Q X̃_v‖² = tr(E H_v Eᵀ) + 2⟨E, W D_v⟩ + tr(W G_v Wᵀ),   E = W − Q,
+      G_v = ΔX_v ΔX_vᵀ,
+
+  wins, and the layer is quantized once more at that α on all sequences.  α = 0 (GPTQ) is a
+  candidate, so where the regularized target does not generalise better than GPTQ's, GPTQ's target
+  is kept.  ``e_v`` is the error every α trades off (α = 1 minimises it on the fitted sequences, α = 0
+  ignores its ``ΔX`` part); judging it on unseen sequences is what keeps the choice honest.
 
 SARQC (saliency-aware regularized calibration) adds a drift penalty on the deviation from the FP
 weights, weighted per input channel by a saliency ``s_j``:
@@ -48,23 +60,46 @@ from .errors import RcsrError
 log = logging.getLogger(__name__)
 
 
-class LayerStats:
-    """Running fp32 accumulators ``H`` and ``D`` for one linear layer (or a group sharing inputs)."""
+#: every ``HOLDOUT_EVERY``-th calibration sequence is held back by ``--alpha auto``
+HOLDOUT_EVERY = 4
 
-    def __init__(self, in_features: int, device: torch.device | str, with_d: bool):
+
+def holdout_sequences(n: int) -> torch.Tensor:
+    """Boolean ``[n]``: the calibration sequences ``--alpha auto`` holds back (``s % 4 == 3``; with
+    fewer than four sequences the last one)."""
+    mask = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+    if not mask.any() and n >= 2:
+        mask[-1] = True
+    return mask
+
+
+class LayerStats:
+    """Running fp32 accumulators ``H`` and ``D`` for one linear layer (or a group sharing inputs).
+
+    With ``holdout=True`` the rows flagged ``held_out`` in :meth:`add` are *also* accumulated into
+    ``self.val`` (their ``H``, unscaled ``D`` and ``G = ΔX ΔXᵀ``), for ``--alpha auto``;
+    :meth:`fit` gives ``H``/``D`` of the other rows."""
+
+    def __init__(self, in_features: int, device: torch.device | str, with_d: bool, holdout: bool = False):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.D = torch.zeros_like(self.H) if with_d else None
         self.tokens = 0
+        self.val = HeldOutStats(in_features, device) if holdout else None
 
-    def add(self, x_q: torch.Tensor, x_fp: torch.Tensor | None = None, dx_scale=1.0) -> None:
+    def add(self, x_q: torch.Tensor, x_fp: torch.Tensor | None = None, dx_scale=1.0, held_out=None) -> None:
         """Add sequences: ``x_q``/``x_fp`` are ``[B, L, in]`` (or ``[L, in]``) inputs on the quantized /
-        FP path; ``dx_scale`` (float or ``[B]``) scales each sequence's ``ΔX`` (sampled α)."""
+        FP path; ``dx_scale`` (float or ``[B]``) scales each sequence's ``ΔX`` (sampled α);
+        ``held_out`` (bool ``[B]``) flags the rows that also go to the held-out statistics."""
         if x_q.dim() == 2:
             x_q = x_q.unsqueeze(0)
             x_fp = None if x_fp is None else x_fp.unsqueeze(0)
         a = x_q.float()
         if not torch.isfinite(a).all():
             raise RcsrError("non-finite (NaN/Inf) activations reached a linear layer during calibration")
+        if self.val is not None and held_out is not None:
+            rows = torch.as_tensor(held_out, dtype=torch.bool).to(a.device).nonzero().flatten()
+            if rows.numel():
+                self.val.add(a[rows], x_fp[rows].float())
         n = a.shape[0] * a.shape[1]
         total = self.tokens + n
         keep = self.tokens / total
@@ -77,6 +112,48 @@ class LayerStats:
             dx = ((x_fp.float() - a) * (scale * math.sqrt(2.0 / total))).reshape(-1, a.shape[-1])
             self.D.mul_(keep).addmm_(dx.T, a_s)
         self.tokens = total
+
+    def fit(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """``(H, D, tokens)`` of the rows *not* held out (``D`` unscaled: ``--alpha auto`` adds no
+        per-sequence scale)."""
+        n, nv = self.tokens, self.val.tokens
+        nf = n - nv
+        if nf <= 0:
+            return self.H, self.D, 0
+        H = (self.H * n - self.val.H * nv) / nf
+        D = None if self.D is None else (self.D * n - self.val.D * nv) / nf
+        return H, D, nf
+
+
+class HeldOutStats:
+    """``H_v = (2/N) Σ X̃X̃ᵀ``, ``D_v = (2/N) Σ ΔX X̃ᵀ``, ``G_v = (2/N) Σ ΔX ΔXᵀ`` of held-out rows."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.D = torch.zeros_like(self.H)
+        self.G = torch.zeros_like(self.H)
+        self.tokens = 0
+
+    def add(self, a: torch.Tensor, x_fp: torch.Tensor) -> None:
+        n = a.shape[0] * a.shape[1]
+        total = self.tokens + n
+        keep = self.tokens / total
+        c = math.sqrt(2.0 / total)
+        a_s = a.reshape(-1, a.shape[-1]) * c
+        dx = (x_fp - a).reshape(-1, a.shape[-1]) * c
+        self.H.mul_(keep).addmm_(a_s.T, a_s)
+        self.D.mul_(keep).addmm_(dx.T, a_s)
+        self.G.mul_(keep).addmm_(dx.T, dx)
+        self.tokens = total
+
+    def error(self, W: torch.Tensor, Q: torch.Tensor) -> float:
+        """Relative held-out error ``‖W X_v − Q X̃_v‖² / ‖W X_v‖²`` (fp64), ``X_v = X̃_v + ΔX_v``."""
+        W, E = W.double(), (W - Q).double()
+        H, D, G = self.H.double(), self.D.double(), self.G.double()
+        WD = W @ D
+        err = torch.sum((E @ H) * E) + 2 * torch.sum(E * WD) + torch.sum((W @ G) * W)
+        ref = torch.sum((W @ H) * W) + 2 * torch.sum(W * WD) + torch.sum((W @ G) * W)
+        return float(err / ref.clamp(min=1e-30))
 
 
 def sample_alphas(n: int, m: float, seed: int) -> np.ndarray:

@@ -117,6 +117,24 @@ def _allocate(model, tokenizer, cfg: QuantizeConfig, progress: bool):
     return alloc
 
 
+def _held_out_ratios(report: dict) -> dict[str, list[tuple[int, float]]]:
+    """``--alpha auto``: per block, the geometric mean over its modules of held-out error at each
+    candidate α (and at the chosen one) divided by the held-out error at α = 0 (GPTQ's target)."""
+    import math
+    per: dict[str, dict[int, list[float]]] = {}
+    for entry in report["layers"]:
+        for info in entry["modules"].values():
+            errs = (info.get("alpha_validation") or {}).get("errors")
+            if not errs or errs.get("0.0", 0) <= 0:
+                continue
+            base = errs["0.0"]
+            for a, e in list(errs.items()) + [("chosen", errs.get(str(info.get("alpha"))))]:
+                if a != "0.0" and e is not None and e > 0:
+                    label = a if a == "chosen" else f"α = {a}"
+                    per.setdefault(label, {}).setdefault(entry["block"], []).append(math.log(e / base))
+    return {label: sorted((b, math.exp(sum(v) / len(v))) for b, v in blocks.items()) for label, blocks in per.items()}
+
+
 def _plot_report(report: dict) -> bytes | None:
     """Per-block relative output error of every module, as PNG bytes."""
     try:
@@ -136,11 +154,13 @@ def _plot_report(report: dict) -> bytes | None:
     if not series:
         return None
     alloc = report.get("allocation")
-    if alloc:
-        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 7.5), dpi=110, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
-    else:
-        fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    heldout = _held_out_ratios(report)
+    panels = 1 + bool(alloc) + bool(heldout)
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 4.5 + 3 * (panels - 1)), dpi=110, sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3] + [2] * (panels - 1)})
+    ax = axes[0][0]
+    ax2 = axes[1][0] if alloc else None
+    ax3 = axes[-1][0] if heldout else None
     for mod, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=mod)
     cfg = report["config"]
@@ -164,6 +184,18 @@ def _plot_report(report: dict) -> bytes | None:
                       fontsize=9)
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=7, ncol=3)
+    if heldout:
+        for label, pts in heldout.items():
+            ax3.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if label != "chosen" else "o",
+                     lw=2.2 if label == "chosen" else 1, label=label)
+        ax3.axhline(1.0, color="k", lw=0.8)
+        ax3.set_yscale("log")
+        ax3.set_xlabel("decoder block")
+        ax3.set_ylabel("held-out error / GPTQ's (α = 0)")
+        ax3.set_title("--alpha auto: held-out ‖WX − QX̃‖² of each α against α = 0 (geometric mean over the "
+                      "block's modules; < 1: regularization helps)", fontsize=8)
+        ax3.grid(True, alpha=0.3)
+        ax3.legend(fontsize=7, ncol=3)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

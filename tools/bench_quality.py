@@ -69,6 +69,12 @@ METHODS = {  # the paper's comparison rows use the full-range (minmax) grid; "-m
     "snrq-mse": dict(method="snrq", alpha="sample", clip="mse"),
     "ksnrq4-mse": dict(method="ksnrq", alpha="sample", beam=4, clip="mse"),
     "snrq-sarqc-mse": dict(method="snrq", alpha="sample", sarqc_lambda=0.1, clip="mse"),
+    # α chosen per layer on held-back calibration sequences (--alpha auto)
+    "snrq-auto": dict(method="snrq", alpha="auto", clip="minmax"),
+    "snrq-auto-mse": dict(method="snrq", alpha="auto", clip="mse"),
+    "snrq-cf-mse": dict(method="snrq", alpha="closed-form", clip="mse"),
+    "gptaq-mse": dict(method="gptaq", clip="mse"),
+    "ksnrq4-auto-mse": dict(method="ksnrq", alpha="auto", beam=4, clip="mse"),
     "rtn-sarqc": dict(method="rtn", clip="mse", sarqc_lambda=0.1),
 }
 # SARQC λ sweep: snrq-sarqc<λ> / rtn-sarqc<λ> (λ = 0.1 is the plain name above)
@@ -205,10 +211,13 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                         del qm
                     groups = sorted({json.dumps(e["groups"]) for e in rep["layers"] if "groups" in e})
                     alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
+                    chosen = [i["alpha"] for e in rep["layers"] for i in e["modules"].values()
+                              if i.get("alpha_mode") == "auto"]
                     record({"setting": setting, "method": row_name, "seed": seed, "ppl": r["ppl"],
                             "ppl_fp_head": r.get("ppl_fp_head"),
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
+                            "alpha_counts": {str(a): chosen.count(a) for a in sorted(set(chosen))} or None,
                             "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
                             "allocation": {k: v for k, v in rep.get("allocation", {}).items() if k != "units"}
                             or None,

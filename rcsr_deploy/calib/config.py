@@ -15,6 +15,10 @@ METHODS = ("rtn", "gptq", "gptaq", "snrq", "ksnrq")
 #: measurement).  The reference code starts from its default fixed α, 0.25; so do we.
 CLOSED_FORM_START = 0.25
 
+#: ``--alpha auto``'s candidates, judged per layer on held-back calibration sequences
+#: (``objective`` module doc).  α = 0 is GPTQ's target: the choice never loses to it on held-out data.
+AUTO_ALPHAS = (0.0, 0.125, 0.25, 0.5, 1.0)
+
 
 @dataclass
 class QuantizeConfig:
@@ -25,7 +29,7 @@ class QuantizeConfig:
     group_size: int = 128
     sym: bool = True
     beam: int = 1
-    alpha: str = "sample"  # "sample" | "closed-form" | a float as string
+    alpha: str = "sample"  # "sample" | "closed-form" | "auto" | a float as string
     alpha_m: float = 5.0
     sarqc_lambda: float = 0.0
     clip: str = "auto"  # "auto" | "minmax" | "mse"; auto is resolved in __post_init__
@@ -79,17 +83,20 @@ class QuantizeConfig:
             raise RcsrError("--beam must be >= 1")
         if self.beam > 1 and self.method != "ksnrq":
             raise RcsrError(f"--beam {self.beam} needs --method ksnrq")
-        if self.alpha not in ("sample", "closed-form"):
+        if self.alpha not in ("sample", "closed-form", "auto"):
             try:
                 a = float(self.alpha)
             except ValueError:
-                raise RcsrError(f"--alpha must be 'sample', 'closed-form' or a number in [0, 1], got {self.alpha!r}") from None
+                raise RcsrError(f"--alpha must be 'sample', 'closed-form', 'auto' or a number in [0, 1], "
+                                f"got {self.alpha!r}") from None
             if not 0.0 <= a <= 1.0:
                 raise RcsrError(f"--alpha must be in [0, 1], got {a}")
         if self.sarqc_lambda < 0:
             raise RcsrError("--sarqc-lambda must be >= 0")
         if self.method != "rtn" and (self.nsamples < 1 or self.seqlen < 8):
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.alpha_mode[0] == "auto" and self.nsamples < 2:
+            raise RcsrError("--alpha auto holds calibration sequences back: it needs --nsamples >= 2")
         if self.avg_bits:
             for w in self.widths:
                 QuantSpec(w, self.group_size, self.sym).check()
@@ -121,7 +128,8 @@ class QuantizeConfig:
     # -- derived behaviour -------------------------------------------------------------------
     @property
     def alpha_mode(self) -> tuple[str, float]:
-        """('fixed', α) | ('sample', 1.0) | ('closed-form', CLOSED_FORM_START) after method defaults."""
+        """('fixed', α) | ('sample', 1.0) | ('closed-form', CLOSED_FORM_START) | ('auto', 0.0) after method
+        defaults."""
         if self.method == "gptq":
             return "fixed", 0.0
         if self.method == "gptaq":
@@ -130,6 +138,8 @@ class QuantizeConfig:
             return "sample", 1.0
         if self.alpha == "closed-form":
             return "closed-form", CLOSED_FORM_START
+        if self.alpha == "auto":
+            return "auto", 0.0
         return "fixed", float(self.alpha)
 
     @property

@@ -28,7 +28,7 @@ import logging
 import torch
 
 from ..format import QuantizedTensor
-from ..objective import LayerStats, sample_alphas
+from ..objective import LayerStats, holdout_sequences, sample_alphas
 from .adapter import ExpertsModule
 from .config import QuantizeConfig
 from .solver import quantize_linear
@@ -67,6 +67,13 @@ def _token_alphas(alphas, b0: int, seq_len: int, rows: torch.Tensor):
     return alphas[b0 + torch.div(rows.cpu(), seq_len, rounding_mode="floor")]
 
 
+def _token_held_out(held, b0: int, seq_len: int, rows: torch.Tensor):
+    """Which tokens belong to a held-back sequence (``--alpha auto``), or None."""
+    if held is None:
+        return None
+    return held[b0 + torch.div(rows.cpu(), seq_len, rounding_mode="floor")]
+
+
 def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: QuantizeConfig, prefix: str,
                       seed: int, bar=None) -> dict[str, QuantizedTensor]:
     """Quantize every expert of the fused experts module ``name`` of block ``i`` (see the module doc)."""
@@ -78,23 +85,26 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
     mode, _ = cfg.alpha_mode
     with_d = streams.fp is not None
     alphas = sample_alphas(streams.q.shape[0], cfg.alpha_m, seed) if mode == "sample" else None
+    held = holdout_sequences(streams.q.shape[0]) if mode == "auto" else None
     hidden = ex.weight(0, "gate_proj").shape[1]
     inter = ex.intermediate
 
     # 1. routed tokens -> H_e, D_e of gate/up (and of all tokens, for the fallback)
     counts = torch.zeros(n_exp, dtype=torch.long)
-    stats = [LayerStats(hidden, device, with_d) for _ in range(n_exp)]
-    stats_all = LayerStats(hidden, device, with_d)
+    stats = [LayerStats(hidden, device, with_d, holdout=held is not None) for _ in range(n_exp)]
+    stats_all = LayerStats(hidden, device, with_d, holdout=held is not None)
     for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
         rows_all = torch.arange(xq.shape[0], device=xq.device)
         stats_all.add(xq.unsqueeze(1), None if xf is None else xf.unsqueeze(1),
-                      dx_scale=_token_alphas(alphas, b0, seq_len, rows_all))
+                      dx_scale=_token_alphas(alphas, b0, seq_len, rows_all),
+                      held_out=_token_held_out(held, b0, seq_len, rows_all))
         for e in range(n_exp):
             rows = (idx == e).any(-1).nonzero().flatten()
             counts[e] += rows.numel()
             if rows.numel():
                 stats[e].add(xq[rows].unsqueeze(1), None if xf is None else xf[rows].unsqueeze(1),
-                             dx_scale=_token_alphas(alphas, b0, seq_len, rows))
+                             dx_scale=_token_alphas(alphas, b0, seq_len, rows),
+                             held_out=_token_held_out(held, b0, seq_len, rows))
     routed = [cfg.moe_calib == "routed" and int(counts[e]) >= max(cfg.moe_min_tokens, 1) for e in range(n_exp)]
     out: dict[str, QuantizedTensor] = {}
     for e in range(n_exp):
@@ -115,7 +125,7 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
     def mlp_in(x, ex_, e, act):
         return act(x @ ex_.weight(e, "gate_proj").t()) * (x @ ex_.weight(e, "up_proj").t())
 
-    dstats = [LayerStats(inter, device, with_d) for _ in range(n_exp)]
+    dstats = [LayerStats(inter, device, with_d, holdout=held is not None) for _ in range(n_exp)]
     with torch.inference_mode():
         for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
             for e in range(n_exp):
@@ -126,7 +136,8 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
                 hq = mlp_in(xq[rows], ex, e, act_q)
                 hf = mlp_in(xf[rows], fp_ex, e, act_f) if xf is not None else None
                 dstats[e].add(hq.unsqueeze(1), None if hf is None else hf.unsqueeze(1),
-                              dx_scale=_token_alphas(alphas, b0, seq_len, rows))
+                              dx_scale=_token_alphas(alphas, b0, seq_len, rows),
+                              held_out=_token_held_out(held, b0, seq_len, rows))
     for e in range(n_exp):
         part = "down_proj"
         full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RcsrError
 from ..format import QuantizedTensor
-from ..objective import LayerStats, sample_alphas
+from ..objective import LayerStats, holdout_sequences, sample_alphas
 from .adapter import (
     OutputHead,
     check_finite,
@@ -192,9 +192,10 @@ def _calibrate_block(block, fp_block, i: int, streams: Streams, cfg: QuantizeCon
         need = streams.fp.shape[0] * streams.fp.shape[1] * sum(m.in_features for m in firsts.values()) * elem
         if need <= fp_capture_bytes:
             fp_next, fp_cache = run_block_capturing(fp_block, streams.fp, kwargs, device, bs, dtype, firsts)
+    held = holdout_sequences(streams.q.shape[0]) if mode == "auto" else None
     for gi, group in enumerate(groups):
         first = mods[group[0]]
-        stats = LayerStats(first.in_features, device, with_d=streams.fp is not None)
+        stats = LayerStats(first.in_features, device, with_d=streams.fp is not None, holdout=held is not None)
         alphas = (sample_alphas(streams.q.shape[0], cfg.alpha_m, _seed(cfg.seed, i, gi))
                   if mode == "sample" else None)
         if fp_cache is not None:
@@ -208,7 +209,7 @@ def _calibrate_block(block, fp_block, i: int, streams: Streams, cfg: QuantizeCon
             for b0, xq in q_iter:
                 xf = next(fp_iter)[1] if fp_iter is not None else None
                 scale = 1.0 if alphas is None else alphas[b0:b0 + xq.shape[0]]
-                stats.add(xq, xf, dx_scale=scale)
+                stats.add(xq, xf, dx_scale=scale, held_out=None if held is None else held[b0:b0 + xq.shape[0]])
         finally:  # removes the hooks even if a generator is left suspended
             q_iter.close()
             if fp_iter is not None:
@@ -232,7 +233,8 @@ def _head_stats(head: OutputHead, streams: Streams, cfg: QuantizeConfig, index: 
     mode, _ = cfg.alpha_mode
     device, dtype = streams.device, streams.dtype
     q_stream, fp_stream = streams.q, streams.fp
-    stats = LayerStats(head.module.in_features, device, with_d=fp_stream is not None)
+    held = holdout_sequences(q_stream.shape[0]) if mode == "auto" else None
+    stats = LayerStats(head.module.in_features, device, with_d=fp_stream is not None, holdout=held is not None)
     alphas = sample_alphas(q_stream.shape[0], cfg.alpha_m, _seed(cfg.seed, index, 0)) if mode == "sample" else None
     norm = head.norm.to(device)
     try:
@@ -241,7 +243,7 @@ def _head_stats(head: OutputHead, streams: Streams, cfg: QuantizeConfig, index: 
                 xq = norm(q_stream[b0:b0 + cfg.batch_size].to(device, dtype))
                 xf = None if fp_stream is None else norm(fp_stream[b0:b0 + cfg.batch_size].to(device, dtype))
                 scale = 1.0 if alphas is None else alphas[b0:b0 + xq.shape[0]]
-                stats.add(xq, xf, dx_scale=scale)
+                stats.add(xq, xf, dx_scale=scale, held_out=None if held is None else held[b0:b0 + xq.shape[0]])
     finally:
         norm.to("cpu")
     return stats

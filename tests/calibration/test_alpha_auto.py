@@ -1,0 +1,138 @@
+"""``--alpha auto``: α chosen per layer on held-back calibration sequences (objective module doc).
+
+Checked here: the held-out statistics give the exact held-out error of any ``Q``; the fitted
+statistics are those of the other sequences; the choice is the candidate with the smallest held-out
+error, α = 0 among them, and the final decode is the fixed-α decode at the chosen α on all sequences;
+a systematic ``ΔX`` (the FP path is a fixed linear map of the quantized path) is followed (α > 0)
+while a ``ΔX`` that differs between sequences is not (α near 0, GPTQ's target); end to end on a
+dense and an MoE model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import arch_configs, tiny_moe
+from transformers import AutoModelForCausalLM
+
+from rcsr_deploy.calib import QuantizeConfig, quantize_model
+from rcsr_deploy.calib.config import AUTO_ALPHAS
+from rcsr_deploy.calib.solver import choose_alpha, quantize_linear
+from rcsr_deploy.errors import RcsrError
+from rcsr_deploy.objective import LayerStats, holdout_sequences
+
+
+def _streams(n_seq=8, L=64, d=64, drift="systematic", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    xq = torch.randn(n_seq, L, d, generator=g) @ base
+    if drift == "systematic":  # the FP path is the same linear map of the quantized path everywhere
+        M = 0.3 * torch.randn(d, d, generator=g) / d ** 0.5
+        xf = xq + xq @ M
+    else:  # a different map in every sequence: nothing about ΔX carries over to other sequences
+        xf = torch.stack([x + x @ (0.3 * torch.randn(d, d, generator=g) / d ** 0.5) for x in xq])
+    return xq, xf
+
+
+def _stats(xq, xf, holdout=True, batch=3):
+    held = holdout_sequences(xq.shape[0])
+    st = LayerStats(xq.shape[-1], "cpu", with_d=True, holdout=holdout)
+    for b0 in range(0, xq.shape[0], batch):
+        st.add(xq[b0:b0 + batch], xf[b0:b0 + batch], held_out=held[b0:b0 + batch])
+    return st, held
+
+
+def test_holdout_sequences():
+    assert holdout_sequences(8).tolist() == [False, False, False, True] * 2
+    assert holdout_sequences(3).tolist() == [False, False, True]  # fewer than four: the last one
+    assert holdout_sequences(1).tolist() == [False]
+
+
+def test_held_out_error_is_exact_and_fit_excludes_held_out_rows():
+    xq, xf = _streams(n_seq=9)
+    st, held = _stats(xq, xf)
+    W = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    Q = W + 0.05 * torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    Xv, Xfv = xq[held].reshape(-1, 64).double(), xf[held].reshape(-1, 64).double()
+    direct = ((Xfv @ W.double().T - Xv @ Q.double().T).pow(2).sum() / (Xfv @ W.double().T).pow(2).sum()).item()
+    assert st.val.error(W, Q) == pytest.approx(direct, rel=1e-4)
+    assert st.val.tokens == int(held.sum()) * 64
+
+    fit = LayerStats(64, "cpu", with_d=True)
+    fit.add(xq[~held], xf[~held])
+    H, D, n = st.fit()
+    assert n == fit.tokens
+    torch.testing.assert_close(H, fit.H, rtol=1e-4, atol=1e-4 * fit.H.abs().max().item())
+    torch.testing.assert_close(D, fit.D, rtol=1e-4, atol=1e-4 * fit.D.abs().max().item())
+
+
+def _cfg(**kw):
+    return QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", clip="minmax", **kw)
+
+
+@pytest.mark.parametrize("drift, expect", [("systematic", "positive"), ("per-sequence", "small")])
+def test_choice_follows_the_held_out_error(drift, expect):
+    xq, xf = _streams(n_seq=16, drift=drift)
+    st, _ = _stats(xq, xf)
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    cfg = _cfg()
+    alpha, val = choose_alpha(W, st, cfg, cfg.spec, "layer")
+    errors = {float(a): e for a, e in val["errors"].items()}
+    assert set(errors) == set(AUTO_ALPHAS)
+    assert alpha == min(AUTO_ALPHAS, key=lambda a: (errors[a], a))
+    assert errors[alpha] <= errors[0.0]  # never worse than GPTQ's target on the held-out sequences
+    if expect == "positive":
+        assert alpha > 0 and errors[alpha] < 0.9 * errors[0.0]
+    else:  # small α are within the rounding noise of one another; a large α is clearly worse
+        assert alpha <= 0.25 and errors[1.0] > 1.05 * errors[0.0]
+
+
+def test_final_decode_is_the_fixed_alpha_decode_on_all_sequences():
+    xq, xf = _streams(n_seq=12)
+    st, _ = _stats(xq, xf)
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(4))
+    r = quantize_linear(W, st, _cfg(), "layer")
+    a = r.info["alpha"]
+    assert r.info["alpha_mode"] == "auto" and a in AUTO_ALPHAS
+    fixed = quantize_linear(W, st, QuantizeConfig(method="snrq", bits=3, group_size=32, alpha=str(a), clip="minmax"),
+                            "layer")
+    assert torch.equal(r.codes, fixed.codes) and torch.equal(r.scale, fixed.scale)
+    if a == 0.0:  # then it is GPTQ's solution on the same statistics
+        gptq = quantize_linear(W, st, QuantizeConfig(method="gptq", bits=3, group_size=32, clip="minmax"), "layer")
+        assert torch.equal(r.codes, gptq.codes)
+
+
+def test_auto_needs_two_sequences():
+    with pytest.raises(RcsrError, match="--alpha auto .* --nsamples >= 2"):
+        _cfg(nsamples=1).validate()
+
+
+def test_auto_end_to_end_dense_and_moe(tokenizer, text_file, tmp_path):
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32)
+    for name, model in (("dense", dense), ("moe", tiny_moe("qwen3_moe"))):
+        cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
+                             seqlen=32, seed=0, moe_min_tokens=1)
+        results, rep = quantize_model(model, tokenizer, cfg, work_dir=tmp_path / name, progress=False)
+        infos = [r.info for r in results.values()]
+        assert infos and all(i["alpha"] in AUTO_ALPHAS and i["alpha_mode"] == "auto" for i in infos), name
+        # an expert whose routed tokens all lie in fitted sequences cannot be validated: it keeps α = 0
+        assert all(i["alpha_validation"]["held_out_tokens"] > 0 or i["alpha"] == 0.0 for i in infos), name
+        assert sum(i["alpha_validation"]["held_out_tokens"] > 0 for i in infos) > len(infos) // 2, name
+        assert all(torch.isfinite(torch.tensor(i["objective"])) for i in infos), name
+
+
+def test_report_plot_shows_held_out_error_against_gptq(tokenizer, text_file, tmp_path):
+    """quant_report's plot gets a panel per block: held-out error of each α over α = 0's; the chosen α
+    is never above 1 (α = 0 is a candidate)."""
+    from rcsr_deploy.pipeline import _held_out_ratios, quantize_to_checkpoint
+    src = tmp_path / "fp"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
+                         seqlen=32, seed=0)
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    ratios = _held_out_ratios(rep)
+    assert set(ratios) == {"chosen"} | {f"α = {a}" for a in AUTO_ALPHAS if a}
+    assert [b for b, _ in ratios["chosen"]] == [0, 1]
+    assert all(r <= 1.0 + 1e-12 for _, r in ratios["chosen"])
+    assert (tmp_path / "q" / "quant_report.png").stat().st_size > 0
