@@ -50,8 +50,10 @@ def cli(verbose: int) -> None:
 @click.option("--group-size", "group_size", default="128", show_default=True, help="32, 64, 128 or 'channel'.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (GPTQ uint-b8 style) or asymmetric grid.")
 @click.option("--beam", type=int, default=None, help="K-SNRQ beams per row (ksnrq only; default 4).")
-@click.option("--alpha", default="sample", show_default=True, help="'sample' (Beta per sequence), 'closed-form', 'auto' (per layer, chosen on held-back calibration "
-                   "sequences among 0/0.125/0.25/0.5/1; 0 = GPTQ's target is a candidate), or a number in [0,1].")
+@click.option("--alpha", default="auto", show_default=True,
+              help="'auto' (snrq/ksnrq: quantize with alpha = 0, i.e. GPTQ's target, and with the sampled alpha; keep "
+                   "the one with the lower loss on held-back calibration text), 'sample' (Beta per sequence, the "
+                   "paper's), 'closed-form', 'heldout' (per layer on held-back sequences), or a number in [0,1].")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
 @click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,
@@ -104,6 +106,10 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     left = sorted({r for k in cov["kinds"].values() for r in k["left_out"].values()})
     click.echo(f"coverage: {cov['quantized_pct']:.2f}% of {cov['matmul_params']:,} matmul parameters quantized"
                + (f"; left out by name: {', '.join(left)}" if left else ""))
+    sel = report.get("alpha_selection")
+    if sel:
+        nll = ", ".join(f"alpha={a}: {v['held_back_nll']:.4f}" for a, v in sel["candidates"].items())
+        click.echo(f"--alpha auto: held-back NLL ({sel['held_back_tokens']} tokens) {nll}; kept alpha={sel['chosen']}")
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "
                f"g{cfg.group_size} {'sym' if sym else 'asym'})")
 

@@ -182,13 +182,51 @@ def calibration_windows(name_or_path: str, tokenizer, nsamples: int, seqlen: int
     if nsamples < 1 or seqlen < 1:
         raise RcsrError(f"nsamples and seqlen must be positive (got {nsamples}, {seqlen})")
     tokens = tokenize_text(load_text(name_or_path, "train"), tokenizer)
+    return _windows(tokens, _calibration_starts(tokens, nsamples, seqlen, seed), seqlen)
+
+
+def _calibration_starts(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     n = int(tokens.numel())
     if n < seqlen + 1:
         raise RcsrError(f"calibration text has {n} tokens; need at least seqlen+1 = {seqlen + 1}")
     gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, n - seqlen, (nsamples,), generator=gen)
-    idx = starts[:, None] + torch.arange(seqlen)[None, :]
-    return tokens[idx].contiguous()
+    return torch.randint(0, n - seqlen, (nsamples,), generator=gen)
+
+
+def _windows(tokens: torch.Tensor, starts: torch.Tensor, seqlen: int) -> torch.Tensor:
+    return tokens[starts[:, None] + torch.arange(seqlen)[None, :]].contiguous()
+
+
+def calibration_split(name_or_path: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                      n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--alpha auto``'s data: the calibration windows of ``calibration_windows`` (unchanged, so every
+    candidate is the very run of its α) and ``n_val`` held-back windows of ``seqlen`` tokens that overlap
+    neither a calibration window nor each other, drawn from the same text with their own generator
+    (seed ``seed + HOLDOUT_SEED``).  Returns ``(fit [nsamples, seqlen], held-back [n_val, seqlen])``."""
+    if nsamples < 1 or seqlen < 1 or n_val < 1:
+        raise RcsrError(f"nsamples, seqlen and the held-back windows must be positive (got {nsamples}, {seqlen}, "
+                        f"{n_val})")
+    tokens = tokenize_text(load_text(name_or_path, "train"), tokenizer)
+    n = int(tokens.numel())
+    calib_starts = _calibration_starts(tokens, nsamples, seqlen, seed)
+    gen = torch.Generator().manual_seed(int(seed) + HOLDOUT_SEED)
+    taken = calib_starts.tolist()
+    val: list[int] = []
+    for _ in range(100 * n_val):
+        if len(val) == n_val:
+            break
+        s = int(torch.randint(0, n - seqlen, (1,), generator=gen))
+        if all(abs(s - t) >= seqlen for t in taken):
+            val.append(s)
+            taken.append(s)
+    if len(val) < n_val:
+        raise RcsrError(f"calibration text has {n} tokens: --alpha auto holds {n_val} windows of {seqlen} back apart "
+                        f"from the {nsamples} calibration windows and found room for {len(val)}")
+    return _windows(tokens, calib_starts, seqlen), _windows(tokens, torch.tensor(val), seqlen)
+
+
+#: generator offset of ``calibration_split``'s held-back windows
+HOLDOUT_SEED = 1_000_003
 
 
 def eval_tokens(name_or_path: str, tokenizer, max_tokens: int | None = None) -> torch.Tensor:

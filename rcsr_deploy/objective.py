@@ -19,7 +19,7 @@ so every rounding method keeps GPTQ's quadratic form.  α = 0 is GPTQ's objectiv
   ``α_s`` before it enters ``D`` (then ``W_ref = W (H + D) H⁻¹``);
 * closed form: given a quantized point ``Q₀`` (the α = 0 decode), the α minimising
   ``‖W_ref(α) − Q₀‖²_H`` is ``α* = clamp(⟨Q₀ − W, W D⟩_F / tr(W D H⁻¹ (W D)ᵀ), 0, 1)``;
-* auto (chosen from data, per layer): every 4th calibration sequence is held back
+* heldout (chosen from data, per layer): every 4th calibration sequence is held back
   (``holdout_sequences``).  For each candidate α in ``AUTO_ALPHAS`` the layer is quantized on the
   other sequences (``H_fit``, ``D_fit``); the candidate whose ``Q_α`` has the smallest *held-out*
   error of the quantized path against the FP output,
@@ -60,12 +60,12 @@ from .errors import RcsrError
 log = logging.getLogger(__name__)
 
 
-#: every ``HOLDOUT_EVERY``-th calibration sequence is held back by ``--alpha auto``
+#: every ``HOLDOUT_EVERY``-th calibration sequence is held back by ``--alpha heldout``
 HOLDOUT_EVERY = 4
 
 
 def holdout_sequences(n: int) -> torch.Tensor:
-    """Boolean ``[n]``: the calibration sequences ``--alpha auto`` holds back (``s % 4 == 3``; with
+    """Boolean ``[n]``: the calibration sequences ``--alpha heldout`` holds back (``s % 4 == 3``; with
     fewer than four sequences the last one)."""
     mask = torch.arange(n) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
     if not mask.any() and n >= 2:
@@ -77,7 +77,7 @@ class LayerStats:
     """Running fp32 accumulators ``H`` and ``D`` for one linear layer (or a group sharing inputs).
 
     With ``holdout=True`` the rows flagged ``held_out`` in :meth:`add` are *also* accumulated into
-    ``self.val`` (their ``H``, unscaled ``D`` and ``G = ΔX ΔXᵀ``), for ``--alpha auto``;
+    ``self.val`` (their ``H``, unscaled ``D`` and ``G = ΔX ΔXᵀ``), for ``--alpha heldout``;
     :meth:`fit` gives ``H``/``D`` of the other rows."""
 
     def __init__(self, in_features: int, device: torch.device | str, with_d: bool, holdout: bool = False):

@@ -34,8 +34,12 @@ def work_dir_for(out_dir: Path) -> Path:
 
 
 def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeConfig, *, device: str = "auto",
-                           resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Quantize ``model_name`` and write the checkpoint atomically to ``out_dir``; returns the report."""
+                           resume: bool = False, overwrite: bool = False, progress: bool = True,
+                           candidate_hook=None) -> dict:
+    """Quantize ``model_name`` and write the checkpoint atomically to ``out_dir``; returns the report.
+
+    ``candidate_hook(alpha, model)`` (``--alpha auto`` only; benchmarks) sees each candidate's fake-quantized
+    model; what it returns lands in that candidate's ``report["alpha_selection"]`` entry."""
     from .assets import load_model, resolve_model
     from .checkpoint import save_quantized
     from .format import QuantConfig
@@ -57,8 +61,12 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     alloc = None
     if cfg.avg_bits:
         alloc = _allocate(model, tokenizer, cfg, progress)
-    results, report = quantize_model(model, tokenizer, cfg, device=device, work_dir=work_dir_for(out_dir),
-                                     resume=resume, model_id=str(model_name), progress=progress)
+    if cfg.alpha == "auto" and cfg.method in ("snrq", "ksnrq"):
+        model, results, report = _select_alpha(path, model, tokenizer, cfg, device, out_dir, resume, str(model_name),
+                                               progress, candidate_hook)
+    else:
+        results, report = quantize_model(model, tokenizer, cfg, device=device, work_dir=work_dir_for(out_dir),
+                                         resume=resume, model_id=str(model_name), progress=progress)
     modules = dict(model.named_modules())
     for name, r in results.items():
         bias = getattr(modules.get(name), "bias", None)  # a tied embedding or a fused expert has none
@@ -101,6 +109,60 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     return report
 
 
+def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_dir: Path, resume: bool,
+                  model_id: str, progress: bool, candidate_hook=None):
+    """``--alpha auto``: α chosen per model on held-back calibration text.
+
+    ``held_back_windows(nsamples, seqlen)`` windows of ``seqlen`` tokens of the calibration text, disjoint from the
+    calibration windows, are held back (``data.calibration_split``).  The model is quantized once per candidate of ``AUTO_CANDIDATES`` — α = 0 (GPTQ's target: with ``--method snrq`` the
+    very GPTQ solution) and the paper's sampled α — on the same calibration windows, each from the FP
+    model, and the candidate whose quantized model has the lower negative log-likelihood on the held-back
+    windows is kept (ties: α = 0).  So the default never keeps the regularized target where, on text the
+    quantizer did not see, it is worse than its own α = 0 point.  Cost: one quantization per candidate
+    (two), plus two short evaluations; host memory: two models at a time.
+
+    Returns ``(model, results, report)`` of the chosen candidate; ``report["alpha_selection"]`` has every
+    candidate's held-back NLL and quantization time."""
+    from dataclasses import replace
+
+    from .assets import load_model
+    from .calib.config import AUTO_CANDIDATES, held_back_windows
+    from .data import calibration_split
+    from .evaluate import perplexity
+
+    n_val = held_back_windows(cfg.nsamples, cfg.seqlen)
+    fit, val = calibration_split(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, n_val)
+    work = work_dir_for(out_dir)
+    scores: dict[str, dict] = {}
+    best = None
+    for k, cand in enumerate(AUTO_CANDIDATES):
+        c = replace(cfg, alpha=cand)
+        m = model if k == 0 else load_model(path, dtype=torch.float32, device="cpu")[0].eval()
+        t0 = time.perf_counter()
+        results, report = quantize_model(m, tokenizer, c, device=device, work_dir=work / f"alpha-{cand}",
+                                         resume=resume, model_id=model_id, progress=progress, windows=fit)
+        seconds = time.perf_counter() - t0
+        r = perplexity(m.to(device), val.reshape(-1), cfg.seqlen, bos_token_id=tokenizer.bos_token_id, device=device,
+                       progress=False)
+        m.to("cpu")
+        scores[cand] = {"held_back_nll": r["nll"], "held_back_ppl": r["ppl"], "seconds": seconds}
+        if candidate_hook is not None:
+            scores[cand].update(candidate_hook(cand, m) or {})
+        log.info("--alpha auto: candidate alpha=%s: held-back NLL %.5f (ppl %.3f) in %.0fs", cand, r["nll"], r["ppl"],
+                 seconds)
+        if best is None or r["nll"] < best[0]:
+            best = (r["nll"], cand, m, results, report)
+        del m, results, report
+    _, chosen, model, results, report = best
+    report["config"]["alpha"] = "auto"
+    report["config"]["alpha_chosen"] = chosen
+    report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "held_back_windows": n_val,
+                                 "held_back_tokens": int(val.numel())}
+    report["seconds"] = sum(v["seconds"] for v in scores.values())
+    log.info("--alpha auto: kept alpha=%s", chosen)
+    return model, results, report
+
+
 def _allocate(model, tokenizer, cfg: QuantizeConfig, progress: bool):
     """``--avg-bits``: choose every layer's width (allocate.py) and set ``cfg.module_grids``; the top-level
     ``bits`` becomes the width that covers most weights."""
@@ -118,7 +180,7 @@ def _allocate(model, tokenizer, cfg: QuantizeConfig, progress: bool):
 
 
 def _held_out_ratios(report: dict) -> dict[str, list[tuple[int, float]]]:
-    """``--alpha auto``: per block, the geometric mean over its modules of held-out error at each
+    """``--alpha heldout``: per block, the geometric mean over its modules of held-out error at each
     candidate α (and at the chosen one) divided by the held-out error at α = 0 (GPTQ's target)."""
     import math
     per: dict[str, dict[int, list[float]]] = {}
@@ -192,7 +254,7 @@ def _plot_report(report: dict) -> bytes | None:
         ax3.set_yscale("log")
         ax3.set_xlabel("decoder block")
         ax3.set_ylabel("held-out error / GPTQ's (α = 0)")
-        ax3.set_title("--alpha auto: held-out ‖WX − QX̃‖² of each α against α = 0 (geometric mean over the "
+        ax3.set_title("--alpha heldout: held-out ‖WX − QX̃‖² of each α against α = 0 (geometric mean over the "
                       "block's modules; < 1: regularization helps)", fontsize=8)
         ax3.grid(True, alpha=0.3)
         ax3.legend(fontsize=7, ncol=3)

@@ -69,9 +69,10 @@ METHODS = {  # the paper's comparison rows use the full-range (minmax) grid; "-m
     "snrq-mse": dict(method="snrq", alpha="sample", clip="mse"),
     "ksnrq4-mse": dict(method="ksnrq", alpha="sample", beam=4, clip="mse"),
     "snrq-sarqc-mse": dict(method="snrq", alpha="sample", sarqc_lambda=0.1, clip="mse"),
-    # α chosen per layer on held-back calibration sequences (--alpha auto)
+    # α chosen per model on held-back calibration text (--alpha auto), per layer on held-back sequences (heldout)
     "snrq-auto": dict(method="snrq", alpha="auto", clip="minmax"),
     "snrq-auto-mse": dict(method="snrq", alpha="auto", clip="mse"),
+    "snrq-heldout-mse": dict(method="snrq", alpha="heldout", clip="mse"),
     "snrq-cf-mse": dict(method="snrq", alpha="closed-form", clip="mse"),
     "gptaq-mse": dict(method="gptaq", clip="mse"),
     "ksnrq4-auto-mse": dict(method="ksnrq", alpha="auto", beam=4, clip="mse"),
@@ -193,8 +194,19 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                 cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order,
                                      blocks=blocks, lm_head=lm_head, **kw)
                 tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))
+
+                def candidate_ppl(alpha, cand_model):  # --alpha auto: every candidate's evaluation perplexity too
+                    if no_eval:
+                        return {}
+                    cand_model.to(dev)
+                    try:
+                        return {"eval_ppl": perplexity(cand_model, tokens, eval_seqlen, bos_token_id=tok.bos_token_id,
+                                                       device=dev)["ppl"]}
+                    finally:
+                        cand_model.to("cpu")
                 try:
-                    rep = quantize_to_checkpoint(path, tmp / "q", cfg, device=dev, progress=True)
+                    rep = quantize_to_checkpoint(path, tmp / "q", cfg, device=dev, progress=True,
+                                                 candidate_hook=candidate_ppl)
                     if no_eval:
                         r = {"ppl": float("nan")}
                     else:
@@ -212,12 +224,13 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                     groups = sorted({json.dumps(e["groups"]) for e in rep["layers"] if "groups" in e})
                     alphas = [i.get("alpha") for e in rep["layers"] for i in e["modules"].values() if i.get("alpha") is not None]
                     chosen = [i["alpha"] for e in rep["layers"] for i in e["modules"].values()
-                              if i.get("alpha_mode") == "auto"]
+                              if i.get("alpha_mode") == "heldout"]
                     record({"setting": setting, "method": row_name, "seed": seed, "ppl": r["ppl"],
                             "ppl_fp_head": r.get("ppl_fp_head"),
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
                             "alpha_counts": {str(a): chosen.count(a) for a in sorted(set(chosen))} or None,
+                            "alpha_selection": rep.get("alpha_selection"),
                             "bytes_on_disk": sum(p.stat().st_size for p in (tmp / "q").glob("*.safetensors")),
                             "allocation": {k: v for k, v in rep.get("allocation", {}).items() if k != "units"}
                             or None,

@@ -50,7 +50,7 @@ from rcsr_deploy.format import QuantSpec, tensor_table
 from .errors import RcsrPluginError
 from .kernels.base import LayerSpec, QuantWeights
 from .kernels.dequant import DequantKernel
-from .kernels.native_cpu import PackedWeight, layout_reason, resolve_isa, unavailable_reason
+from .kernels.native_cpu import NativeCpuKernel, PackedWeight, resolve_isa
 from .kernels.base import unpack
 
 logger = logging.getLogger("vllm.rcsr_plugin.moe")
@@ -237,17 +237,13 @@ class NativeExperts(ExpertsKernel):
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
         if activation not in _ACTS:
             return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
-        for spec in (spec13, spec2):
-            if spec.device.type != "cpu":
-                return "CPU only"
-            reason = layout_reason(spec)
+        for spec in (spec13, spec2):  # what the dense native kernel takes, per expert matrix
+            reason = NativeCpuKernel.unsupported_reason(spec)
             if reason:
                 return reason
-            if spec.act_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                return f"activation dtype {spec.act_dtype}"
         if spec13.dynamic:
             return "dynamic act order (every expert has its own column order)"
-        return unavailable_reason()
+        return None
 
     def prepare(self, w13, w2) -> None:
         self.isa = resolve_isa()

@@ -15,9 +15,24 @@ METHODS = ("rtn", "gptq", "gptaq", "snrq", "ksnrq")
 #: measurement).  The reference code starts from its default fixed α, 0.25; so do we.
 CLOSED_FORM_START = 0.25
 
-#: ``--alpha auto``'s candidates, judged per layer on held-back calibration sequences
+#: ``--alpha heldout``'s candidates, judged per layer on held-back calibration sequences
 #: (``objective`` module doc).  α = 0 is GPTQ's target: the choice never loses to it on held-out data.
 AUTO_ALPHAS = (0.0, 0.125, 0.25, 0.5, 1.0)
+
+#: ``--alpha auto``'s candidates, judged per model on held-back calibration text (``pipeline._select_alpha``):
+#: α = 0 (GPTQ's target) and the paper's sampled α.
+AUTO_CANDIDATES = ("0.0", "sample")
+
+
+#: ``--alpha auto`` holds back at least this many tokens (the NLL difference of two candidates is a mean
+#: over them: fewer make the choice noisy)
+HELD_BACK_TOKENS = 4096
+
+
+def held_back_windows(nsamples: int, seqlen: int) -> int:
+    """How many calibration-length windows ``--alpha auto`` holds back: a quarter of ``nsamples``, at least
+    four and at least ``HELD_BACK_TOKENS`` tokens."""
+    return max(4, nsamples // 4, -(-HELD_BACK_TOKENS // seqlen))
 
 
 @dataclass
@@ -29,7 +44,7 @@ class QuantizeConfig:
     group_size: int = 128
     sym: bool = True
     beam: int = 1
-    alpha: str = "sample"  # "sample" | "closed-form" | "auto" | a float as string
+    alpha: str = "sample"  # "sample" | "closed-form" | "auto" | "heldout" | a float as string
     alpha_m: float = 5.0
     sarqc_lambda: float = 0.0
     clip: str = "auto"  # "auto" | "minmax" | "mse"; auto is resolved in __post_init__
@@ -83,11 +98,11 @@ class QuantizeConfig:
             raise RcsrError("--beam must be >= 1")
         if self.beam > 1 and self.method != "ksnrq":
             raise RcsrError(f"--beam {self.beam} needs --method ksnrq")
-        if self.alpha not in ("sample", "closed-form", "auto"):
+        if self.alpha not in ("sample", "closed-form", "auto", "heldout"):
             try:
                 a = float(self.alpha)
             except ValueError:
-                raise RcsrError(f"--alpha must be 'sample', 'closed-form', 'auto' or a number in [0, 1], "
+                raise RcsrError(f"--alpha must be 'sample', 'closed-form', 'auto', 'heldout' or a number in [0, 1], "
                                 f"got {self.alpha!r}") from None
             if not 0.0 <= a <= 1.0:
                 raise RcsrError(f"--alpha must be in [0, 1], got {a}")
@@ -95,8 +110,8 @@ class QuantizeConfig:
             raise RcsrError("--sarqc-lambda must be >= 0")
         if self.method != "rtn" and (self.nsamples < 1 or self.seqlen < 8):
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
-        if self.alpha_mode[0] == "auto" and self.nsamples < 2:
-            raise RcsrError("--alpha auto holds calibration sequences back: it needs --nsamples >= 2")
+        if self.alpha == "heldout" and self.method in ("snrq", "ksnrq") and self.nsamples < 2:
+            raise RcsrError("--alpha heldout holds calibration sequences back: it needs --nsamples >= 2")
         if self.avg_bits:
             for w in self.widths:
                 QuantSpec(w, self.group_size, self.sym).check()
@@ -128,8 +143,9 @@ class QuantizeConfig:
     # -- derived behaviour -------------------------------------------------------------------
     @property
     def alpha_mode(self) -> tuple[str, float]:
-        """('fixed', α) | ('sample', 1.0) | ('closed-form', CLOSED_FORM_START) | ('auto', 0.0) after method
-        defaults."""
+        """('fixed', α) | ('sample', 1.0) | ('closed-form', CLOSED_FORM_START) | ('heldout', 0.0) after method
+        defaults.  ``auto`` is chosen per model by ``pipeline.quantize_to_checkpoint``, which calls the block
+        loop once per candidate with a concrete α; the loop itself cannot take it."""
         if self.method == "gptq":
             return "fixed", 0.0
         if self.method == "gptaq":
@@ -138,8 +154,11 @@ class QuantizeConfig:
             return "sample", 1.0
         if self.alpha == "closed-form":
             return "closed-form", CLOSED_FORM_START
+        if self.alpha == "heldout":
+            return "heldout", 0.0
         if self.alpha == "auto":
-            return "auto", 0.0
+            raise RcsrError("--alpha auto is chosen per model (rcsr quantize / pipeline.quantize_to_checkpoint); "
+                            "the calibration loop needs a concrete alpha")
         return "fixed", float(self.alpha)
 
     @property

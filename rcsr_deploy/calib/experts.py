@@ -68,7 +68,7 @@ def _token_alphas(alphas, b0: int, seq_len: int, rows: torch.Tensor):
 
 
 def _token_held_out(held, b0: int, seq_len: int, rows: torch.Tensor):
-    """Which tokens belong to a held-back sequence (``--alpha auto``), or None."""
+    """Which tokens belong to a held-back sequence (``--alpha heldout``), or None."""
     if held is None:
         return None
     return held[b0 + torch.div(rows.cpu(), seq_len, rounding_mode="floor")]
@@ -85,7 +85,7 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
     mode, _ = cfg.alpha_mode
     with_d = streams.fp is not None
     alphas = sample_alphas(streams.q.shape[0], cfg.alpha_m, seed) if mode == "sample" else None
-    held = holdout_sequences(streams.q.shape[0]) if mode == "auto" else None
+    held = holdout_sequences(streams.q.shape[0]) if mode == "heldout" else None
     hidden = ex.weight(0, "gate_proj").shape[1]
     inter = ex.intermediate
 

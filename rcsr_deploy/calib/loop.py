@@ -57,11 +57,13 @@ log = logging.getLogger(__name__)
 class Streams:
     """The quantized-path stream ``q`` and (when α ≠ 0) the FP stream ``fp`` of block inputs, on the host."""
 
-    def __init__(self, model, layers, tokenizer, cfg: QuantizeConfig, device: str, dtype: torch.dtype):
+    def __init__(self, model, layers, tokenizer, cfg: QuantizeConfig, device: str, dtype: torch.dtype,
+                 windows: torch.Tensor | None = None):
         from ..data import calibration_windows
 
         self.cfg, self.device, self.dtype, self.bs = cfg, device, dtype, cfg.batch_size
-        windows = calibration_windows(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
+        if windows is None:
+            windows = calibration_windows(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
         t_cap = time.perf_counter()
         x0, self.kwargs = capture_block_inputs(model, layers, windows, cfg.batch_size, device)
         x0 = x0.float() if dtype == torch.float32 else x0
@@ -83,12 +85,13 @@ class Streams:
 
 def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu", work_dir: Path,
                    resume: bool = False, model_id: str = "", progress: bool = True,
-                   fp_capture_bytes: int | None = None):
+                   fp_capture_bytes: int | None = None, windows: torch.Tensor | None = None):
     """Quantize every linear of every selected decoder block (and the head with ``cfg.lm_head``).
 
     Returns ``({full module name: QuantizedTensor}, report)``.  ``fp_capture_bytes`` bounds the host
     cache of one block's FP-stream group inputs (default ``FP_CAPTURE_BYTES``); above it the FP stream
-    falls back to one cut-short forward per group."""
+    falls back to one cut-short forward per group.  ``windows`` (``[nsamples, seqlen]`` token ids) replaces
+    the calibration windows drawn from ``cfg`` (``--alpha heldout`` draws them away from its held-back text)."""
     fp_capture_bytes = FP_CAPTURE_BYTES if fp_capture_bytes is None else fp_capture_bytes
     cfg.validate()
     layers, prefix = find_decoder_layers(model)
@@ -106,7 +109,7 @@ def quantize_model(model, tokenizer, cfg: QuantizeConfig, *, device: str = "cpu"
     head = find_output_head(model) if cfg.lm_head else None
     if head is not None:
         cfg.spec.validate(head.module.in_features, head.name)
-    streams = Streams(model, layers, tokenizer, cfg, device, dtype) if cfg.needs_calibration else None
+    streams = Streams(model, layers, tokenizer, cfg, device, dtype, windows) if cfg.needs_calibration else None
     if streams is None:
         blocks = sorted(selected)
     else:  # the head's inputs come out of the last block: with --lm-head every block is propagated
@@ -192,7 +195,7 @@ def _calibrate_block(block, fp_block, i: int, streams: Streams, cfg: QuantizeCon
         need = streams.fp.shape[0] * streams.fp.shape[1] * sum(m.in_features for m in firsts.values()) * elem
         if need <= fp_capture_bytes:
             fp_next, fp_cache = run_block_capturing(fp_block, streams.fp, kwargs, device, bs, dtype, firsts)
-    held = holdout_sequences(streams.q.shape[0]) if mode == "auto" else None
+    held = holdout_sequences(streams.q.shape[0]) if mode == "heldout" else None
     for gi, group in enumerate(groups):
         first = mods[group[0]]
         stats = LayerStats(first.in_features, device, with_d=streams.fp is not None, holdout=held is not None)
@@ -233,7 +236,7 @@ def _head_stats(head: OutputHead, streams: Streams, cfg: QuantizeConfig, index: 
     mode, _ = cfg.alpha_mode
     device, dtype = streams.device, streams.dtype
     q_stream, fp_stream = streams.q, streams.fp
-    held = holdout_sequences(q_stream.shape[0]) if mode == "auto" else None
+    held = holdout_sequences(q_stream.shape[0]) if mode == "heldout" else None
     stats = LayerStats(head.module.in_features, device, with_d=fp_stream is not None, holdout=held is not None)
     alphas = sample_alphas(q_stream.shape[0], cfg.alpha_m, _seed(cfg.seed, index, 0)) if mode == "sample" else None
     norm = head.norm.to(device)

@@ -45,10 +45,10 @@ def quantize_linear(W: torch.Tensor, stats: LayerStats | None, cfg: QuantizeConf
         return QuantizedTensor(codes.cpu(), scale.cpu(), zero.cpu(), None, spec, info=info)
 
     mode, a0 = cfg.alpha_mode
-    if mode == "auto":  # α chosen on held-out sequences, then one more decode at that α on all of them
+    if mode == "heldout":  # α chosen on held-out sequences, then one more decode at that α on all of them
         if cfg.method != "rtn":
             a0, info["alpha_validation"] = choose_alpha(W, stats, cfg, spec, name)
-            info["alpha_mode"] = "auto"
+            info["alpha_mode"] = "heldout"
         mode = "fixed"
     sol = _solve(W, stats.H, stats.D, mode, a0, cfg, spec, name, cfg.effective_beam)
     if mode == "closed-form" and cfg.method != "rtn":
@@ -126,14 +126,14 @@ def _solve(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None, mode: str, 
 
 
 def choose_alpha(W: torch.Tensor, stats: LayerStats, cfg: QuantizeConfig, spec, name: str) -> tuple[float, dict]:
-    """``--alpha auto``: quantize at every α of ``AUTO_ALPHAS`` on the fitted (not held-out) sequences and
+    """``--alpha heldout``: quantize at every α of ``AUTO_ALPHAS`` on the fitted (not held-out) sequences and
     return the α whose result has the smallest relative held-out error ``‖W X_v − Q X̃_v‖² / ‖W X_v‖²``
     (``objective.HeldOutStats.error``; ties go to the smaller α), with ``{α: error}``.
 
     The candidates are decoded greedily (beam 1) whatever ``--beam`` is: the choice is about the target.
     Without held-out or fitted tokens (an expert the router sends few tokens) it returns α = 0."""
     if stats.val is None or stats.D is None:
-        raise RcsrError(f"{name}: --alpha auto needs held-out statistics (internal error)")
+        raise RcsrError(f"{name}: --alpha heldout needs held-out statistics (internal error)")
     H_fit, D_fit, n_fit = stats.fit()
     if stats.val.tokens == 0 or n_fit == 0:
         return 0.0, {"held_out_tokens": stats.val.tokens, "fit_tokens": n_fit}

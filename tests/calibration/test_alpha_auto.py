@@ -1,4 +1,4 @@
-"""``--alpha auto``: α chosen per layer on held-back calibration sequences (objective module doc).
+"""``--alpha heldout``: α chosen per layer on held-back calibration sequences (objective module doc).
 
 Checked here: the held-out statistics give the exact held-out error of any ``Q``; the fitted
 statistics are those of the other sequences; the choice is the candidate with the smallest held-out
@@ -65,7 +65,7 @@ def test_held_out_error_is_exact_and_fit_excludes_held_out_rows():
 
 
 def _cfg(**kw):
-    return QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", clip="minmax", **kw)
+    return QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="heldout", clip="minmax", **kw)
 
 
 @pytest.mark.parametrize("drift, expect", [("systematic", "positive"), ("per-sequence", "small")])
@@ -91,7 +91,7 @@ def test_final_decode_is_the_fixed_alpha_decode_on_all_sequences():
     W = torch.randn(24, 64, generator=torch.Generator().manual_seed(4))
     r = quantize_linear(W, st, _cfg(), "layer")
     a = r.info["alpha"]
-    assert r.info["alpha_mode"] == "auto" and a in AUTO_ALPHAS
+    assert r.info["alpha_mode"] == "heldout" and a in AUTO_ALPHAS
     fixed = quantize_linear(W, st, QuantizeConfig(method="snrq", bits=3, group_size=32, alpha=str(a), clip="minmax"),
                             "layer")
     assert torch.equal(r.codes, fixed.codes) and torch.equal(r.scale, fixed.scale)
@@ -101,7 +101,7 @@ def test_final_decode_is_the_fixed_alpha_decode_on_all_sequences():
 
 
 def test_auto_needs_two_sequences():
-    with pytest.raises(RcsrError, match="--alpha auto .* --nsamples >= 2"):
+    with pytest.raises(RcsrError, match="--alpha heldout .* --nsamples >= 2"):
         _cfg(nsamples=1).validate()
 
 
@@ -109,11 +109,11 @@ def test_auto_end_to_end_dense_and_moe(tokenizer, text_file, tmp_path):
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32)
     for name, model in (("dense", dense), ("moe", tiny_moe("qwen3_moe"))):
-        cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
+        cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="heldout", calib=str(text_file), nsamples=8,
                              seqlen=32, seed=0, moe_min_tokens=1)
         results, rep = quantize_model(model, tokenizer, cfg, work_dir=tmp_path / name, progress=False)
         infos = [r.info for r in results.values()]
-        assert infos and all(i["alpha"] in AUTO_ALPHAS and i["alpha_mode"] == "auto" for i in infos), name
+        assert infos and all(i["alpha"] in AUTO_ALPHAS and i["alpha_mode"] == "heldout" for i in infos), name
         # an expert whose routed tokens all lie in fitted sequences cannot be validated: it keeps α = 0
         assert all(i["alpha_validation"]["held_out_tokens"] > 0 or i["alpha"] == 0.0 for i in infos), name
         assert sum(i["alpha_validation"]["held_out_tokens"] > 0 for i in infos) > len(infos) // 2, name
@@ -128,7 +128,7 @@ def test_report_plot_shows_held_out_error_against_gptq(tokenizer, text_file, tmp
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
     tokenizer.save_pretrained(src)
-    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="heldout", calib=str(text_file), nsamples=8,
                          seqlen=32, seed=0)
     rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
     ratios = _held_out_ratios(rep)
@@ -136,3 +136,72 @@ def test_report_plot_shows_held_out_error_against_gptq(tokenizer, text_file, tmp
     assert [b for b, _ in ratios["chosen"]] == [0, 1]
     assert all(r <= 1.0 + 1e-12 for _, r in ratios["chosen"])
     assert (tmp_path / "q" / "quant_report.png").stat().st_size > 0
+
+
+# -- --alpha auto: α chosen per model on held-back calibration text ------------------------------------
+
+def test_calibration_split_holds_back_disjoint_windows(tokenizer, text_file):
+    from rcsr_deploy.data import calibration_split, calibration_windows, load_text, tokenize_text
+    tokens = tokenize_text(load_text(str(text_file), "train"), tokenizer)
+    fit, val = calibration_split(str(text_file), tokenizer, 8, 32, 0, 4)
+    assert torch.equal(fit, calibration_windows(str(text_file), tokenizer, 8, 32, 0))  # the plain run's windows
+    assert val.shape == (4, 32)
+
+    def start(w):
+        return next(s for s in range(tokens.numel() - 31) if torch.equal(tokens[s:s + 32], w))
+
+    calib, held = [start(w) for w in fit], [start(w) for w in val]
+    for i, h in enumerate(held):  # no held-back token is a calibration token, none is held back twice
+        assert all(abs(h - c) >= 32 for c in calib) and all(abs(h - o) >= 32 for o in held[:i])
+    with pytest.raises(RcsrError, match="--alpha auto holds"):
+        calibration_split(str(text_file), tokenizer, 8, 32, 0, tokens.numel() // 32)
+
+
+def test_auto_keeps_the_candidate_with_the_lower_held_back_loss(tokenizer, text_file, tmp_path):
+    """Both candidates (α = 0 and sampled α) are quantized on the same windows; the checkpoint holds the one
+    with the lower held-back NLL, bit-identical to a direct run of it; the report says why."""
+    from dataclasses import replace
+
+    from rcsr_deploy.calib.config import AUTO_CANDIDATES, held_back_windows
+    from rcsr_deploy.checkpoint import load_quantized_tensors
+    from rcsr_deploy.data import calibration_split
+    from rcsr_deploy.pipeline import quantize_to_checkpoint
+    src = tmp_path / "fp"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
+                         seqlen=32, seed=0)
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    sel = rep["alpha_selection"]
+    assert set(sel["candidates"]) == set(AUTO_CANDIDATES) and sel["held_back_windows"] == held_back_windows(8, 32)
+    nll = {c: v["held_back_nll"] for c, v in sel["candidates"].items()}
+    assert sel["chosen"] == min(AUTO_CANDIDATES, key=lambda c: (nll[c], AUTO_CANDIDATES.index(c)))
+    assert rep["config"]["alpha"] == "auto" and rep["config"]["alpha_chosen"] == sel["chosen"]
+
+    fit, _ = calibration_split(str(text_file), tokenizer, 8, 32, 0, held_back_windows(8, 32))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    direct, _ = quantize_model(model, tokenizer, replace(cfg, alpha=sel["chosen"]), work_dir=tmp_path / "w",
+                               progress=False, windows=fit)
+    saved = load_quantized_tensors(tmp_path / "q")
+    assert set(saved) == set(direct)
+    for n, r in direct.items():
+        assert torch.equal(saved[n].codes, r.codes) and torch.equal(saved[n].scale.float(), r.scale.float()), n
+
+
+def test_alpha_zero_candidate_is_gptq(tokenizer, text_file, tmp_path):
+    """The α = 0 candidate of --alpha auto is GPTQ's solution, code for code."""
+    out = {}
+    for name, kw in (("gptq", dict(method="gptq")), ("snrq0", dict(method="snrq", alpha="0.0"))):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32)
+        cfg = QuantizeConfig(bits=3, group_size=32, calib=str(text_file), nsamples=4, seqlen=32, seed=0, **kw)
+        out[name], _ = quantize_model(model, tokenizer, cfg, work_dir=tmp_path / name, progress=False)
+    assert all(torch.equal(out["gptq"][n].codes, out["snrq0"][n].codes) for n in out["gptq"])
+
+
+def test_auto_needs_a_concrete_alpha_inside_the_loop(tokenizer, text_file, tmp_path):
+    model = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=4, seqlen=32)
+    with pytest.raises(RcsrError, match="chosen per model"):
+        quantize_model(model, tokenizer, cfg, work_dir=tmp_path / "w", progress=False)
