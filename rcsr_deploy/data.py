@@ -198,11 +198,13 @@ def _windows(tokens: torch.Tensor, starts: torch.Tensor, seqlen: int) -> torch.T
 
 
 def calibration_split(name_or_path: str, tokenizer, nsamples: int, seqlen: int, seed: int,
-                      n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      n_val: int, min_val: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``--alpha auto``'s data: the calibration windows of ``calibration_windows`` (unchanged, so every
     candidate is the very run of its α) and ``n_val`` held-back windows of ``seqlen`` tokens that overlap
     neither a calibration window nor each other, drawn from the same text with their own generator
-    (seed ``seed + HOLDOUT_SEED``).  Returns ``(fit [nsamples, seqlen], held-back [n_val, seqlen])``."""
+    (seed ``seed + HOLDOUT_SEED``).  Where the text has no room for ``n_val`` such windows, as many as it
+    has, if at least ``min_val`` (default ``n_val``).  Returns ``(fit [nsamples, seqlen], held-back
+    [≤ n_val, seqlen])``."""
     if nsamples < 1 or seqlen < 1 or n_val < 1:
         raise RcsrError(f"nsamples, seqlen and the held-back windows must be positive (got {nsamples}, {seqlen}, "
                         f"{n_val})")
@@ -219,9 +221,11 @@ def calibration_split(name_or_path: str, tokenizer, nsamples: int, seqlen: int, 
         if all(abs(s - t) >= seqlen for t in taken):
             val.append(s)
             taken.append(s)
-    if len(val) < n_val:
-        raise RcsrError(f"calibration text has {n} tokens: --alpha auto holds {n_val} windows of {seqlen} back apart "
-                        f"from the {nsamples} calibration windows and found room for {len(val)}")
+    need = n_val if min_val is None else min_val
+    if len(val) < need:
+        raise RcsrError(f"calibration text has {n} tokens: --alpha auto holds at least {need} windows of {seqlen} "
+                        f"back apart from the {nsamples} calibration windows and found room for {len(val)} (pass "
+                        f"--alpha sample or a longer --calib text)")
     return _windows(tokens, calib_starts, seqlen), _windows(tokens, torch.tensor(val), seqlen)
 
 

@@ -71,3 +71,48 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, *, bos_token_id: int | 
     if not math.isfinite(ppl):
         raise RcsrError(f"perplexity is not finite: mean NLL {mean:.1f} overflows exp()")
     return {"ppl": ppl, "nll": mean, "nll_sum": total, "tokens": n, "windows": windows, "seqlen": seqlen}
+
+
+def held_back_pass(model, windows: torch.Tensor, *, bos_token_id: int | None, device="cpu", reference=None):
+    """One pass over held-back windows (``[n, seqlen]`` token ids): the mean NLL per scored token (as
+    :func:`perplexity` scores it: ``[BOS] + window``, every window token scored) and every decoder block's
+    output.
+
+    Without ``reference`` the block outputs are returned (bf16, per window and block: the FP model's, to
+    compare against); with the ``reference`` of the FP model, the relative error of every block's output,
+    ``Σ‖h − h_fp‖² / Σ‖h_fp‖²`` over all held-back tokens.  Returns ``(nll, outputs_or_errors)``."""
+    from .calib.adapter import find_decoder_layers
+
+    layers, _ = find_decoder_layers(model)
+    box: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda mod, args, out, _i=i: box.__setitem__(
+        _i, (out[0] if isinstance(out, tuple) else out).detach())) for i, layer in enumerate(layers)]
+    num = torch.zeros(len(layers), dtype=torch.float64)
+    den = torch.zeros(len(layers), dtype=torch.float64)
+    outputs: list[list[torch.Tensor]] = []
+    total, scored = 0.0, 0
+    try:
+        with torch.inference_mode():
+            for k, w in enumerate(windows):
+                ids = w.reshape(1, -1).long()
+                if bos_token_id is not None:
+                    ids = torch.cat([torch.full((1, 1), int(bos_token_id), dtype=torch.long), ids], 1)
+                out = model(input_ids=ids.to(device), use_cache=False)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+                total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(device), reduction="sum").double())
+                scored += ids.shape[1] - 1
+                if reference is None:
+                    outputs.append([box[i].to("cpu", torch.bfloat16) for i in range(len(layers))])
+                else:
+                    for i in range(len(layers)):
+                        ref = reference[k][i].to(box[i].device, torch.float32)
+                        num[i] += float((box[i].float() - ref).pow(2).sum())
+                        den[i] += float(ref.pow(2).sum())
+                box.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    nll = total / max(scored, 1)
+    if not math.isfinite(nll):
+        raise RcsrError("held-back NLL is not finite: the model produced NaN/Inf")
+    return nll, outputs if reference is None else (num / den.clamp(min=1e-30)).tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import platform
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from . import __version__, moe_format
 from .calib import QuantizeConfig, quantize_model
-from .calib.adapter import check_layers_fit, quantization_plan
+from .calib.adapter import check_finite, check_layers_fit, quantization_plan
 from .coverage import coverage_report
 from .errors import RcsrError
 
@@ -109,6 +110,10 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     return report
 
 
+#: ``--alpha auto`` refuses to choose on fewer held-back windows than this
+MIN_HELD_BACK = 2
+
+
 def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_dir: Path, resume: bool,
                   model_id: str, progress: bool, candidate_hook=None):
     """``--alpha auto``: α chosen per model on held-back calibration text.
@@ -128,11 +133,18 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     from .assets import load_model
     from .calib.config import AUTO_CANDIDATES, held_back_windows
     from .data import calibration_split
-    from .evaluate import perplexity
+    from .evaluate import held_back_pass
 
+    check_finite(model)  # the one-line refusal of NaN/Inf weights comes before any forward pass
     n_val = held_back_windows(cfg.nsamples, cfg.seqlen)
-    fit, val = calibration_split(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, n_val)
+    fit, val = calibration_split(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, n_val, MIN_HELD_BACK)
+    if val.shape[0] < n_val:
+        log.warning("--alpha auto: the calibration text has room for %d held-back windows, not %d: the choice rests "
+                    "on %d tokens", val.shape[0], n_val, val.numel())
     work = work_dir_for(out_dir)
+    bos = tokenizer.bos_token_id
+    fp_nll, fp_blocks = held_back_pass(model.to(device), val, bos_token_id=bos, device=device)
+    model.to("cpu")
     scores: dict[str, dict] = {}
     best = None
     for k, cand in enumerate(AUTO_CANDIDATES):
@@ -142,22 +154,21 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
         results, report = quantize_model(m, tokenizer, c, device=device, work_dir=work / f"alpha-{cand}",
                                          resume=resume, model_id=model_id, progress=progress, windows=fit)
         seconds = time.perf_counter() - t0
-        r = perplexity(m.to(device), val.reshape(-1), cfg.seqlen, bos_token_id=tokenizer.bos_token_id, device=device,
-                       progress=False)
+        nll, block_err = held_back_pass(m.to(device), val, bos_token_id=bos, device=device, reference=fp_blocks)
         m.to("cpu")
-        scores[cand] = {"held_back_nll": r["nll"], "held_back_ppl": r["ppl"], "seconds": seconds}
+        scores[cand] = {"held_back_nll": nll, "held_back_ppl": math.exp(nll), "seconds": seconds,
+                        "block_output_error": block_err}
         if candidate_hook is not None:
             scores[cand].update(candidate_hook(cand, m) or {})
-        log.info("--alpha auto: candidate alpha=%s: held-back NLL %.5f (ppl %.3f) in %.0fs", cand, r["nll"], r["ppl"],
-                 seconds)
-        if best is None or r["nll"] < best[0]:
-            best = (r["nll"], cand, m, results, report)
+        log.info("--alpha auto: candidate alpha=%s: held-back NLL %.5f (FP %.5f) in %.0fs", cand, nll, fp_nll, seconds)
+        if best is None or nll < best[0]:
+            best = (nll, cand, m, results, report)
         del m, results, report
     _, chosen, model, results, report = best
     report["config"]["alpha"] = "auto"
     report["config"]["alpha_chosen"] = chosen
     report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "held_back_windows": n_val,
-                                 "held_back_tokens": int(val.numel())}
+                                 "held_back_tokens": int(val.numel()), "fp_held_back_nll": fp_nll}
     report["seconds"] = sum(v["seconds"] for v in scores.values())
     log.info("--alpha auto: kept alpha=%s", chosen)
     return model, results, report
@@ -217,12 +228,16 @@ def _plot_report(report: dict) -> bytes | None:
         return None
     alloc = report.get("allocation")
     heldout = _held_out_ratios(report)
-    panels = 1 + bool(alloc) + bool(heldout)
+    sel = report.get("alpha_selection")
+    blocks_err = {a: c["block_output_error"] for a, c in (sel or {}).get("candidates", {}).items()
+                  if c.get("block_output_error")}
+    panels = 1 + bool(alloc) + bool(heldout) + bool(blocks_err)
     fig, axes = plt.subplots(panels, 1, figsize=(8, 4.5 + 3 * (panels - 1)), dpi=110, sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [3] + [2] * (panels - 1)})
     ax = axes[0][0]
     ax2 = axes[1][0] if alloc else None
-    ax3 = axes[-1][0] if heldout else None
+    ax3 = axes[1 + bool(alloc)][0] if heldout else None
+    ax4 = axes[-1][0] if blocks_err else None
     for mod, pts in sorted(series.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=mod)
     cfg = report["config"]
@@ -258,6 +273,18 @@ def _plot_report(report: dict) -> bytes | None:
                       "block's modules; < 1: regularization helps)", fontsize=8)
         ax3.grid(True, alpha=0.3)
         ax3.legend(fontsize=7, ncol=3)
+    if blocks_err:
+        names = {"0.0": "α = 0 (GPTQ's target)", "sample": "sampled α (SNRQ)"}
+        for a, errs in blocks_err.items():
+            ax4.plot(range(len(errs)), errs, marker=".", lw=2.2 if a == sel["chosen"] else 1,
+                     label=names.get(a, f"α = {a}") + (" — kept" if a == sel["chosen"] else ""))
+        ax4.set_yscale("log")
+        ax4.set_xlabel("decoder block")
+        ax4.set_ylabel("‖h − h_FP‖² / ‖h_FP‖²")
+        ax4.set_title(f"--alpha auto: each block's output error against the FP model on {sel['held_back_tokens']:,} "
+                      "held-back tokens", fontsize=8)
+        ax4.grid(True, alpha=0.3)
+        ax4.legend(fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -297,7 +297,31 @@ def render_summary(path: Path) -> str:
                    for seed, r in sorted(rs.items()) if r.get("ppl_fp_head") is not None]
         if fp_head:
             out += ["Same checkpoints with the FP head put back: " + "; ".join(fp_head) + ".", ""]
+    out += render_auto(rows)
     return "\n".join(out)
+
+
+def render_auto(rows: list[dict]) -> list[str]:
+    """``--alpha auto`` rows: per setting and seed, both candidates' held-back NLL and evaluation perplexity
+    (each candidate is the plain α = 0 / sampled-α run of that seed), the one kept, and whether the kept one
+    is at or below α = 0's (GPTQ's) evaluation perplexity."""
+    auto = [r for r in rows if r.get("alpha_selection")]
+    if not auto:
+        return []
+    out = ["**--alpha auto** (candidates: α = 0, i.e. GPTQ, and the sampled α, on the same calibration windows)", "",
+           "| setting | seed | held-back NLL α=0 | held-back NLL sampled | ppl α=0 (GPTQ) | ppl sampled | kept | "
+           "kept ÷ GPTQ | quant. s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in sorted(auto, key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99,
+                                         r["method"], r["seed"])):
+        sel = r["alpha_selection"]
+        c0, cs = sel["candidates"].get("0.0", {}), sel["candidates"].get("sample", {})
+        p0 = c0.get("eval_ppl")
+        kept = sel["candidates"][sel["chosen"]].get("eval_ppl", r["ppl"])
+        out.append(f"| {r['setting']} | {r['seed']} | {c0.get('held_back_nll', float('nan')):.4f} | "
+                   f"{cs.get('held_back_nll', float('nan')):.4f} | {p0 or float('nan'):,.2f} | "
+                   f"{cs.get('eval_ppl', float('nan')):,.2f} | {'α=0' if sel['chosen'] == '0.0' else 'sampled'} | "
+                   f"{kept / p0 if p0 else float('nan'):.3f} | {r['quant_seconds']:.0f} |")
+    return out + [""]
 
 
 if __name__ == "__main__":

@@ -178,6 +178,11 @@ def test_auto_keeps_the_candidate_with_the_lower_held_back_loss(tokenizer, text_
     nll = {c: v["held_back_nll"] for c, v in sel["candidates"].items()}
     assert sel["chosen"] == min(AUTO_CANDIDATES, key=lambda c: (nll[c], AUTO_CANDIDATES.index(c)))
     assert rep["config"]["alpha"] == "auto" and rep["config"]["alpha_chosen"] == sel["chosen"]
+    for c in sel["candidates"].values():  # per block: the output error against the FP model on held-back text
+        errs = c["block_output_error"]
+        assert len(errs) == 2 and all(0 < e < 1 for e in errs)
+        assert c["held_back_nll"] > sel["fp_held_back_nll"] - 0.05
+    assert (tmp_path / "q" / "quant_report.png").stat().st_size > 0
 
     fit, _ = calibration_split(str(text_file), tokenizer, 8, 32, 0, held_back_windows(8, 32))
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -205,3 +210,20 @@ def test_auto_needs_a_concrete_alpha_inside_the_loop(tokenizer, text_file, tmp_p
     cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=4, seqlen=32)
     with pytest.raises(RcsrError, match="chosen per model"):
         quantize_model(model, tokenizer, cfg, work_dir=tmp_path / "w", progress=False)
+
+
+def test_held_back_pass_scores_like_perplexity_and_compares_blocks():
+    from rcsr_deploy.evaluate import held_back_pass, perplexity
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).eval()
+    windows = torch.randint(3, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    nll, ref = held_back_pass(model, windows, bos_token_id=1)
+    assert nll == pytest.approx(perplexity(model, windows.reshape(-1), 24, bos_token_id=1, progress=False)["nll"],
+                                rel=1e-6)
+    assert len(ref) == 3 and len(ref[0]) == 2 and ref[0][0].dtype == torch.bfloat16
+    same, errs = held_back_pass(model, windows, bos_token_id=1, reference=ref)
+    assert same == nll and all(e < 1e-4 for e in errs)  # only the bf16 rounding of the reference
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    _, errs = held_back_pass(model, windows, bos_token_id=1, reference=ref)
+    assert errs[0] < 1e-4 < errs[1]  # block 0 untouched, block 1 changed

@@ -83,9 +83,9 @@ def _spy_stats(monkeypatch):
             calls.append([])
             self._calls = calls[-1]
 
-        def add(self, x_q, x_fp=None, dx_scale=1.0):
+        def add(self, x_q, x_fp=None, dx_scale=1.0, held_out=None):
             self._calls.append((x_q.detach().clone(), None if x_fp is None else x_fp.detach().clone()))
-            return super().add(x_q, x_fp, dx_scale)
+            return super().add(x_q, x_fp, dx_scale, held_out)
 
     monkeypatch.setattr(loop, "LayerStats", Spy)
     return calls
