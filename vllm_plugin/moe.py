@@ -237,12 +237,12 @@ class NativeExperts(ExpertsKernel):
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
         if activation not in _ACTS:
             return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
+        if spec13.dynamic:
+            return "dynamic act order (every expert has its own column order)"
         for spec in (spec13, spec2):  # what the dense native kernel takes, per expert matrix
             reason = NativeCpuKernel.unsupported_reason(spec)
             if reason:
                 return reason
-        if spec13.dynamic:
-            return "dynamic act order (every expert has its own column order)"
         return None
 
     def prepare(self, w13, w2) -> None:
