@@ -312,9 +312,13 @@ def run_zeroshot(model: str, tasks: str | list[str], *, backend: str = "hf", lim
     t_tasks = time.perf_counter() - t0
     lm, path, quantized = make_lm(model, backend, dtype=dtype, batch_size=batch_size, device=device, seed=seed)
     t_model = time.perf_counter() - t0 - t_tasks
-    out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=bool(samples_out),
-                                  random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed, bootstrap_iters=1000)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit,
+                                      log_samples=bool(samples_out), random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000)
+    finally:
+        if backend == "vllm":
+            _shutdown_vllm(lm)
     rows = []
     for task, res in out["results"].items():
         n = out.get("n-samples", {}).get(task, {}).get("effective")
@@ -337,6 +341,23 @@ def run_zeroshot(model: str, tasks: str | list[str], *, backend: str = "hf", lim
             "tasks": names, "limit": limit, "batch_size": batch_size, "results": rows,
             "lm_eval_version": _version("lm_eval"), "seconds": time.perf_counter() - t0,
             "seconds_tasks": t_tasks, "seconds_model": t_model}
+
+
+def _shutdown_vllm(lm) -> None:
+    """Stop lm-eval's vLLM engine now, in order, rather than at interpreter exit: left to the exit
+    hooks, the engine-core process was seen to abort ("terminate called without an active exception",
+    exit -6) after the results were complete."""
+    import gc
+
+    engine = getattr(getattr(lm, "model", None), "llm_engine", None)
+    core = getattr(engine, "engine_core", None)
+    if core is not None:
+        try:
+            core.shutdown()
+        except Exception as e:  # noqa: BLE001 -- best effort: the results are already computed
+            log.warning("vLLM engine shutdown: %s", _short(e))
+    lm.model = None
+    gc.collect()
 
 
 def _version(dist: str) -> str | None:
