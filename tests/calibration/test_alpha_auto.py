@@ -40,6 +40,18 @@ def _stats(xq, xf, holdout=True, batch=3):
     return st, held
 
 
+def _quantize_tiny_llama(tokenizer, text_file, tmp_path, alpha):
+    """A tiny random Llama saved to ``tmp_path/fp`` and quantized to ``tmp_path/q`` (SNRQ W3 g32, 8 x 32 tokens)."""
+    from rcsr_deploy.pipeline import quantize_to_checkpoint
+    src = tmp_path / "fp"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha=alpha, calib=str(text_file), nsamples=8,
+                         seqlen=32, seed=0)
+    return src, cfg, quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+
+
 def test_holdout_sequences():
     assert holdout_sequences(8).tolist() == [False, False, False, True] * 2
     assert holdout_sequences(3).tolist() == [False, False, True]  # fewer than four: the last one
@@ -123,14 +135,8 @@ def test_auto_end_to_end_dense_and_moe(tokenizer, text_file, tmp_path):
 def test_report_plot_shows_held_out_error_against_gptq(tokenizer, text_file, tmp_path):
     """quant_report's plot gets a panel per block: held-out error of each α over α = 0's; the chosen α
     is never above 1 (α = 0 is a candidate)."""
-    from rcsr_deploy.pipeline import _held_out_ratios, quantize_to_checkpoint
-    src = tmp_path / "fp"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="heldout", calib=str(text_file), nsamples=8,
-                         seqlen=32, seed=0)
-    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    from rcsr_deploy.pipeline import _held_out_ratios
+    src, cfg, rep = _quantize_tiny_llama(tokenizer, text_file, tmp_path, "heldout")
     ratios = _held_out_ratios(rep)
     assert set(ratios) == {"chosen"} | {f"α = {a}" for a in AUTO_ALPHAS if a}
     assert [b for b, _ in ratios["chosen"]] == [0, 1]
@@ -166,13 +172,7 @@ def test_auto_keeps_the_candidate_with_the_lower_held_back_loss(tokenizer, text_
     from rcsr_deploy.checkpoint import load_quantized_tensors
     from rcsr_deploy.data import calibration_split
     from rcsr_deploy.pipeline import quantize_to_checkpoint
-    src = tmp_path / "fp"
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    cfg = QuantizeConfig(method="snrq", bits=3, group_size=32, alpha="auto", calib=str(text_file), nsamples=8,
-                         seqlen=32, seed=0)
-    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    src, cfg, rep = _quantize_tiny_llama(tokenizer, text_file, tmp_path, "auto")
     sel = rep["alpha_selection"]
     assert set(sel["candidates"]) == set(AUTO_CANDIDATES) and sel["held_back_windows"] == held_back_windows(8, 32)
     nll = {c: v["held_back_nll"] for c, v in sel["candidates"].items()}
