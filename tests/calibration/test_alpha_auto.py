@@ -171,7 +171,6 @@ def test_auto_keeps_the_candidate_with_the_lower_held_back_loss(tokenizer, text_
     from rcsr_deploy.calib.config import AUTO_CANDIDATES, held_back_windows
     from rcsr_deploy.checkpoint import load_quantized_tensors
     from rcsr_deploy.data import calibration_split
-    from rcsr_deploy.pipeline import quantize_to_checkpoint
     src, cfg, rep = _quantize_tiny_llama(tokenizer, text_file, tmp_path, "auto")
     sel = rep["alpha_selection"]
     assert set(sel["candidates"]) == set(AUTO_CANDIDATES) and sel["held_back_windows"] == held_back_windows(8, 32)
