@@ -114,6 +114,18 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                f"g{cfg.group_size} {'sym' if sym else 'asym'})")
 
 
+def _exit_now() -> None:
+    """End the process at once, after the output is flushed. vLLM 0.32 on CPU can abort at
+    interpreter exit ("terminate called without an active exception", exit -6) after the engine was
+    shut down and the results printed; nothing is left to run or to clean up by then."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)
+
+
 @cli.command("eval")
 @click.option("--model", "model", default="default", show_default=True,
               help="FP model (id, folder, 'default', 'gemma3-270m') or an rcsr checkpoint folder (evaluated "
@@ -146,6 +158,8 @@ def eval_cmd(model, data, seqlen, max_tokens, batch_size, device, as_json, no_pr
         res = run_zeroshot(model, tasks, backend=backend, limit=limit, batch_size=bs, device=resolve_device(device),
                            dtype=dtype, samples_out=samples_out, progress=not no_progress)
         click.echo(json.dumps(res) if as_json else format_table(res))
+        if backend == "vllm":
+            _exit_now()
         return
     import time
 
