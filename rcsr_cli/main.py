@@ -54,6 +54,10 @@ def cli(verbose: int) -> None:
               help="'auto' (snrq/ksnrq: quantize with alpha = 0, i.e. GPTQ's target, and with the sampled alpha; keep "
                    "the one with the lower loss on held-back calibration text), 'sample' (Beta per sequence, the "
                    "paper's), 'closed-form', 'heldout' (per layer on held-back sequences), or a number in [0,1].")
+@click.option("--alpha-margin", "alpha_margin", type=float, default=None,
+              help="--alpha auto: keep the regularized alpha only if its held-back NLL beats alpha = 0's by more "
+                   "than this many nats per token (default 0.02, i.e. 2% perplexity); smaller gains are ties and "
+                   "keep alpha = 0.")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
 @click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,
@@ -85,7 +89,7 @@ def cli(verbose: int) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m, sarqc_lambda, clip, act_order,
+def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_m, sarqc_lambda, clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, avg_bits,
              widths, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
@@ -99,7 +103,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
                          moe_min_tokens=moe_min_tokens, avg_bits=avg_bits, widths=_widths(widths),
-                         bits_rules=tuple(bits_rules))
+                         bits_rules=tuple(bits_rules),
+                         **({} if alpha_margin is None else {"alpha_margin": alpha_margin}))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,
                                     progress=not no_progress)
     cov = report["coverage"]
@@ -109,7 +114,10 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     sel = report.get("alpha_selection")
     if sel:
         nll = ", ".join(f"alpha={a}: {v['held_back_nll']:.4f}" for a, v in sel["candidates"].items())
-        click.echo(f"--alpha auto: held-back NLL ({sel['held_back_tokens']} tokens) {nll}; kept alpha={sel['chosen']}")
+        gain = "; ".join(f"alpha={a} gains {v['gain']:+.4f} +- {v['gain_se']:.4f}" for a, v in sel["candidates"].items()
+                         if "gain" in v)
+        click.echo(f"--alpha auto: held-back NLL ({sel['held_back_tokens']} tokens) {nll}; {gain} "
+                   f"(margin {sel['margin']}); kept alpha={sel['chosen']}")
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "
                f"g{cfg.group_size} {'sym' if sym else 'asym'})")
 

@@ -80,7 +80,8 @@ def held_back_pass(model, windows: torch.Tensor, *, bos_token_id: int | None, de
 
     Without ``reference`` the block outputs are returned (bf16, per window and block: the FP model's, to
     compare against); with the ``reference`` of the FP model, the relative error of every block's output,
-    ``Σ‖h − h_fp‖² / Σ‖h_fp‖²`` over all held-back tokens.  Returns ``(nll, outputs_or_errors)``."""
+    ``Σ‖h − h_fp‖² / Σ‖h_fp‖²`` over all held-back tokens.  Returns ``(nll, outputs_or_errors, window_nll)``:
+    ``window_nll`` is each window's mean NLL per scored token (for paired comparisons of two models)."""
     from .calib.adapter import find_decoder_layers
 
     layers, _ = find_decoder_layers(model)
@@ -91,6 +92,7 @@ def held_back_pass(model, windows: torch.Tensor, *, bos_token_id: int | None, de
     den = torch.zeros(len(layers), dtype=torch.float64)
     outputs: list[list[torch.Tensor]] = []
     total, scored = 0.0, 0
+    window_nll: list[float] = []
     try:
         with torch.inference_mode():
             for k, w in enumerate(windows):
@@ -99,8 +101,10 @@ def held_back_pass(model, windows: torch.Tensor, *, bos_token_id: int | None, de
                     ids = torch.cat([torch.full((1, 1), int(bos_token_id), dtype=torch.long), ids], 1)
                 out = model(input_ids=ids.to(device), use_cache=False)
                 logits = out.logits if hasattr(out, "logits") else out[0]
-                total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(device), reduction="sum").double())
+                s = float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(device), reduction="sum").double())
+                total += s
                 scored += ids.shape[1] - 1
+                window_nll.append(s / max(ids.shape[1] - 1, 1))
                 if reference is None:
                     outputs.append([box[i].to("cpu", torch.bfloat16) for i in range(len(layers))])
                 else:
@@ -115,4 +119,4 @@ def held_back_pass(model, windows: torch.Tensor, *, bos_token_id: int | None, de
     nll = total / max(scored, 1)
     if not math.isfinite(nll):
         raise RcsrError("held-back NLL is not finite: the model produced NaN/Inf")
-    return nll, outputs if reference is None else (num / den.clamp(min=1e-30)).tolist()
+    return nll, outputs if reference is None else (num / den.clamp(min=1e-30)).tolist(), window_nll

@@ -14,6 +14,7 @@ import torch
 from . import __version__, moe_format
 from .calib import QuantizeConfig, quantize_model
 from .calib.adapter import check_finite, check_layers_fit, quantization_plan
+from .calib.config import AUTO_CANDIDATES
 from .coverage import coverage_report
 from .errors import RcsrError
 
@@ -114,6 +115,33 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
 MIN_HELD_BACK = 2
 
 
+def pick_auto_candidate(window_nll: dict[str, list[float]], margin: float) -> tuple[str, dict[str, dict]]:
+    """``--alpha auto``'s rule, given each candidate's per-window held-back NLL (equal-length windows, the same
+    windows for every candidate).
+
+    With ``d_w = nll_w(α = 0) − nll_w(c)`` the paired gain of candidate ``c`` on window ``w``, its gain is
+    ``ḡ = mean_w d_w`` (nats per token) with standard error ``sd(d) / √n``.  A candidate is eligible when
+    ``ḡ > margin``; the eligible one with the lowest NLL is kept, and α = 0 when none is: a gain that small
+    is a tie, and a tie keeps GPTQ's target (``AUTO_MARGIN``).  Returns ``(chosen, {c: {"gain", "gain_se"}})``."""
+    base_key = AUTO_CANDIDATES[0]
+    base = window_nll[base_key]
+    n = len(base)
+    chosen, best = base_key, sum(base) / n
+    stats: dict[str, dict] = {}
+    for c, w in window_nll.items():
+        if c == base_key:
+            continue
+        if len(w) != n:
+            raise ValueError(f"candidate {c}: {len(w)} held-back windows, not {n}")
+        d = [b - x for b, x in zip(base, w)]
+        gain = sum(d) / n
+        se = math.sqrt(sum((x - gain) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+        stats[c] = {"gain": gain, "gain_se": se}
+        if gain > margin and sum(w) / n < best:
+            chosen, best = c, sum(w) / n
+    return chosen, stats
+
+
 def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_dir: Path, resume: bool,
                   model_id: str, progress: bool, candidate_hook=None):
     """``--alpha auto``: α chosen per model on held-back calibration text.
@@ -121,17 +149,18 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     ``held_back_windows(nsamples, seqlen)`` windows of ``seqlen`` tokens of the calibration text, disjoint from the
     calibration windows, are held back (``data.calibration_split``).  The model is quantized once per candidate of ``AUTO_CANDIDATES`` — α = 0 (GPTQ's target: with ``--method snrq`` the
     very GPTQ solution) and the paper's sampled α — on the same calibration windows, each from the FP
-    model, and the candidate whose quantized model has the lower negative log-likelihood on the held-back
-    windows is kept (ties: α = 0).  So the default never keeps the regularized target where, on text the
-    quantizer did not see, it is worse than its own α = 0 point.  Cost: one quantization per candidate
-    (two), plus two short evaluations; host memory: two models at a time.
+    model.  The regularized candidate is kept only when its negative log-likelihood on the held-back windows
+    is lower than α = 0's by more than ``cfg.alpha_margin`` nats per token (``pick_auto_candidate``); else
+    α = 0 is.  So the default never keeps the regularized target where, on text the quantizer did not see,
+    it is worse than its own α = 0 point, nor where it is better by too little to tell.  Cost: one
+    quantization per candidate (two), plus three short evaluations; host memory: two models at a time.
 
     Returns ``(model, results, report)`` of the chosen candidate; ``report["alpha_selection"]`` has every
     candidate's held-back NLL and quantization time."""
     from dataclasses import replace
 
     from .assets import load_model
-    from .calib.config import AUTO_CANDIDATES, held_back_windows
+    from .calib.config import held_back_windows
     from .data import calibration_split
     from .evaluate import held_back_pass
 
@@ -143,10 +172,10 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
                     "on %d tokens", val.shape[0], n_val, val.numel())
     work = work_dir_for(out_dir)
     bos = tokenizer.bos_token_id
-    fp_nll, fp_blocks = held_back_pass(model.to(device), val, bos_token_id=bos, device=device)
+    fp_nll, fp_blocks, _ = held_back_pass(model.to(device), val, bos_token_id=bos, device=device)
     model.to("cpu")
     scores: dict[str, dict] = {}
-    best = None
+    kept: dict[str, tuple] = {}
     for k, cand in enumerate(AUTO_CANDIDATES):
         c = replace(cfg, alpha=cand)
         m = model if k == 0 else load_model(path, dtype=torch.float32, device="cpu")[0].eval()
@@ -154,20 +183,29 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
         results, report = quantize_model(m, tokenizer, c, device=device, work_dir=work / f"alpha-{cand}",
                                          resume=resume, model_id=model_id, progress=progress, windows=fit)
         seconds = time.perf_counter() - t0
-        nll, block_err = held_back_pass(m.to(device), val, bos_token_id=bos, device=device, reference=fp_blocks)
+        nll, block_err, window_nll = held_back_pass(m.to(device), val, bos_token_id=bos, device=device,
+                                                    reference=fp_blocks)
         m.to("cpu")
         scores[cand] = {"held_back_nll": nll, "held_back_ppl": math.exp(nll), "seconds": seconds,
-                        "block_output_error": block_err}
+                        "block_output_error": block_err, "window_nll": window_nll}
         if candidate_hook is not None:
             scores[cand].update(candidate_hook(cand, m) or {})
         log.info("--alpha auto: candidate alpha=%s: held-back NLL %.5f (FP %.5f) in %.0fs", cand, nll, fp_nll, seconds)
-        if best is None or nll < best[0]:
-            best = (nll, cand, m, results, report)
+        kept[cand] = (m, results, report)
+        if k > 0:  # keep at most two models: alpha = 0 and the better regularized one so far
+            c0 = pick_auto_candidate({c: scores[c]["window_nll"] for c in kept}, cfg.alpha_margin)[0]
+            for c in [c for c in kept if c not in (AUTO_CANDIDATES[0], c0)]:
+                del kept[c]
         del m, results, report
-    _, chosen, model, results, report = best
+    chosen, gains = pick_auto_candidate({c: v["window_nll"] for c, v in scores.items()}, cfg.alpha_margin)
+    for c, g in gains.items():
+        scores[c].update(g)
+    model, results, report = kept.pop(chosen)
+    kept.clear()
     report["config"]["alpha"] = "auto"
     report["config"]["alpha_chosen"] = chosen
-    report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "held_back_windows": n_val,
+    report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "margin": cfg.alpha_margin,
+                                 "held_back_windows": n_val,
                                  "held_back_tokens": int(val.numel()), "fp_held_back_nll": fp_nll}
     report["seconds"] = sum(v["seconds"] for v in scores.values())
     log.info("--alpha auto: kept alpha=%s", chosen)

@@ -309,16 +309,19 @@ def render_auto(rows: list[dict]) -> list[str]:
     if not auto:
         return []
     out = ["**--alpha auto** (candidates: α = 0, i.e. GPTQ, and the sampled α, on the same calibration windows)", "",
-           "| setting | seed | held-back NLL α=0 | held-back NLL sampled | ppl α=0 (GPTQ) | ppl sampled | kept | "
-           "kept ÷ GPTQ | quant. s |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+           "| setting | seed | held-back NLL α=0 | held-back NLL sampled | gain ± s.e. (margin) | ppl α=0 (GPTQ) | "
+           "ppl sampled | kept | kept ÷ GPTQ | quant. s |", "|---|---:|---:|---:|---|---:|---:|---|---:|---:|"]
     for r in sorted(auto, key=lambda r: (list(SETTINGS).index(r["setting"]) if r["setting"] in SETTINGS else 99,
                                          r["method"], r["seed"])):
         sel = r["alpha_selection"]
         c0, cs = sel["candidates"].get("0.0", {}), sel["candidates"].get("sample", {})
         p0 = c0.get("eval_ppl")
         kept = sel["candidates"][sel["chosen"]].get("eval_ppl", r["ppl"])
+        gain = c0.get("held_back_nll", float("nan")) - cs.get("held_back_nll", float("nan"))
+        se = f" ± {cs['gain_se']:.4f}" if "gain_se" in cs else ""  # rows before the margin rule lack it
+        margin = f" ({sel['margin']})" if "margin" in sel else " (none)"
         out.append(f"| {r['setting']} | {r['seed']} | {c0.get('held_back_nll', float('nan')):.4f} | "
-                   f"{cs.get('held_back_nll', float('nan')):.4f} | {p0 or float('nan'):,.2f} | "
+                   f"{cs.get('held_back_nll', float('nan')):.4f} | {gain:+.4f}{se}{margin} | {p0 or float('nan'):,.2f} | "
                    f"{cs.get('eval_ppl', float('nan')):,.2f} | {'α=0' if sel['chosen'] == '0.0' else 'sampled'} | "
                    f"{kept / p0 if p0 else float('nan'):.3f} | {r['quant_seconds']:.0f} |")
     return out + [""]

@@ -175,7 +175,9 @@ def test_auto_keeps_the_candidate_with_the_lower_held_back_loss(tokenizer, text_
     sel = rep["alpha_selection"]
     assert set(sel["candidates"]) == set(AUTO_CANDIDATES) and sel["held_back_windows"] == held_back_windows(8, 32)
     nll = {c: v["held_back_nll"] for c, v in sel["candidates"].items()}
-    assert sel["chosen"] == min(AUTO_CANDIDATES, key=lambda c: (nll[c], AUTO_CANDIDATES.index(c)))
+    gain = nll["0.0"] - nll["sample"]
+    assert sel["margin"] == cfg.alpha_margin and sel["candidates"]["sample"]["gain"] == pytest.approx(gain, abs=1e-9)
+    assert sel["chosen"] == ("sample" if gain > cfg.alpha_margin else "0.0")
     assert rep["config"]["alpha"] == "auto" and rep["config"]["alpha_chosen"] == sel["chosen"]
     for c in sel["candidates"].values():  # per block: the output error against the FP model on held-back text
         errs = c["block_output_error"]
@@ -216,13 +218,48 @@ def test_held_back_pass_scores_like_perplexity_and_compares_blocks():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(arch_configs()["llama"](), dtype=torch.float32).eval()
     windows = torch.randint(3, 300, (3, 24), generator=torch.Generator().manual_seed(0))
-    nll, ref = held_back_pass(model, windows, bos_token_id=1)
+    nll, ref, per_window = held_back_pass(model, windows, bos_token_id=1)
     assert nll == pytest.approx(perplexity(model, windows.reshape(-1), 24, bos_token_id=1, progress=False)["nll"],
                                 rel=1e-6)
+    for w, v in zip(windows, per_window):  # each window's own mean NLL
+        assert v == pytest.approx(held_back_pass(model, w[None], bos_token_id=1)[0], rel=1e-6)
+    assert sum(per_window) / len(per_window) == pytest.approx(nll, rel=1e-9)
     assert len(ref) == 3 and len(ref[0]) == 2 and ref[0][0].dtype == torch.bfloat16
-    same, errs = held_back_pass(model, windows, bos_token_id=1, reference=ref)
+    same, errs, _ = held_back_pass(model, windows, bos_token_id=1, reference=ref)
     assert same == nll and all(e < 1e-4 for e in errs)  # only the bf16 rounding of the reference
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
-    _, errs = held_back_pass(model, windows, bos_token_id=1, reference=ref)
+    _, errs, _ = held_back_pass(model, windows, bos_token_id=1, reference=ref)
     assert errs[0] < 1e-4 < errs[1]  # block 0 untouched, block 1 changed
+
+
+def test_auto_rule_keeps_alpha_zero_unless_the_gain_clears_the_margin():
+    """The paired rule of ``--alpha auto``: the regularized candidate needs a held-back gain above the margin;
+    a smaller gain, a tie or a loss keeps alpha = 0. The reported standard error is the paired one."""
+    import numpy as np
+
+    from rcsr_deploy.pipeline import pick_auto_candidate
+    base = [3.40, 3.30, 3.50, 3.45]
+    for shift, margin, want in [(0.05, 0.02, "sample"), (0.012, 0.02, "0.0"), (0.012, 0.0, "sample"),
+                                (-0.03, 0.0, "0.0"), (0.019, 0.02, "0.0"), (0.021, 0.02, "sample")]:
+        cand = [b - shift + e for b, e in zip(base, (0.01, -0.01, 0.005, -0.005))]
+        chosen, stats = pick_auto_candidate({"0.0": base, "sample": cand}, margin)
+        d = np.array(base) - np.array(cand)
+        assert chosen == want, (shift, margin)
+        assert stats["sample"]["gain"] == pytest.approx(d.mean(), abs=1e-12)
+        assert stats["sample"]["gain_se"] == pytest.approx(d.std(ddof=1) / 2, rel=1e-9)
+    assert pick_auto_candidate({"0.0": base, "sample": list(base)}, 0.0)[0] == "0.0"  # an exact tie
+    # a third candidate: the eligible one with the lower NLL wins
+    chosen, _ = pick_auto_candidate({"0.0": base, "a": [b - 0.03 for b in base], "b": [b - 0.05 for b in base]}, 0.02)
+    assert chosen == "b"
+    with pytest.raises(ValueError, match="windows"):
+        pick_auto_candidate({"0.0": base, "sample": base[:2]}, 0.02)
+
+
+def test_alpha_margin_is_validated():
+    from rcsr_deploy.calib import QuantizeConfig
+    from rcsr_deploy.calib.config import AUTO_MARGIN
+    assert QuantizeConfig().alpha_margin == AUTO_MARGIN == 0.02
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(RcsrError, match="--alpha-margin"):
+            QuantizeConfig(alpha_margin=bad).validate()
