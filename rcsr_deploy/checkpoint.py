@@ -26,6 +26,7 @@ from .format import (
     QuantizedTensor,
     dtype_name,
     quantized_tensor_names,
+    read_config_json,
     shape_str,
 )
 from .storage import TensorReader, atomic_dir, natural_key, parse_size, weight_files, write_safetensors
@@ -213,6 +214,12 @@ def save_quantized(
         raise RcsrError("quantized MoE expert projections need format_version 3 "
                         "(an older reader would not know them)")
     tensors = _model_tensors(model, quantized)
+    names = moe_format.hub_names(getattr(model.config, "model_type", None))
+    if not names.identity:  # on disk: the hub's names (Mixtral: block_sparse_moe.experts.<e>.w1 ...)
+        tensors = {names.to_hub(k): v for k, v in tensors.items()}
+        qc.quantized_modules = [names.to_hub(m) for m in qc.quantized_modules]
+        if qc.module_grids:
+            qc.module_grids = {names.to_hub(m): g for m, g in qc.module_grids.items()}
     with atomic_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, shard_bytes)
         del tensors
@@ -266,7 +273,18 @@ def load_quantized_tensors(ckpt_dir: str | os.PathLike) -> dict[str, QuantizedTe
     files = weight_files(ckpt_dir)
     quantized_tensor_names(files, qc.quantized_modules)
     reader = TensorReader(files)
-    return {m: read_module(reader, m, qc) for m in qc.quantized_modules}
+    names = checkpoint_names(ckpt_dir)
+    return {names.to_model(m): read_module(reader, m, qc) for m in qc.quantized_modules}
+
+
+def checkpoint_names(ckpt_dir: Path) -> moe_format.HubNames:
+    """The hub-name <-> module-name translation of a checkpoint's model family (``config.json``'s
+    ``model_type``; identity for dense families)."""
+    try:
+        model_type = read_config_json(ckpt_dir).get("model_type")
+    except RcsrError:
+        model_type = None
+    return moe_format.hub_names(model_type)
 
 
 def hf_config_without_quant(ckpt_dir: Path):
@@ -304,11 +322,12 @@ def load_fake_quant_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torc
 
     ckpt_dir = Path(ckpt_dir)
     qc = QuantConfig.read(ckpt_dir)
-    modules = qc.quantized_modules
     files = weight_files(ckpt_dir)
-    skip = quantized_tensor_names(files, modules)
-    plain = [n for n in files if n not in skip]
+    skip = quantized_tensor_names(files, qc.quantized_modules)
     config = hf_config_without_quant(ckpt_dir)
+    names = moe_format.hub_names(getattr(config, "model_type", None))
+    plain = {names.to_model(n): n for n in files if n not in skip}      # module name -> name on disk
+    modules = {names.to_model(m): m for m in qc.quantized_modules}
     try:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     except Exception as e:
@@ -335,17 +354,17 @@ def load_fake_quant_model(ckpt_dir: str | os.PathLike, dtype: torch.dtype = torc
 
     reader = TensorReader(files)
     with torch.no_grad():
-        for name in plain:
-            put(name, reader.get(name))
-        for m in modules:               # one layer at a time: codes and fp32 weights never all in memory
+        for name, on_disk in plain.items():
+            put(name, reader.get(on_disk))
+        for m, on_disk in modules.items():  # one layer at a time: codes and fp32 weights never all in memory
             if m in slots:              # a routed expert: its slice of the fused 3-D parameter
-                w = read_module(reader, m, qc).dequantize()
+                w = read_module(reader, on_disk, qc).dequantize()
                 dst = slots[m].view(expected[slots[m].param])
                 if tuple(w.shape) != tuple(dst.shape):
                     raise RcsrError(f"{m}: expected {shape_str(dst)} from config.json, got {shape_str(w)}")
                 dst.copy_(w)
                 continue
-            put(f"{m}.weight", read_module(reader, m, qc).dequantize())
+            put(f"{m}.weight", read_module(reader, on_disk, qc).dequantize())
         # a tied target absent from the files takes the source's value (normally it is the same tensor)
         for tgt, src in tied.items():
             if tgt in expected and tgt not in provided and src in provided:

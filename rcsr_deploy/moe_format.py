@@ -11,12 +11,20 @@ module name ``<experts>.<e>.gate_proj`` / ``.up_proj`` / ``.down_proj`` (the nam
 ``make_expert_params_mapping`` loads: shard ids w1 / w3 / w2).  This module maps the fused parameters
 to those names and back; ``rcsr_deploy.checkpoint`` calls it when writing and when fake-quant loading.
 
+The names on disk are the hub's (what ``save_pretrained`` writes and vLLM's model loaders read), which for
+some families are not transformers 5's module names: Mixtral stores ``block_sparse_moe.experts.<e>.w1``
+/ ``w3`` / ``w2`` where transformers 5 has ``mlp.experts`` (``HubNames``, from transformers' own
+checkpoint conversion mapping).  The quantizer works in module names; the checkpoint writer and readers
+translate tensor names and ``quantized_modules`` at the boundary.
+
 Layouts refused here (one ``RcsrError`` line): transposed fused experts ``[E, H, 2I]`` (GPT-OSS, whose
 gate/up columns are also interleaved and whose experts have biases).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -117,13 +125,87 @@ def format_version_for(model: nn.Module, modules, base: int) -> int:
 
 
 def vllm_expert_modules(quantized_modules, experts_prefix: str) -> dict[int, dict[str, str]]:
-    """``{expert: {proj: module name}}`` of the listed per-expert modules under ``experts_prefix``."""
+    """``{expert: {proj: module name}}`` of the listed per-expert modules under ``experts_prefix``; ``proj``
+    is ``gate_proj`` / ``up_proj`` / ``down_proj``, also for names on disk in vLLM's shard ids
+    (Mixtral's ``w1`` / ``w3`` / ``w2``)."""
+    by_shard = {v: k for k, v in SHARD_IDS.items()}
     out: dict[int, dict[str, str]] = {}
     head = experts_prefix + "."
     for m in quantized_modules:
         if not m.startswith(head):
             continue
         e, _, proj = m[len(head):].partition(".")
+        proj = by_shard.get(proj, proj)
         if e.isdigit() and proj in PROJ_NAMES:
             out.setdefault(int(e), {})[proj] = m
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# hub names on disk <-> transformers 5 module names
+# --------------------------------------------------------------------------------------------------
+_EXPERT_SOURCE = re.compile(r"experts\.\*\.(\w+)\.weight$")
+
+
+class HubNames:
+    """Tensor / module names of a model family on disk (the hub's) and in transformers 5 (the model's).
+
+    Built from transformers' checkpoint conversion mapping of the ``model_type``: its plain
+    ``WeightRenaming`` transforms (Mixtral: ``.block_sparse_moe.`` -> ``.mlp.``) and the per-expert projection names
+    its experts converters merge (Mixtral: ``w1``, ``w3`` -> ``gate_up_proj``; ``w2`` -> ``down_proj``).
+    Only families with fused experts are translated; every other name, and every other family, maps to
+    itself, so dense checkpoints are unchanged."""
+
+    def __init__(self, renamings=(), proj: tuple[str, str, str] = PROJ_NAMES):
+        self._forward = tuple(renamings)                        # hub -> model
+        self._reverse = tuple(t.reverse_transform() for t in self._forward)
+        self.proj = tuple(proj)                                 # hub names of gate, up, down
+        self._to_model = dict(zip(self.proj, PROJ_NAMES))
+        self._to_hub = dict(zip(PROJ_NAMES, self.proj))
+        self.identity = not self._forward and self.proj == PROJ_NAMES
+
+    @staticmethod
+    def _sub(key: str, names: dict[str, str]) -> str:
+        if not names or all(k == v for k, v in names.items()):
+            return key
+        alt = "|".join(map(re.escape, names))
+        return re.sub(rf"(\.experts\.\d+\.)({alt})(?=\.|$)", lambda m: m.group(1) + names[m.group(2)], key)
+
+    def to_hub(self, key: str) -> str:
+        if self.identity:
+            return key
+        for t in self._reverse:
+            key = t.rename_source_key(key)[0]
+        return self._sub(key, self._to_hub)
+
+    def to_model(self, key: str) -> str:
+        if self.identity:
+            return key
+        for t in self._forward:
+            key = t.rename_source_key(key)[0]
+        return self._sub(key, self._to_model)
+
+
+@lru_cache(maxsize=None)
+def hub_names(model_type: str | None) -> HubNames:
+    """The :class:`HubNames` of a ``config.model_type`` (identity when transformers has no experts
+    conversion for it, or is too old to say)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # transformers 4.x: module names are the hub names
+        return HubNames()
+    transforms = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    gate_up = down = None
+    for t in transforms or []:
+        if not isinstance(t, WeightConverter):
+            continue
+        names = [m.group(1) for m in map(_EXPERT_SOURCE.search, t.source_patterns) if m]
+        target = t.target_patterns[0] if t.target_patterns else ""
+        if target.endswith("experts.gate_up_proj") and len(names) == 2:
+            gate_up = names
+        elif target.endswith("experts.down_proj") and len(names) == 1:
+            down = names[0]
+    if gate_up is None or down is None:
+        return HubNames()
+    return HubNames([t for t in transforms if type(t) is WeightRenaming], (gate_up[0], gate_up[1], down))

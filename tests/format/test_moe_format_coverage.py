@@ -12,7 +12,7 @@ from factories import MOE_FAMILIES, tiny_moe, write_moe_checkpoint
 from rcsr_deploy import coverage, moe_format
 from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors
 from rcsr_deploy.errors import RcsrError
-from rcsr_deploy.format import QuantConfig
+from rcsr_deploy.format import QUANT_SUFFIXES, QuantConfig
 
 STORABLE = [f for f in MOE_FAMILIES if f != "gpt_oss"]
 
@@ -148,8 +148,20 @@ def test_checkpoint_roundtrip_and_fake_quant(models, family, tmp_path):
     with safe_open(str(ck / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
-    e0 = next(iter(slots))
+    names = moe_format.hub_names(model.config.model_type)
+    e0 = names.to_hub(next(iter(slots)))
     assert {f"{e0}.qweight", f"{e0}.scales", f"{e0}.zeros", f"{e0}.group_index"} <= keys
+    # on disk: the hub's names, i.e. what transformers' own save_pretrained writes for the FP model, with
+    # every quantized module's weight replaced by its quantized tensors
+    model.save_pretrained(tmp_path / "fp")
+    with safe_open(str(tmp_path / "fp" / "model.safetensors"), "pt") as f:
+        hub_keys = set(f.keys())
+    listed = QuantConfig.read(ck).quantized_modules
+    plain = {k for k in keys if not (k.rpartition(".")[0] in set(listed) and k.rpartition(".")[2] in QUANT_SUFFIXES)}
+    assert plain | {f"{m}.weight" for m in listed} == hub_keys
+    if family == "mixtral":  # vLLM's Mixtral loader reads block_sparse_moe.experts.<e>.w1 / w3 / w2
+        assert "model.layers.0.block_sparse_moe.experts.3.w3.qweight" in keys
+        assert "model.layers.1.block_sparse_moe.gate.weight" in keys and not any(".mlp." in k for k in keys)
     fq, _ = load_fake_quant_model(ck)
     params = dict(fq.named_parameters())
     for name, s in slots.items():
@@ -177,3 +189,25 @@ def test_writer_refuses_partial_experts_and_old_version(models, tmp_path):
     full = {n: rtn(w, spec, False, gen) for n, w in ws.items()}
     with pytest.raises(RcsrError, match="need format_version 3"):
         save_quantized(model, full, tmp_path / "b", dict(qc, format_version=1, quantized_modules=sorted(full)))
+
+
+def test_mixtral_checkpoint_with_module_names_still_loads(models, tmp_path, monkeypatch):
+    """Mixtral checkpoints written before the hub names (transformers 5 module names on disk) still load."""
+    model = models["mixtral"]
+    new = write_moe_checkpoint(model, tmp_path / "new", bits=4, group_size=32, sym=True, act_order="static")
+    monkeypatch.setattr(moe_format, "hub_names", lambda model_type: moe_format.HubNames())
+    old = write_moe_checkpoint(model, tmp_path / "old", bits=4, group_size=32, sym=True, act_order="static")
+    assert any(".mlp.experts.0.gate_proj." in k for k in _keys(old))
+    monkeypatch.undo()
+    a, _ = load_fake_quant_model(new)
+    b, _ = load_fake_quant_model(old)
+    for (n, p), (m, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert n == m and torch.equal(p, q), n
+    assert set(load_quantized_tensors(old)) == set(load_quantized_tensors(new))
+
+
+def _keys(ck):
+    from safetensors import safe_open
+
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        return set(f.keys())
