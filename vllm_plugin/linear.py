@@ -231,10 +231,15 @@ class RcsrLinearMethod(LinearMethodBase):
         register_live(kernel)
         layer.rcsr_kernel = kernel
         # the kernel holds its own layout now: free the canonical tensors
+        device = layer.qweight.device
         for name in ("qweight", "scales", "zeros", "group_index"):
             if name in layer._parameters:
                 del layer._parameters[name]
         del layer.rcsr_loaded
+        # vLLM code that needs a quantized layer's dense weight (MLA attention absorbs kv_b_proj after
+        # loading: quant_utils.get_and_maybe_dequant_weights) takes the device from one of weight / qweight /
+        # weight_packed and then runs apply(layer, eye): an empty placeholder tells it the device.
+        layer.qweight = torch.empty(0, dtype=torch.int32, device=device)
 
     def _validate_values(self, layer, scales, zeros, gidx) -> None:
         cfg = self.config

