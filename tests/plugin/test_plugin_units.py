@@ -628,8 +628,14 @@ def test_loader_errors_name_the_tensor(tp_env, vllm_mods):
     for s, w in mods.items():
         _load(layer, _hf_tensors(f"{pre}.{s}_proj", w), s)
     layer.quant_method.process_weights_after_loading(layer)
-    assert not hasattr(layer, "qweight") and not hasattr(layer, "scales")
+    assert "qweight" not in layer._parameters and not hasattr(layer, "scales")
+    assert layer.qweight.numel() == 0  # only a device placeholder (vLLM's MLA dequantizes through apply)
     assert layer.quant_method.apply(layer, torch.randn(2, HIDDEN)).shape == (2, (HEADS + 2 * KV) * HEAD)
+    # what vLLM's MLA does with a quantized kv_b_proj after loading: the dense weight through apply(eye)
+    from vllm.model_executor.layers.quantization.utils.quant_utils import get_and_maybe_dequant_weights
+    dense = get_and_maybe_dequant_weights(layer, torch.float32)
+    x = torch.randn(3, HIDDEN)
+    torch.testing.assert_close(x @ dense.T, layer.quant_method.apply(layer, x), rtol=1e-4, atol=1e-4)
 
 
 TRITON_GLUE = """
