@@ -79,7 +79,11 @@ def cli(verbose: int) -> None:
               help="MoE experts: calibrate each on the tokens routed to it (fallback: all tokens below "
                    "--moe-min-tokens), or every expert on all tokens.")
 @click.option("--moe-min-tokens", "moe_min_tokens", type=int, default=64, show_default=True,
-              help="MoE experts with fewer routed calibration tokens are calibrated on all tokens.")
+              help="MoE experts with fewer routed calibration tokens take the --moe-fallback.")
+@click.option("--moe-fallback", "moe_fallback", type=click.Choice(["all", "neighbours", "rtn"]), default="all",
+              show_default=True,
+              help="Calibration of an expert with too few routed tokens: all tokens of the block, the routed tokens "
+                   "of the experts with the most similar router rows, or none (RTN with clip search).")
 @click.option("--avg-bits", "avg_bits", type=float, default=0.0,
               help="Mixed precision: allocate a width from --widths to every layer so that the quantized weights "
                    "(codes + scales + zeros) average this many bits per weight (e.g. 2.5, 3.25; 0 = off).")
@@ -90,7 +94,7 @@ def cli(verbose: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_m, sarqc_lambda, clip, act_order,
-             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, avg_bits,
+             calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, moe_fallback, avg_bits,
              widths, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from rcsr_deploy.calib import QuantizeConfig
@@ -102,7 +106,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
-                         moe_min_tokens=moe_min_tokens, avg_bits=avg_bits, widths=_widths(widths),
+                         moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback, avg_bits=avg_bits, widths=_widths(widths),
                          bits_rules=tuple(bits_rules),
                          **({} if alpha_margin is None else {"alpha_margin": alpha_margin}))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,

@@ -113,6 +113,26 @@ class LayerStats:
             self.D.mul_(keep).addmm_(dx.T, a_s)
         self.tokens = total
 
+    @classmethod
+    def merged(cls, parts: list["LayerStats"]) -> "LayerStats":
+        """The statistics of the union of ``parts``' rows (token-weighted means of ``H``, ``D`` and the
+        held-out statistics), as if every row had been added to one accumulator."""
+        out = cls.__new__(cls)
+        n = sum(p.tokens for p in parts)
+        w = [p.tokens / max(n, 1) for p in parts]
+        out.H = sum(wi * p.H for wi, p in zip(w, parts))
+        out.D = None if parts[0].D is None else sum(wi * p.D for wi, p in zip(w, parts))
+        out.tokens = n
+        out.val = None
+        if parts[0].val is not None:
+            out.val = HeldOutStats.__new__(HeldOutStats)
+            nv = sum(p.val.tokens for p in parts)
+            wv = [p.val.tokens / max(nv, 1) for p in parts]
+            for k in ("H", "D", "G"):
+                setattr(out.val, k, sum(wi * getattr(p.val, k) for wi, p in zip(wv, parts)))
+            out.val.tokens = nv
+        return out
+
     def fit(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """``(H, D, tokens)`` of the rows *not* held out (``D`` unscaled: ``--alpha auto`` adds no
         per-sequence scale)."""

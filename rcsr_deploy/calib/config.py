@@ -8,6 +8,7 @@ from ..errors import RcsrError
 from ..format import QuantSpec, check_act_order
 
 METHODS = ("rtn", "gptq", "gptaq", "snrq", "ksnrq")
+MOE_FALLBACKS = ("all", "neighbours", "rtn")
 
 
 #: ``--alpha closed-form`` decodes once at this α, computes α* from that decode, then decodes at α*.
@@ -72,6 +73,10 @@ class QuantizeConfig:
     # block.  "all" calibrates every expert on all tokens (llm-compressor's default).
     moe_calib: str = "routed"
     moe_min_tokens: int = 64
+    # what an expert with fewer than ``moe_min_tokens`` routed tokens is calibrated on: "all" tokens of the
+    # block, the routed tokens of its "neighbours" (the experts whose router rows are most similar), or
+    # nothing ("rtn": round to nearest with the weight-MSE clip search)
+    moe_fallback: str = "all"
     # mixed precision: --avg-bits B allocates a width from ``widths`` to every layer within B bits per weight
     # (allocate.py; 0 = off), ``bits_rules`` ("REGEX=BITS") pin layers; the result lands in ``module_grids``:
     # full module name -> {"bits": b, "group_size": g} overriding the grid above
@@ -131,6 +136,8 @@ class QuantizeConfig:
                 raise RcsrError(f"--avg-bits {self.avg_bits} must be at least the smallest width {lo}")
         if self.moe_calib not in ("routed", "all"):
             raise RcsrError(f"--moe-calib must be 'routed' or 'all', got {self.moe_calib!r}")
+        if self.moe_fallback not in MOE_FALLBACKS:
+            raise RcsrError(f"--moe-fallback must be one of {', '.join(MOE_FALLBACKS)}, got {self.moe_fallback!r}")
         if self.moe_min_tokens < 0:
             raise RcsrError("--moe-min-tokens must be >= 0")
         if self.clip not in ("minmax", "mse"):

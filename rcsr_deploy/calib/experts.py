@@ -15,18 +15,28 @@ For one fused experts module (``adapter.ExpertsModule``) of a block, after the b
 
 **Experts with few routed tokens.**  ``H_e`` from a handful of tokens is rank-deficient: the damping
 dominates it and the solver would "protect" a few directions at random.  An expert with fewer than
-``cfg.moe_min_tokens`` routed tokens (zero included) is calibrated on *all* tokens that reach the
-experts module instead — the input distribution of the whole block, the best estimate of an expert's
-inputs without routing evidence (what llm-compressor uses for every expert).  ``cfg.moe_calib = "all"``
-does that for every expert.  Each expert's report entry records its routed token count and whether
-it fell back (``tokens``, ``calibration``: ``routed`` | ``all-tokens``).
+``cfg.moe_min_tokens`` routed tokens (zero included) takes ``cfg.moe_fallback``:
+
+* ``all`` (default): *all* tokens that reach the experts module — the input distribution of the whole
+  block, the best estimate of an expert's inputs without routing evidence (what llm-compressor uses for
+  every expert);
+* ``neighbours``: the routed tokens of the experts whose router rows are most similar (cosine) to its
+  own, nearest first, until they hold ``moe_min_tokens`` tokens — the tokens the router would send it
+  if its logit were a little higher; its ``down_proj`` sees those tokens through its own gate/up;
+* ``rtn``: no calibration, round to nearest with the weight-MSE clip search.
+
+``cfg.moe_calib = "all"`` calibrates every expert on all tokens.  Each expert's report entry records its
+routed token count and what it was calibrated on (``tokens``, ``calibration``: ``routed`` |
+``all-tokens`` | ``neighbours`` with ``neighbours: [experts]`` | ``rtn``), and the fallbacks are logged.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import torch
 
+from ..errors import RcsrError
 from ..format import QuantizedTensor
 from ..objective import LayerStats, holdout_sequences, sample_alphas
 from .adapter import ExpertsModule
@@ -106,16 +116,19 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
                              dx_scale=_token_alphas(alphas, b0, seq_len, rows),
                              held_out=_token_held_out(held, b0, seq_len, rows))
     routed = [cfg.moe_calib == "routed" and int(counts[e]) >= max(cfg.moe_min_tokens, 1) for e in range(n_exp)]
+    plan = _fallback_plan(block, name, routed, counts, cfg) if cfg.moe_calib == "routed" else \
+        {e: "all-tokens" for e in range(n_exp)}
     out: dict[str, QuantizedTensor] = {}
-    for e in range(n_exp):
-        st = stats[e] if routed[e] else stats_all
+    for e in range(n_exp):  # (every expert's statistics stay until the last one: they may be a neighbour's)
+        st = stats[e] if routed[e] else stats_all if plan[e] == "all-tokens" else \
+            LayerStats.merged([stats[j] for j in plan[e]]) if isinstance(plan[e], list) else None
         for part in ("gate_proj", "up_proj"):
             full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"
             if bar is not None:
                 bar.set_postfix_str(ex.matrix_names(e)[part])
-            out[ex.matrix_names(e)[part]] = r = quantize_linear(ex.weight(e, part).float(), st, cfg, full)
+            out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float(), st, cfg, full)
             write_back(ex.weight(e, part), r)
-        stats[e] = None  # free as we go
+        del st
     n_tokens = stats_all.tokens
     del stats, stats_all
 
@@ -129,8 +142,11 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
     with torch.inference_mode():
         for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
             for e in range(n_exp):
-                rows = (idx == e).any(-1).nonzero().flatten() if routed[e] else \
-                    torch.arange(xq.shape[0], device=xq.device)
+                if plan[e] == "rtn":
+                    continue
+                sources = [e] if routed[e] else plan[e] if isinstance(plan[e], list) else None
+                rows = torch.arange(xq.shape[0], device=xq.device) if sources is None else \
+                    torch.isin(idx, torch.tensor(sources, device=idx.device)).any(-1).nonzero().flatten()
                 if not rows.numel():
                     continue
                 hq = mlp_in(xq[rows], ex, e, act_q)
@@ -143,18 +159,86 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
         full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"
         if bar is not None:
             bar.set_postfix_str(ex.matrix_names(e)[part])
-        out[ex.matrix_names(e)[part]] = r = quantize_linear(ex.weight(e, part).float(), dstats[e], cfg, full)
+        st = None if plan[e] == "rtn" else dstats[e]
+        out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float(), st, cfg, full)
         write_back(ex.weight(e, part), r)
         dstats[e] = None
     for e in range(n_exp):
+        how = "routed" if routed[e] else "neighbours" if isinstance(plan[e], list) else plan[e]
         for part in ("gate_proj", "up_proj", "down_proj"):
-            out[ex.matrix_names(e)[part]].info.update(tokens=int(counts[e]),
-                                                      calibration="routed" if routed[e] else "all-tokens")
+            info = out[ex.matrix_names(e)[part]].info
+            info.update(tokens=int(counts[e]), calibration=how)
+            if how == "neighbours":
+                info["neighbours"] = list(plan[e])
     fell_back = [e for e in range(n_exp) if not routed[e]]
     if fell_back and cfg.moe_calib == "routed":
-        log.info("block %d %s: experts %s had < %d routed tokens (%s): calibrated on all %d tokens", i, name,
-                 fell_back, cfg.moe_min_tokens, [int(counts[e]) for e in fell_back], n_tokens)
+        what = {"all": f"calibrated on all {n_tokens} tokens", "rtn": "rounded to nearest (RTN, clip search)",
+                "neighbours": "calibrated on their router neighbours' tokens: " + ", ".join(
+                    f"{e} <- {plan[e]}" if isinstance(plan[e], list) else f"{e}: all tokens" for e in fell_back)}
+        log.info("block %d %s: experts %s had < %d routed tokens (%s): %s", i, name, fell_back,
+                 cfg.moe_min_tokens, [int(counts[e]) for e in fell_back], what[cfg.moe_fallback])
     return out
+
+
+def _quantize(W: torch.Tensor, stats, cfg: QuantizeConfig, name: str) -> QuantizedTensor:
+    """``quantize_linear``; without statistics (``--moe-fallback rtn``) round to nearest with the weight-MSE
+    clip search, and under dynamic act order with the identity column order (every module of a
+    dynamic checkpoint has a ``g_idx``)."""
+    if stats is not None:
+        return quantize_linear(W, stats, cfg, name)
+    r = quantize_linear(W, None, replace(cfg, method="rtn", clip="mse"), name)
+    if cfg.act_order == "dynamic":
+        spec = r.spec
+        glen = W.shape[1] if spec.group_size == -1 else spec.group_size
+        r = replace(r, g_idx=(torch.arange(W.shape[1]) // glen).to(torch.int32))
+    r.info.update(method="rtn", fallback=True)
+    return r
+
+
+def _router_weight(block, name: str, n_exp: int, hidden: int) -> torch.Tensor | None:
+    """The ``[E, H]`` router weight next to the experts module ``name`` (its sibling ``gate``/``router``)."""
+    parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+    for child_name, child in parent.named_children():
+        w = getattr(child, "weight", None)
+        if isinstance(w, torch.Tensor) and tuple(w.shape) == (n_exp, hidden):
+            return w.detach().float()
+    return None
+
+
+def _fallback_plan(block, name: str, routed: list[bool], counts: torch.Tensor, cfg: QuantizeConfig) -> dict:
+    """Per expert: ``"routed"``, or its fallback: ``"all-tokens"``, ``"rtn"`` or the list of neighbour experts
+    (``--moe-fallback neighbours``: by router-row cosine similarity among the experts with enough routed
+    tokens, nearest first, until ``moe_min_tokens`` tokens; ``"all-tokens"`` when no expert has enough)."""
+    n_exp = len(routed)
+    plan: dict = {}
+    sims = None
+    for e in range(n_exp):
+        if routed[e]:
+            plan[e] = "routed"
+        elif cfg.moe_fallback == "rtn":
+            plan[e] = "rtn"
+        elif cfg.moe_fallback == "neighbours" and any(routed):
+            if sims is None:
+                from .adapter import experts_modules
+
+                hidden = experts_modules(block)[name].weight(0, "gate_proj").shape[1]
+                wr = _router_weight(block, name, n_exp, hidden)
+                if wr is None:
+                    raise RcsrError(f"{name}: --moe-fallback neighbours needs the router weight [{n_exp}, {hidden}] "
+                                    "next to the experts; none found (use --moe-fallback all or rtn)")
+                wr = torch.nn.functional.normalize(wr, dim=1)
+                sims = wr @ wr.T
+            order = [j for j in torch.argsort(sims[e], descending=True).tolist() if j != e and routed[j]]
+            nbrs, n = [], 0
+            for j in order:
+                nbrs.append(j)
+                n += int(counts[j])
+                if n >= cfg.moe_min_tokens:
+                    break
+            plan[e] = nbrs
+        else:
+            plan[e] = "all-tokens"
+    return plan
 
 
 def write_back(dst: torch.Tensor, r: QuantizedTensor) -> None:

@@ -86,11 +86,9 @@ def test_expert_beats_rtn_on_its_own_tokens(family, tokenizer, text_file, tmp_pa
         assert ours <= base * (1 + 1e-6), f"{name}: {ours:.4g} > RTN {base:.4g}"
 
 
-def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_file, tmp_path, caplog):
-    """A router biased away from expert 3 sends it no token: it is calibrated on all tokens, the report
-    says so (0 tokens, ``all-tokens``), the log names it; the other experts stay on their own tokens."""
-    model = tiny_moe("qwen3_moe")
-    layers, prefix = find_decoder_layers(model)
+def _starve_expert_3(model):
+    """Bias every Qwen3-MoE router away from expert 3: it gets no token."""
+    layers, _ = find_decoder_layers(model)
 
     def biased(router):
         def forward(hidden_states):  # Qwen3MoeTopKRouter.forward with a -1e4 bias on expert 3's logit
@@ -105,6 +103,15 @@ def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_
 
     for block in layers:
         block.mlp.gate.forward = biased(block.mlp.gate)
+    return layers
+
+
+def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_file, tmp_path, caplog):
+    """A router biased away from expert 3 sends it no token: it is calibrated on all tokens, the report
+    says so (0 tokens, ``all-tokens``), the log names it; the other experts stay on their own tokens."""
+    model = tiny_moe("qwen3_moe")
+    layers = _starve_expert_3(model)
+    _, prefix = find_decoder_layers(model)
     caplog.set_level(logging.INFO, logger="rcsr_deploy.calib.experts")
     results, report = quantize_model(model, tokenizer, _cfg(text_file), work_dir=tmp_path / "w", progress=False)
     for i in range(len(layers)):
@@ -114,6 +121,49 @@ def test_unrouted_expert_falls_back_to_all_tokens_and_is_logged(tokenizer, text_
         routed = [results[f"{prefix}.{i}.mlp.experts.{e}.gate_proj"].info for e in range(4) if e != 3]
         assert sum(inf["calibration"] == "routed" for inf in routed) >= 2
     assert "experts [3] had < 8 routed tokens" in caplog.text
+
+
+@pytest.mark.parametrize("fallback", ["neighbours", "rtn"])
+def test_unrouted_expert_other_fallbacks(fallback, tokenizer, text_file, tmp_path, caplog, monkeypatch):
+    """``--moe-fallback neighbours``: the starved expert 3 is calibrated on the routed tokens of the experts
+    with the most similar router rows (nearest first, until ``moe_min_tokens``): its gate/up statistics
+    are exactly theirs.  ``rtn``: it is rounded to nearest with the clip search (its codes are RTN's), with
+    an identity ``g_idx`` under dynamic act order.  Both say so in the report and the log."""
+    seen = {}
+    real = experts_mod.quantize_linear
+
+    def spy(W, stats, cfg, name):
+        seen[name] = None if stats is None else stats.H.clone()
+        return real(W, stats, cfg, name)
+
+    monkeypatch.setattr(experts_mod, "quantize_linear", spy)
+    model = tiny_moe("qwen3_moe")
+    layers = _starve_expert_3(model)
+    _, prefix = find_decoder_layers(model)
+    caplog.set_level(logging.INFO, logger="rcsr_deploy.calib.experts")
+    cfg = _cfg(text_file, moe_fallback=fallback, act_order="dynamic")
+    results, _ = quantize_model(model, tokenizer, cfg, work_dir=tmp_path / "w", progress=False)
+    for i, block in enumerate(layers):
+        info = results[f"{prefix}.{i}.mlp.experts.3.gate_proj"].info
+        assert (info["tokens"], info["calibration"]) == (0, fallback)
+        if fallback == "neighbours":
+            w = torch.nn.functional.normalize(block.mlp.gate.weight.detach().float(), dim=1)
+            nearest = [j for j in torch.argsort(w @ w[3], descending=True).tolist() if j != 3]
+            nbrs = info["neighbours"]
+            assert nbrs == nearest[:len(nbrs)] and 3 not in nbrs
+            counts = {e: results[f"{prefix}.{i}.mlp.experts.{e}.gate_proj"].info["tokens"] for e in nbrs}
+            assert sum(counts.values()) >= 8 and sum(list(counts.values())[:-1]) < 8
+            n = sum(counts.values())
+            want = sum(counts[e] / n * seen[f"{prefix}.{i}.mlp.experts.{e}.gate_proj"] for e in nbrs)
+            torch.testing.assert_close(seen[f"{prefix}.{i}.mlp.experts.3.gate_proj"], want)
+            assert seen[f"{prefix}.{i}.mlp.experts.3.down_proj"] is not None
+        else:
+            for part in ("gate_proj", "up_proj", "down_proj"):
+                r = results[f"{prefix}.{i}.mlp.experts.3.{part}"]
+                assert r.info["method"] == "rtn" and seen[f"{prefix}.{i}.mlp.experts.3.{part}"] is None
+                assert r.g_idx is not None and torch.equal(r.g_idx, torch.arange(r.codes.shape[1]) // 32)
+    assert "experts [3] had < 8 routed tokens" in caplog.text
+    assert ("router neighbours' tokens: 3 <- [" if fallback == "neighbours" else "rounded to nearest") in caplog.text
 
 
 def test_calibrate_all_experts_on_all_tokens(tokenizer, text_file, tmp_path):
