@@ -171,19 +171,18 @@ class HubNames:
         alt = "|".join(map(re.escape, names))
         return re.sub(rf"(\.experts\.\d+\.)({alt})(?=\.|$)", lambda m: m.group(1) + names[m.group(2)], key)
 
-    def to_hub(self, key: str) -> str:
+    def _map(self, key: str, renamings, proj: dict[str, str]) -> str:
         if self.identity:
             return key
-        for t in self._reverse:
+        for t in renamings:
             key = t.rename_source_key(key)[0]
-        return self._sub(key, self._to_hub)
+        return self._sub(key, proj)
+
+    def to_hub(self, key: str) -> str:
+        return self._map(key, self._reverse, self._to_hub)
 
     def to_model(self, key: str) -> str:
-        if self.identity:
-            return key
-        for t in self._forward:
-            key = t.rename_source_key(key)[0]
-        return self._sub(key, self._to_model)
+        return self._map(key, self._forward, self._to_model)
 
 
 @lru_cache(maxsize=None)
