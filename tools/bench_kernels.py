@@ -69,7 +69,26 @@ def _reference(qweight, scales, zeros, bits, group_size, sym, k):
     return dequantize(unpack_codes(qweight, bits, k), scales.float(), z, spec)
 
 
-def _timer(interpret: bool):
+GRAPH_CALLS = 20
+
+
+def _graphed(fn):
+    """``fn`` captured ``GRAPH_CALLS`` times into one CUDA graph: replaying it costs the GPU work alone,
+    without Python's and the launcher's per-call time (vLLM's decode runs under CUDA graphs too)."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()                                    # warm-up off the capture (allocator, autotuning)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return graph
+
+
+def _timer(interpret: bool, cuda_graph: bool = False):
     if interpret:
         def bench(fn):
             fn()
@@ -80,6 +99,9 @@ def _timer(interpret: bool):
     import triton.testing
 
     def bench(fn):
+        if cuda_graph:
+            graph = _graphed(fn)
+            return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median") / GRAPH_CALLS
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
     return bench
 
@@ -89,7 +111,7 @@ def _fmt(v, spec):
 
 
 def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_layer, check, interpret, echo,
-        heuristic=False):
+        heuristic=False, cuda_graph=False):
     import torch
     import torch.nn.functional as F
 
@@ -103,7 +125,7 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
     else:
         gpu = torch.cuda.get_device_name(device)
         peak = peak_gbps if peak_gbps else _peak_for(gpu)
-    bench = _timer(interpret)
+    bench = _timer(interpret, cuda_graph and not interpret)
 
     def qmm(x, pw):
         cfg = (tw.default_config(x.shape[0], pw.out_features, pw.in_features, x.device, group_size=pw.group_size,
@@ -198,10 +220,12 @@ def markdown(gpu, peak, rows) -> str:
 @click.option("--check/--no-check", default=True, show_default=True, help="compare with a dequantized fp32 reference")
 @click.option("--heuristic", is_flag=True,
               help="use triton_wna16.default_config instead of autotuning (quick first look)")
+@click.option("--cuda-graph", is_flag=True,
+              help="time replays of a CUDA graph of the call (GPU time without per-call host overhead)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write rows as JSON")
 @click.option("--interpret-smoke", is_flag=True, help="one tiny shape under the Triton interpreter on the CPU")
-def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_layer, check, heuristic, json_path,
-         interpret_smoke):
+def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_layer, check, heuristic, cuda_graph,
+         json_path, interpret_smoke):
     if interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"     # before the kernels' module is imported
         shapes, ms, bits_list, with_layer = "96x128", "1,20", "3,4", False
@@ -213,7 +237,7 @@ def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_la
             sys.exit(2)
     try:
         gpu, peak, rows = run(_shapes(shapes), _ints(ms), _ints(bits_list), group_size, not asym, dtype_name,
-                              peak_gbps, with_layer, check, interpret_smoke, click.echo, heuristic)
+                              peak_gbps, with_layer, check, interpret_smoke, click.echo, heuristic, cuda_graph)
     except ValueError as exc:                   # bad shape / bits / group size: one line, exit 2
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -221,7 +245,8 @@ def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_la
     if json_path:
         with open(json_path, "w") as fh:
             json.dump({"gpu": gpu, "peak_gbps": peak, "interpret_smoke": interpret_smoke,
-                       "launch": "heuristic" if heuristic else "autotuned", "rows": rows}, fh, indent=1)
+                       "launch": "heuristic" if heuristic else "autotuned",
+                       "timing": "cuda-graph replay" if cuda_graph else "per call", "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

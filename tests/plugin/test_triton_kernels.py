@@ -1,12 +1,17 @@
 """Triton W{2,3,4,8}A16 kernels (vllm_plugin/kernels/triton_wna16.py) under the Triton interpreter.
 
+``RCSR_TRITON_TEST_DEVICE=cuda`` runs the same checks compiled on a GPU instead (the interpreter-only
+tests are then skipped); CI has no GPU, so there it is always the interpreter.
+
 Every bits x group size x sym/asym x act-order combination is checked on both paths (skinny split-K
 and tiled) against dequantize-then-matmul in fp32 (rcsr_deploy.packing.unpack_codes +
 rcsr_deploy.grid.dequantize).  Shapes are tiny: the interpreter runs every program in numpy.
 """
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and its triton.jit) is imported
+DEVICE = os.environ.get("RCSR_TRITON_TEST_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and its triton.jit) is imported
 
 import dataclasses
 import importlib.util
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
 IN_FOR_GROUP = {32: 96, 64: 128, 128: 256, -1: 64}   # 96 with g32: K is not a multiple of BLOCK_K=64
+INTERPRETER_ONLY = pytest.mark.skipif(DEVICE != "cpu", reason="checks the Triton interpreter itself")
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
@@ -35,6 +41,8 @@ def bf16_dot(monkeypatch):
     """The Triton 3.9 interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bits as
     integers; widen bf16 operands to fp32 inside the interpreter's dot so bf16 kernels can be checked
     here (the kernel code is unchanged; compiled GPU kernels never go through this)."""
+    if DEVICE != "cpu":
+        return
     import triton.language as tl
     from triton.runtime import interpreter as ti
 
@@ -70,7 +78,12 @@ def make_layer(bits, group_size, sym, act, out_f, in_f, seed=0):
     spec = QuantSpec(bits, group_size, sym)
     z = torch.full((out_f, n_groups), float(1 << (bits - 1))) if sym else zeros.float()
     w_ref = dequantize(unpack_codes(qweight, bits, in_f), scales.float(), z, spec, g_idx=g_idx)
-    return qweight, scales, zeros, g_idx, w_ref
+    return dev(qweight), dev(scales), dev(zeros), dev(g_idx), dev(w_ref)
+
+
+def dev(t):
+    """``t`` on the device the kernels run on (``None`` stays ``None``)."""
+    return None if t is None else t.to(DEVICE)
 
 
 def check(y, x, w_ref, bias=None):
@@ -109,7 +122,7 @@ def test_matches_dequantized_reference(bits, group_size, sym, act):
     assert (pw.group_ids is not None) == (act == "uneven")
     gen = torch.Generator().manual_seed(100 + i)
     for m, cfg in (((1, 3, 16)[i % 3], SKINNY[i % 4]), ((17, 33)[i % 2], TILED[(i // 2) % 4])):
-        x = torch.randn(m, in_f, generator=gen)
+        x = dev(torch.randn(m, in_f, generator=gen))
         check(tw.matmul(x, pw, config=cfg), x, w_ref)
 
 
@@ -121,9 +134,9 @@ def test_half_precision_activations(bf16_dot, dtype, bits, group_size, sym, act)
     qweight, scales, zeros, g_idx, w_ref = make_layer(bits, group_size, sym, act, 96, in_f, seed=bits)
     pw = tw.prepare(qweight, scales, zeros, g_idx, bits, group_size, sym)
     gen = torch.Generator().manual_seed(bits)
-    bias = torch.randn(96, generator=gen).to(dtype)
+    bias = dev(torch.randn(96, generator=gen).to(dtype))
     for m in (2, 16, 40):                  # skinny (atomic fp32 buffer, cast back) and tiled (direct store)
-        x = torch.randn(m, in_f, generator=gen).to(dtype)
+        x = dev(torch.randn(m, in_f, generator=gen).to(dtype))
         check(tw.matmul(x, pw, bias), x, w_ref, bias)
         check(tw.matmul(x, pw, bias, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1)), x, w_ref, bias)
 
@@ -131,16 +144,16 @@ def test_half_precision_activations(bf16_dot, dtype, bits, group_size, sym, act)
 def test_bias_leading_dims_and_empty():
     qweight, scales, zeros, g_idx, w_ref = make_layer(4, 32, False, "dynamic", 40, 64)
     pw = tw.prepare(qweight, scales, zeros, g_idx, 4, 32, False)
-    bias = torch.randn(40)
-    x = torch.randn(2, 3, 64)
+    bias = dev(torch.randn(40))
+    x = dev(torch.randn(2, 3, 64))
     y = tw.matmul(x, pw, bias)
     assert y.shape == (2, 3, 40)
     check(y.reshape(6, 40), x.reshape(6, 64), w_ref, bias)
-    x_big = torch.randn(5, 9, 64)                        # M = 45: tiled path with bias
+    x_big = dev(torch.randn(5, 9, 64))                       # M = 45: tiled path with bias
     check(tw.matmul(x_big, pw, bias).reshape(45, 40), x_big.reshape(45, 64), w_ref, bias)
-    xt = torch.randn(64, 7).t()                          # non-contiguous activation
+    xt = dev(torch.randn(64, 7)).t()                         # non-contiguous activation
     check(tw.matmul(xt, pw), xt, w_ref)
-    assert tw.matmul(torch.randn(0, 64), pw).shape == (0, 40)
+    assert tw.matmul(dev(torch.randn(0, 64)), pw).shape == (0, 40)
 
 
 def test_rows_split_below_int32_offsets(monkeypatch):
@@ -150,7 +163,7 @@ def test_rows_split_below_int32_offsets(monkeypatch):
     calls = []
     orig = tw._matmul_2d
     monkeypatch.setattr(tw, "_matmul_2d", lambda *a: calls.append(a[1].shape[0]) or orig(*a))
-    x = torch.randn(5, 64)
+    x = dev(torch.randn(5, 64))
     check(tw.matmul(x, pw), x, w_ref)
     assert calls == [1] * 5
 
@@ -159,6 +172,7 @@ def test_rows_split_below_int32_offsets(monkeypatch):
 def test_repacked_layout_is_the_documented_one(bits):
     """Decode the kernel planes as docs/KERNELS.md describes and compare with the canonical codes."""
     qweight, scales, zeros, g_idx, _ = make_layer(bits, 32, False, "dynamic", 140, 96, seed=bits)
+    qweight, scales, zeros, g_idx = (t.cpu() for t in (qweight, scales, zeros, g_idx))
     codes = unpack_codes(qweight, bits, 96).long()
     assert torch.equal(unpack_codes(qweight, bits, 96).long(), codes)
     pw = tw.prepare(qweight, scales, zeros, g_idx, bits, 32, False)
@@ -187,7 +201,7 @@ def test_every_autotune_config_runs():
     pw = tw.prepare(qweight, scales, zeros, g_idx, 3, 32, False)
     gen = torch.Generator().manual_seed(7)
     for configs, m in ((jit.SKINNY_CONFIGS, 5), (jit.TILED_CONFIGS, 40)):
-        x = torch.randn(m, 256, generator=gen)
+        x = dev(torch.randn(m, 256, generator=gen))
         for c in configs:
             cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
             check(tw.matmul(x, pw, config=cfg), x, w_ref)
@@ -211,6 +225,7 @@ def test_autotune_pruning_and_buckets():
     assert (uneven["BLOCK_K"], uneven["num_stages"]) == (64, 3)
 
 
+@INTERPRETER_ONLY
 def test_is_available_and_interpreter_switch(monkeypatch):
     assert tw.is_available()
     assert tw._jit().INTERPRET
@@ -252,24 +267,24 @@ def test_prepare_rejects(change, msg):
 
 def test_matmul_rejects():
     pw = tw.prepare(**_layer())
-    for x, msg in ((torch.randn(3, 32), "64 features"), (torch.randn(3, 64).double(), "dtype"),
-                   (torch.ones(3, 64, dtype=torch.int32), "dtype")):
+    for x, msg in ((dev(torch.randn(3, 32)), "64 features"), (dev(torch.randn(3, 64)).double(), "dtype"),
+                   (dev(torch.ones(3, 64, dtype=torch.int32)), "dtype")):
         with pytest.raises(ValueError, match=msg):
             tw.matmul(x, pw)
     with pytest.raises(ValueError, match="bias"):
-        tw.matmul(torch.randn(3, 64), pw, torch.randn(41))
+        tw.matmul(dev(torch.randn(3, 64)), pw, dev(torch.randn(41)))
     for cfg, msg in ((dict(BLOCK_M=16, BLOCK_N=48, BLOCK_K=32), "BLOCK_N"), (dict(BLOCK_M=16, BLOCK_N=32), "BLOCK_K"),
                      (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=0), "SPLIT_K"),
                      (dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, BLOCK_Z=1), "unknown")):
         with pytest.raises(ValueError, match=msg):
-            tw.matmul(torch.randn(3, 64), pw, config=cfg)
+            tw.matmul(dev(torch.randn(3, 64)), pw, config=cfg)
     with pytest.raises(TypeError):
-        tw.matmul(torch.randn(3, 64), {"qweight": None})
+        tw.matmul(dev(torch.randn(3, 64)), {"qweight": None})
     # The kernel states the planes' 16-byte row alignment from prepare()'s layout: another layout is refused.
-    wide = torch.zeros(pw.qweight.shape[0], pw.qweight.shape[1] + 1, dtype=torch.int32)
+    wide = torch.zeros(pw.qweight.shape[0], pw.qweight.shape[1] + 1, dtype=torch.int32, device=pw.qweight.device)
     wide[:, :-1] = pw.qweight
     with pytest.raises(ValueError, match="layout"):
-        tw.matmul(torch.randn(3, 64), dataclasses.replace(pw, qweight=wide[:, :-1]))
+        tw.matmul(dev(torch.randn(3, 64)), dataclasses.replace(pw, qweight=wide[:, :-1]))
 
 
 def _bench_module():
@@ -279,6 +294,7 @@ def _bench_module():
     return mod
 
 
+@INTERPRETER_ONLY
 def test_bench_interpret_smoke(tmp_path):
     bench = _bench_module()
     out = tmp_path / "bench.json"
