@@ -88,6 +88,17 @@ def _graphed(fn):
     return graph
 
 
+def _dequant_kernel(qw, sc, zr, bits, group_size, sym, n, k, dtype, device):
+    """The plugin's ``dequant`` kernel (dequantize into a scratch buffer, then a dense GEMM) on the same
+    canonical tensors: the fallback the CUDA dispatch would take after the Triton kernel."""
+    from vllm_plugin.kernels import LayerSpec, QuantWeights
+    from vllm_plugin.kernels.dequant import DequantKernel
+
+    kernel = DequantKernel(LayerSpec(bits, group_size, sym, "static", k, n, dtype, device))
+    kernel.prepare(QuantWeights(qw, sc, zr, None))
+    return kernel
+
+
 def _timer(interpret: bool, cuda_graph: bool = False):
     if interpret:
         def bench(fn):
@@ -111,7 +122,7 @@ def _fmt(v, spec):
 
 
 def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_layer, check, interpret, echo,
-        heuristic=False, cuda_graph=False):
+        heuristic=False, cuda_graph=False, with_dequant=False):
     import torch
     import torch.nn.functional as F
 
@@ -134,13 +145,15 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
     gen = torch.Generator().manual_seed(0)
     rows = []
 
-    def record(kind, name, n, k, m, bits, t_ms, t_ref_ms, nbytes, flops, err):
+    def record(kind, name, n, k, m, bits, t_ms, t_ref_ms, nbytes, flops, err, t_dq_ms=None):
         gbps = nbytes / (t_ms * 1e-3) / 1e9
         row = {"kind": kind, "shape": name, "N": n, "K": k, "M": m, "bits": bits, "group_size": group_size,
                "sym": sym, "dtype": str(dtype).replace("torch.", ""), "time_ms": t_ms, "torch_ms": t_ref_ms,
                "torch_dtype": str(dtype).replace("torch.", ""), "speedup": t_ref_ms / t_ms, "bytes": nbytes, "gbps": gbps,
                "tflops": flops / (t_ms * 1e-3) / 1e12,
                "pct_roofline": None if not peak else 100.0 * gbps / peak, "max_rel_err": err}
+        if t_dq_ms is not None:
+            row.update(dequant_ms=t_dq_ms, speedup_vs_dequant=t_dq_ms / t_ms)
         rows.append(row)
         echo(f"  {name} M={m} bits={bits}: {t_ms * 1e3:.1f} us, {gbps:.0f} GB/s, x{row['speedup']:.2f} vs torch",
              err=True)
@@ -154,6 +167,7 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
             qw, sc, zr = _random_weight(n, k, bits, group_size, sym, device, gen)
             pw = tw.prepare(qw, sc, zr, None, bits, group_size, sym)
             w_ref = _reference(qw, sc, zr, bits, group_size, sym, k) if check else None
+            dq = _dequant_kernel(qw, sc, zr, bits, group_size, sym, n, k, dtype, device) if with_dequant else None
             del qw
             for m in ms:
                 x = xs[m]
@@ -163,9 +177,10 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
                     ref = x.float() @ w_ref.t()
                     err = float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
                 t = bench(lambda x=x: qmm(x, pw))
+                t_dq = bench(lambda x=x: dq.apply(x)) if dq is not None else None
                 nbytes = pw.nbytes() + x.numel() * x.element_size() + m * n * x.element_size()
-                record("linear", f"{n}x{k}", n, k, m, bits, t, t_ref[m], nbytes, 2.0 * m * n * k, err)
-            del pw, w_ref
+                record("linear", f"{n}x{k}", n, k, m, bits, t, t_ref[m], nbytes, 2.0 * m * n * k, err, t_dq)
+            del pw, w_ref, dq
         del xs
 
     if with_layer:
@@ -197,14 +212,18 @@ def run(shapes, ms, bits_list, group_size, sym, dtype_name, peak_gbps, with_laye
 
 def markdown(gpu, peak, rows) -> str:
     r0 = rows[0] if rows else {"dtype": "?", "group_size": "?", "sym": "?"}
+    dq = any("dequant_ms" in r for r in rows)
     lines = [f"GPU: {gpu}; bandwidth roofline: {_fmt(peak, '.0f')} GB/s; activations {r0['dtype']}, "
              f"group size {r0['group_size']}, {'symmetric' if r0['sym'] is True else 'asymmetric'}", "",
-             "| shape (NxK) | M | bits | time (us) | GB/s | TFLOP/s | % roofline | torch dense (us) | speed-up | max rel err |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| shape (NxK) | M | bits | time (us) | GB/s | TFLOP/s | % roofline | torch dense (us) | speed-up | max rel err |"
+             + (" dequant kernel (us) | ÷ dequant |" if dq else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if dq else "")]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['M']} | {r['bits']} | {r['time_ms'] * 1e3:.1f} | {r['gbps']:.0f} | "
                      f"{r['tflops']:.2f} | {_fmt(r['pct_roofline'], '.1f')} | {r['torch_ms'] * 1e3:.1f} | "
-                     f"{r['speedup']:.2f} | {_fmt(r['max_rel_err'], '.1e')} |")
+                     f"{r['speedup']:.2f} | {_fmt(r['max_rel_err'], '.1e')} |"
+                     + (f" {_fmt(r.get('dequant_ms') and r['dequant_ms'] * 1e3, '.1f')} | "
+                        f"{_fmt(r.get('speedup_vs_dequant'), '.2f')} |" if dq else ""))
     return "\n".join(lines)
 
 
@@ -220,12 +239,14 @@ def markdown(gpu, peak, rows) -> str:
 @click.option("--check/--no-check", default=True, show_default=True, help="compare with a dequantized fp32 reference")
 @click.option("--heuristic", is_flag=True,
               help="use triton_wna16.default_config instead of autotuning (quick first look)")
+@click.option("--dequant", "with_dequant", is_flag=True,
+              help="also time the plugin's dequant kernel (dequantize + dense GEMM) on the same weights")
 @click.option("--cuda-graph", is_flag=True,
               help="time replays of a CUDA graph of the call (GPU time without per-call host overhead)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="write rows as JSON")
 @click.option("--interpret-smoke", is_flag=True, help="one tiny shape under the Triton interpreter on the CPU")
-def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_layer, check, heuristic, cuda_graph,
-         json_path, interpret_smoke):
+def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_layer, check, heuristic, with_dequant,
+         cuda_graph, json_path, interpret_smoke):
     if interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"     # before the kernels' module is imported
         shapes, ms, bits_list, with_layer = "96x128", "1,20", "3,4", False
@@ -237,7 +258,8 @@ def main(shapes, ms, bits_list, group_size, asym, dtype_name, peak_gbps, with_la
             sys.exit(2)
     try:
         gpu, peak, rows = run(_shapes(shapes), _ints(ms), _ints(bits_list), group_size, not asym, dtype_name,
-                              peak_gbps, with_layer, check, interpret_smoke, click.echo, heuristic, cuda_graph)
+                              peak_gbps, with_layer, check, interpret_smoke, click.echo, heuristic, cuda_graph,
+                              with_dequant)
     except ValueError as exc:                   # bad shape / bits / group size: one line, exit 2
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

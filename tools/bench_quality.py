@@ -131,6 +131,9 @@ def _done(path: Path) -> set[tuple]:
 @click.option("--seeds", default="0", show_default=True)
 @click.option("--calib", default="sotu", show_default=True)
 @click.option("--eval-data", "eval_data", default="mobydick", show_default=True)
+@click.option("--extra-eval", "extra_eval", default="", show_default=True,
+              help="comma list of further evaluation texts (names or local files): each row also records "
+                   "ppl_extra {text: ppl}, and with --alpha auto each candidate's, on the same token budget")
 @click.option("--nsamples", type=int, default=32, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--eval-tokens", "eval_tokens_n", type=int, default=40960, show_default=True)
@@ -143,8 +146,8 @@ def _done(path: Path) -> set[tuple]:
               help="Quantize the output head too (rows are named METHOD+head); also records the perplexity of the "
                    "same checkpoint with the FP head put back (ppl_fp_head).")
 @click.option("--summary", is_flag=True, help="Only print the markdown table of what --out holds.")
-def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, seqlen, eval_tokens_n, eval_seqlen,
-         act_order, device, blocks, no_eval, lm_head, summary):
+def main(out_path, model, settings, methods, seeds, calib, eval_data, extra_eval, nsamples, seqlen, eval_tokens_n,
+         eval_seqlen, act_order, device, blocks, no_eval, lm_head, summary):
     out = Path(out_path)
     if summary:
         print(render_summary(out))
@@ -163,6 +166,11 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
     path = resolve_model(model)
     _, tok = load_model(path)
     tokens = eval_tokens(eval_data, tok, eval_tokens_n)
+    extra = {name: eval_tokens(name, tok, eval_tokens_n) for name in extra_eval.split(",") if name.strip()}
+
+    def extra_ppl(m) -> dict:
+        return {name: perplexity(m, t, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)["ppl"]
+                for name, t in extra.items()}
     method_names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
     if methods == "all":
         method_names = ["fp"] + method_names
@@ -178,7 +186,8 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
     if "fp" in method_names and ("fp", "fp", 0, nsamples, seqlen, "") not in done:
         m, _ = load_model(path)
         r = perplexity(m, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
-        record({"setting": "fp", "method": "fp", "seed": 0, "ppl": r["ppl"], "quant_seconds": 0.0})
+        record({"setting": "fp", "method": "fp", "seed": 0, "ppl": r["ppl"], "quant_seconds": 0.0,
+                "ppl_extra": extra_ppl(m) if extra else None})
         del m
     for setting in settings.split(","):
         for name in method_names:
@@ -200,8 +209,11 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                         return {}
                     cand_model.to(dev)
                     try:
-                        return {"eval_ppl": perplexity(cand_model, tokens, eval_seqlen, bos_token_id=tok.bos_token_id,
-                                                       device=dev)["ppl"]}
+                        res = {"eval_ppl": perplexity(cand_model, tokens, eval_seqlen, bos_token_id=tok.bos_token_id,
+                                                      device=dev)["ppl"]}
+                        if extra:
+                            res["eval_ppl_extra"] = extra_ppl(cand_model)
+                        return res
                     finally:
                         cand_model.to("cpu")
                 try:
@@ -212,6 +224,8 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                     else:
                         qm, _ = load_fake_quant_model(tmp / "q", device=dev)
                         r = perplexity(qm, tokens, eval_seqlen, bos_token_id=tok.bos_token_id, device=dev)
+                        if extra:
+                            r["ppl_extra"] = extra_ppl(qm)
                         if lm_head:  # the same decoder linears with the FP head (and tied embedding) put back
                             fp_model, _ = load_model(path)
                             with torch.no_grad():
@@ -226,7 +240,7 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, nsamples, 
                     chosen = [i["alpha"] for e in rep["layers"] for i in e["modules"].values()
                               if i.get("alpha_mode") == "heldout"]
                     record({"setting": setting, "method": row_name, "seed": seed, "ppl": r["ppl"],
-                            "ppl_fp_head": r.get("ppl_fp_head"),
+                            "ppl_fp_head": r.get("ppl_fp_head"), "ppl_extra": r.get("ppl_extra"),
                             "quant_seconds": rep["seconds"], "config": rep["config"],
                             "mean_alpha": (sum(alphas) / len(alphas)) if alphas else None,
                             "alpha_counts": {str(a): chosen.count(a) for a in sorted(set(chosen))} or None,

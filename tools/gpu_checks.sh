@@ -27,8 +27,8 @@ step "2. kernel speed per call (host overhead included), heuristic launch config
 timeout -k 5 "${T_HEUR:-90}" $py tools/bench_kernels.py --heuristic --m 1,16,64,256 --json "$OUT/kernels_heuristic.json"
 echo "rc=$?"
 
-step "3. kernel speed under CUDA-graph replay (GPU time only), heuristic launch configs"
-timeout -k 5 "${T_GRAPH:-100}" $py tools/bench_kernels.py --heuristic --cuda-graph --m 1,16,256 --no-layer \
+step "3. kernel speed under CUDA-graph replay (GPU time only), heuristic launch configs, vs the dequant kernel"
+timeout -k 5 "${T_GRAPH:-100}" $py tools/bench_kernels.py --heuristic --cuda-graph --dequant --m 1,16,256 --no-layer \
   --json "$OUT/kernels_graph.json" 2>/dev/null
 echo "rc=$?"
 

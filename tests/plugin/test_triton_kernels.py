@@ -298,12 +298,14 @@ def _bench_module():
 def test_bench_interpret_smoke(tmp_path):
     bench = _bench_module()
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench.main, ["--interpret-smoke", "--json", str(out)])
+    result = CliRunner().invoke(bench.main, ["--interpret-smoke", "--dequant", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "| 96x128 | 20 | 3 |" in result.stdout
     rows = json.loads(out.read_text())["rows"]
     assert {(r["M"], r["bits"]) for r in rows} == {(1, 3), (20, 3), (1, 4), (20, 4)}
     assert all(r["max_rel_err"] < 1e-5 and r["gbps"] > 0 and r["bytes"] > 0 for r in rows)
+    assert all(r["dequant_ms"] > 0 and r["speedup_vs_dequant"] > 0 for r in rows)    # the fallback kernel, timed too
+    assert "÷ dequant" in result.stdout
 
 
 def test_bench_without_cuda_exits_2(monkeypatch):
