@@ -22,8 +22,10 @@ weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default ord
 * ``native_cpu`` (default on CPU when the extension is built): the project's grouped C++ kernel
   (``rcsr_cpu::grouped_gemm``, ``vllm_plugin.kernels.native_cpu``) over the PACKED codes at the
   checkpoint's bit width -- (token, slot) pairs sorted by expert, one call for gate+up of all
-  experts, one for down.  Static groups only: with dynamic act order every expert (and gate vs up)
-  has its own column order, which one input permutation cannot serve.
+  experts, one for down.  Dynamic act order: every expert (and gate vs up, when their orders differ)
+  has its own column order; its codes are stored in that order at load, and each expert's rows of the
+  sorted activations are permuted before the grouped call (one ``index_select`` per expert that got
+  tokens).  Gate and up with different orders take one grouped call each.
 * ``vllm_cpu`` (default on CPU): dequantizes every expert once at load into the activation dtype and
   runs vLLM's own unquantized CPU grouped MoE op -- same numerics as vLLM on the dequantized reference;
   memory holds DENSE experts (2 or 4 bytes per weight).
@@ -34,6 +36,7 @@ weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default ord
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -48,7 +51,7 @@ from rcsr_deploy.moe_format import PROJ_NAMES, SHARD_IDS, vllm_expert_modules
 from rcsr_deploy.format import QuantSpec, tensor_table
 
 from .errors import RcsrPluginError
-from .kernels.base import LayerSpec, QuantWeights
+from .kernels.base import LayerSpec, QuantWeights, can_permute, group_permutation
 from .kernels.dequant import DequantKernel
 from .kernels.native_cpu import NativeCpuKernel, PackedWeight, resolve_isa
 from .kernels.base import unpack
@@ -237,28 +240,35 @@ class NativeExperts(ExpertsKernel):
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
         if activation not in _ACTS:
             return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
-        if spec13.dynamic:
-            return "dynamic act order (every expert has its own column order)"
+        if spec13.dynamic and not (spec13.shared_group_index and spec2.shared_group_index):
+            return "dynamic act order whose groups are not all of group_size columns"
         for spec in (spec13, spec2):  # what the dense native kernel takes, per expert matrix
-            reason = NativeCpuKernel.unsupported_reason(spec)
+            reason = NativeCpuKernel.unsupported_reason(dataclasses.replace(spec, shared_group_index=True))
             if reason:
                 return reason
         return None
 
     def prepare(self, w13, w2) -> None:
         self.isa = resolve_isa()
-
-        def stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
-            codes = torch.stack([unpack(w, spec) for w in ws])
-            zeros = None if spec.sym else torch.stack([w.zeros for w in ws])
-            return PackedWeight.from_codes(codes, torch.stack([w.scales for w in ws]), zeros, spec.bits,
-                                           spec.group_size)
-
-        self.w13 = stack(w13, self.spec13)
-        self.w2 = stack(w2, self.spec2)
+        inter = self.spec13.shard_sizes[0]
+        if not self.spec13.dynamic:
+            self.w13 = [(_stack(w13, self.spec13), None)]
+            self.w2 = (_stack(w2, self.spec2), None)
+            return
+        # dynamic act order: per expert (and per shard) the permutation that makes its groups static
+        same = all(bool((w.group_index[0] == w.group_index[1]).all()) for w in w13)
+        rows = [slice(0, 2 * inter)] if same else [slice(0, inter), slice(inter, 2 * inter)]
+        self.w13 = []
+        for shard, r in enumerate(rows):
+            ws = [QuantWeights(w.qweight[r], w.scales[r], None if w.zeros is None else w.zeros[r],
+                               w.group_index[shard:shard + 1]) for w in w13]
+            spec = dataclasses.replace(self.spec13, out_features=r.stop - r.start, shard_sizes=())
+            self.w13.append(_stack_permuted(ws, spec))
+        self.w2 = _stack_permuted(w2, self.spec2)
 
     def nbytes(self) -> int:
-        return self.w13.nbytes() + self.w2.nbytes()
+        return sum(pw.nbytes() + (0 if perms is None else perms.numel() * perms.element_size())
+                   for pw, perms in (*self.w13, self.w2))
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
         act = _ACTS[activation]
@@ -272,12 +282,45 @@ class NativeExperts(ExpertsKernel):
         xs = x.index_select(0, tok)
         if apply_router_weight_on_input:
             xs = (xs.float() * w).to(x.dtype)
-        h = self.w13.grouped(xs, offsets, self.isa)
-        h = act(h[:, :inter]) * h[:, inter:]
-        y = self.w2.grouped(h.contiguous(), offsets, self.isa).float()
+        parts = [pw.grouped(_permute_segments(xs, offsets, perms), offsets, self.isa) for pw, perms in self.w13]
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        h = (act(h[:, :inter]) * h[:, inter:]).contiguous()
+        pw2, perms2 = self.w2
+        y = pw2.grouped(_permute_segments(h, offsets, perms2), offsets, self.isa).float()
         out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
         out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
         return out.to(x.dtype)
+
+
+def _stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
+    """Every expert's matrix in one native stack (static groups)."""
+    codes = torch.stack([unpack(w, spec) for w in ws])
+    zeros = None if spec.sym else torch.stack([w.zeros for w in ws])
+    return PackedWeight.from_codes(codes, torch.stack([w.scales for w in ws]), zeros, spec.bits, spec.group_size)
+
+
+def _stack_permuted(ws: list[QuantWeights], spec: LayerSpec) -> tuple[PackedWeight, torch.Tensor]:
+    """Dynamic act order: each expert's codes in its own group-sorted column order (static groups then),
+    and the permutations ``[E, K]`` (int32) that :func:`_permute_segments` applies to the activations."""
+    perms = [group_permutation(w, spec) for w in ws]
+    codes = torch.stack([unpack(w, spec)[:, p] for w, p in zip(ws, perms, strict=True)])
+    zeros = None if spec.sym else torch.stack([w.zeros for w in ws])
+    pw = PackedWeight.from_codes(codes, torch.stack([w.scales for w in ws]), zeros, spec.bits, spec.group_size)
+    return pw, torch.stack(perms).to(torch.int32)
+
+
+def _permute_segments(x: torch.Tensor, offsets: torch.Tensor, perms: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``offsets[e]:offsets[e+1]`` of ``x`` (sorted by expert) with their columns in expert ``e``'s order
+    ``perms[e]``; ``x`` itself when there is no permutation."""
+    if perms is None:
+        return x
+    out = torch.empty_like(x)
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        a, b = bounds[e], bounds[e + 1]
+        if b > a:
+            torch.index_select(x[a:b], 1, perms[e], out=out[a:b])
+    return out
 
 
 MOE_KERNELS: dict[str, type[ExpertsKernel]] = {k.name: k for k in (NativeExperts, VllmCpuExperts, DequantExperts)}
@@ -419,10 +462,18 @@ class RcsrMoEMethod(FusedMoEMethodBase):
                         raise RcsrPluginError(f"{self.hf_prefix}: zeros must lie in [0, {(1 << cfg.bits) - 1}]")
         dt = layer.rcsr_params_dtype
         dev = layer.w13_qweight.device
+        # For experts, ``shared_group_index`` says that every shard of every expert permutes to static groups
+        # (each with its own permutation): what the native grouped kernel needs for dynamic act order.
         spec13 = LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, H, 2 * inter, dt, dev,
-                           shard_sizes=(inter, inter), shared_group_index=False, prefix=self.hf_prefix + ".w13")
+                           shard_sizes=(inter, inter), prefix=self.hf_prefix + ".w13")
         spec2 = LayerSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, inter, H, dt, dev,
                           prefix=self.hf_prefix + ".w2")
+        if cfg.act_order == "dynamic":
+            one13 = dataclasses.replace(spec13, out_features=inter, shard_sizes=())
+            ok13 = all(can_permute(g.unsqueeze(0), one13) for g in layer.w13_group_index.data.reshape(-1, H))
+            ok2 = all(can_permute(g, spec2) for g in layer.w2_group_index.data)
+            spec13 = dataclasses.replace(spec13, shared_group_index=ok13)
+            spec2 = dataclasses.replace(spec2, shared_group_index=ok2)
         activation = getattr(layer.activation, "value", str(layer.activation))
         kernel = select_experts_kernel(spec13, spec2, E, activation, self.hf_prefix)
 

@@ -89,6 +89,7 @@ def served(moe_ckpts):
         jobs += [(f"{key}-q-fp32", str(ck), "float32", {}), (f"{key}-ref-fp32", str(ref), "float32", {})]
     ck, ref = moe_ckpts["qwen3"]
     jobs += [("qwen3-q-fp32-dequant", str(ck), "float32", {"RCSR_MOE_KERNEL": "dequant"}),
+             ("qwen3-q-fp32-vllm_cpu", str(ck), "float32", {"RCSR_MOE_KERNEL": "vllm_cpu"}),
              ("qwen3-q-bf16", str(ck), "bfloat16", {}), ("qwen3-ref-bf16", str(ref), "bfloat16", {})]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(jobs), json.dumps(PROMPTS)],
@@ -116,10 +117,11 @@ def test_fp32_matches_dequantized_reference(served):
     for key in ("qwen3", "qwen2", "mixtral"):
         _compare(out[f"{key}-q-fp32"], out[f"{key}-ref-fp32"], f"{key} fp32")
         assert all(len(r["tokens"]) == 10 for r in out[f"{key}-q-fp32"])
-    _compare(out["qwen3-q-fp32-dequant"], out["qwen3-ref-fp32"], "qwen3 fp32, RCSR_MOE_KERNEL=dequant")
+    for kernel in ("dequant", "vllm_cpu"):
+        _compare(out[f"qwen3-q-fp32-{kernel}"], out["qwen3-ref-fp32"], f"qwen3 fp32, RCSR_MOE_KERNEL={kernel}")
     # the experts ran in the plugin (all three kernels), the dense layers too; the reference ran vLLM's
-    # MoE.  Dynamic act order (qwen3) cannot run on the native grouped kernel: vllm_cpu takes it.
-    for kernel in ("vllm_cpu", "dequant"):
+    # MoE.  Dynamic act order (qwen3, each expert matrix with its own column order) on the native kernel.
+    for kernel in ("native_cpu", "vllm_cpu", "dequant"):
         assert (f"rcsr: experts model.layers.1.mlp.experts -> kernel {kernel} (4 experts, 4-bit, group 32, asym, "
                 "act_order dynamic, float32)") in log
     assert "rcsr: experts model.layers.0.mlp.experts -> kernel native_cpu (4 experts, 3-bit, group -1, sym" in log
@@ -132,7 +134,7 @@ def test_bf16_greedy_tokens_match(served):
     out, log = served
     worst = _compare(out["qwen3-q-bf16"], out["qwen3-ref-bf16"], "qwen3 bf16", logprobs=False)
     assert worst < 0.1
-    assert "rcsr: experts model.layers.0.mlp.experts -> kernel vllm_cpu (4 experts, 4-bit, group 32, asym, " \
+    assert "rcsr: experts model.layers.0.mlp.experts -> kernel native_cpu (4 experts, 4-bit, group 32, asym, " \
            "act_order dynamic, bfloat16)" in log
 
 

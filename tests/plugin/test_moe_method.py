@@ -2,6 +2,7 @@
 the per-expert weight loader and its checks, and ``get_quant_method``'s all-or-none rule."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -91,10 +92,6 @@ def test_experts_match_transformers_on_dequantized_weights(moe_ckpts, key, kerne
     with the same top-k ids / weights; tokens routed to every expert, one expert unused in a 2nd call."""
     monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
     _, ckpts = moe_ckpts
-    if kernel == "native_cpu" and QuantConfig.read(ckpts[key]).act_order == "dynamic":
-        with pytest.raises(RcsrPluginError, match="native_cpu: dynamic act order"):
-            load_layer(ckpts[key], 0)
-        return
     fq, _ = load_fake_quant_model(ckpts[key])
     for layer_idx in (0, 1):
         method, layer = load_layer(ckpts[key], layer_idx)
@@ -193,3 +190,76 @@ def test_forced_unknown_experts_kernel(monkeypatch, moe_ckpts):
     monkeypatch.setenv("RCSR_MOE_KERNEL", "nope")
     with pytest.raises(RcsrPluginError, match="RCSR_MOE_KERNEL='nope' is not an experts kernel"):
         load_layer(moe_ckpts[1]["w4"], 0)
+
+
+def _edited_copy(src: Path, dst: Path, edit) -> Path:
+    """A copy of checkpoint ``src`` whose tensors went through ``edit(dict)``."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _check_against_transformers(method, layer, fq, layer_idx, dtype=torch.float32):
+    ref_experts = fq.model.layers[layer_idx].mlp.experts
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(23, 64, generator=gen)
+    w, ids = torch.topk(torch.softmax(torch.randn(23, 4, generator=gen), -1), 2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    got = method.apply(layer, x.to(dtype), w, ids.to(torch.int32))
+    with torch.no_grad():
+        want = ref_experts(x, ids, w)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_dynamic_act_order_shapes_of_permutation(moe_ckpts, tmp_path, monkeypatch, dtype):
+    """Dynamic act order on the native grouped kernel: gate and up with their own column orders (two grouped
+    calls), and with one shared order (one call); the codes stay packed at their bit width."""
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "native_cpu")
+    _, ckpts = moe_ckpts
+    method, layer = load_layer(ckpts["w3"], 0, act_dtype=dtype)      # the factory draws one order per matrix
+    assert layer.rcsr_experts.name == "native_cpu" and len(layer.rcsr_experts.w13) == 2
+    _check_against_transformers(method, layer, load_fake_quant_model(ckpts["w3"])[0], 0, dtype)
+    n_weights = 4 * 3 * 64 * 96
+    assert n_weights * 3 / 8 <= layer.rcsr_experts.nbytes() <= n_weights * (3 / 8 + 0.3)
+
+    def share(t):                       # up_proj takes gate_proj's order (a different, equally valid model)
+        for name in list(t):
+            if name.endswith("up_proj.group_index"):
+                t[name] = t[name.replace("up_proj", "gate_proj")].clone()
+    shared = _edited_copy(ckpts["w8"], tmp_path / "shared", share)
+    method, layer = load_layer(shared, 1, act_dtype=dtype)
+    assert len(layer.rcsr_experts.w13) == 1
+    _check_against_transformers(method, layer, load_fake_quant_model(shared)[0], 1, dtype)
+
+
+def test_native_refuses_uneven_dynamic_groups(moe_ckpts, tmp_path, monkeypatch):
+    """group_index whose groups are not all group_size columns (outside the checkpoint contract, which the
+    offline reader enforces; the plugin stays liberal): native_cpu says why it cannot, the default order
+    falls through to vllm_cpu, and that agrees with the exact dequant kernel."""
+    _, ckpts = moe_ckpts
+
+    def uneven(t):
+        g = t["model.layers.0.mlp.experts.2.down_proj.group_index"]
+        g[:] = 0
+        g[-1] = 1                      # 95 columns in group 0, one in group 1
+    bad = _edited_copy(ckpts["w3"], tmp_path / "uneven", uneven)
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "native_cpu")
+    with pytest.raises(RcsrPluginError, match="native_cpu: dynamic act order whose groups are not all of group_size"):
+        load_layer(bad, 0)
+    monkeypatch.delenv("RCSR_MOE_KERNEL")
+    method, layer = load_layer(bad, 0)
+    assert layer.rcsr_experts.name == "vllm_cpu"
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "dequant")
+    m_dq, l_dq = load_layer(bad, 0)
+    x = torch.randn(11, 64, generator=torch.Generator().manual_seed(5))
+    ids = torch.tensor([[2, 0]] * 11, dtype=torch.int32)
+    w = torch.full((11, 2), 0.5)
+    torch.testing.assert_close(method.apply(layer, x, w, ids), m_dq.apply(l_dq, x, w, ids), rtol=1e-5, atol=1e-5)
