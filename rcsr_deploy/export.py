@@ -16,7 +16,10 @@
   functions (``pack_to_int32``, ``QuantizationConfig``, ``ModelCompressor.update_config``).
 
 Both map our grid exactly: ``w = (q - z) * s`` with the same integer codes ``q``, integer zero points
-``z`` and float16 scales ``s``.  Only 4 and 8 bits are exported; 2/3-bit checkpoints are served by the
+``z`` and float16 scales ``s``.  Routed experts of a Mixture-of-Experts checkpoint (format_version 3) are
+exported like linears under their per-expert names (``<experts>.<e>.gate_proj.weight_packed`` ...,
+Mixtral's ``w1/w3/w2``), which is how llm-compressor and GPTQModel store them and what vLLM's
+compressed-tensors / GPTQ-Marlin MoE loaders read.  Only 4 and 8 bits are exported; 2/3-bit checkpoints are served by the
 rcsr vLLM plugin.  Every other tensor (embeddings, norms, lm_head, biases) is copied unchanged, and
 so are the tokenizer / generation config files; a quantized vocabulary table (``--lm-head``: the
 tied embedding or ``lm_head``) is written dequantized in fp32, since those formats quantize decoder
@@ -184,11 +187,14 @@ def compressed_tensors_quant_config(qc: QuantConfig, ignore: Iterable[str] = ("l
 # --------------------------------------------------------------------------------------------------
 # whole checkpoint
 # --------------------------------------------------------------------------------------------------
-def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
+def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str], set[str]]:
     """(names of every ``nn.Linear`` of the checkpoint's architecture, names of its vocabulary tables:
-    the output-embedding linear such as ``lm_head`` and the input embedding); the model is built on
-    the meta device (no memory, no weights)."""
+    the output-embedding linear such as ``lm_head`` and the input embedding, names of its routed expert
+    projections as stored on disk: ``<experts>.<e>.gate_proj`` ..., under the family's hub names); the
+    model is built on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
+
+    from . import moe_format
 
     config = hf_config_without_quant(ckpt_dir)
     try:
@@ -200,11 +206,22 @@ def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str]]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     linears, heads = [], set()
     for n, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear):
+        if isinstance(m, torch.nn.Linear) or _is_router(m):
             linears.append(n)
         if m is not None and (m is head or m is emb):
             heads.add(n)
-    return linears, heads
+    names = moe_format.hub_names(getattr(config, "model_type", None))   # module names -> names on disk
+    experts = {names.to_hub(n) for n in moe_format.expert_slots(model)}
+    return [names.to_hub(n) for n in linears], {names.to_hub(n) for n in heads}, experts
+
+
+def _is_router(m: torch.nn.Module) -> bool:
+    """A MoE router that transformers keeps as its own module with a 2-D ``weight`` (Qwen3-MoE's
+    ``TopKRouter``, Mixtral's ``gate``...): vLLM builds it as a linear layer, so the exports list it among
+    the unquantized linears (compressed-tensors ``ignore``, GPTQ ``dynamic``), as llm-compressor does."""
+    w = m._parameters.get("weight")
+    return (isinstance(w, torch.Tensor) and w.dim() == 2 and not isinstance(m, torch.nn.Embedding)
+            and "router" in type(m).__name__.lower())
 
 
 def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
@@ -240,11 +257,11 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     shard_bytes = parse_size(max_shard_size)
 
     modules = qc.quantized_modules
-    linears, heads = _linear_modules(ckpt_dir)
-    not_linear = sorted(set(modules) - set(linears) - heads, key=natural_key)
+    linears, heads, experts = _linear_modules(ckpt_dir)
+    not_linear = sorted(set(modules) - set(linears) - heads - experts, key=natural_key)
     if not_linear:
-        raise RcsrError(f"{ckpt_dir}: quantized module(s) {', '.join(not_linear[:3])} are not nn.Linear "
-                        "modules of the model in config.json")
+        raise RcsrError(f"{ckpt_dir}: quantized module(s) {', '.join(not_linear[:3])} are neither nn.Linear "
+                        "modules nor routed expert projections of the model in config.json")
     # Stock GPTQ / compressed-tensors readers quantize decoder linears only: a quantized vocabulary
     # table (--lm-head) is exported dequantized, in fp32 (exact).
     tables = [m for m in modules if m in heads]

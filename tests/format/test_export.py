@@ -462,3 +462,64 @@ def test_mixed_precision_exports_to_gptq_with_dynamic_rules(tmp_path):
     src3 = ck.save_quantized(model, q, tmp_path / "mixed3", {**qc, "module_grids": grids})
     with pytest.raises(RcsrError, match="has 3/4/8-bit layers"):
         export_checkpoint(src3, tmp_path / "g3", "gptq")
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixture-of-Experts checkpoints: every routed expert exported like a linear
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,bits,gs,sym,act_order", [("qwen3_moe", 4, 32, False, "dynamic"),
+                                                          ("mixtral", 8, -1, True, "static")])
+def test_moe_exports_every_expert(tmp_path, family, bits, gs, sym, act_order):
+    """Both formats store each expert projection under its per-expert hub name (Mixtral: w1/w3/w2), and
+    both decode to the rcsr reference bit for bit: GPTQ with the decoder above, compressed-tensors with
+    the compressed-tensors library's own ``unpack_from_int32``."""
+    from compressed_tensors.compressors import unpack_from_int32
+
+    from factories import tiny_moe, write_moe_checkpoint
+    from rcsr_deploy.storage import TensorReader, weight_files
+
+    model = tiny_moe(family)
+    src = write_moe_checkpoint(model, tmp_path / "src", bits=bits, group_size=gs, sym=sym, act_order=act_order)
+    qc = QuantConfig.read(src)
+    experts = [m for m in qc.quantized_modules if ".experts." in m]
+    assert len(experts) == 2 * 4 * 3                      # 2 blocks x 4 experts x 3 projections
+    if family == "mixtral":
+        assert all(m.rsplit(".", 1)[1] in ("w1", "w2", "w3") for m in experts)
+    reader = TensorReader(weight_files(src))
+    ref = {m: ck.read_module(reader, m, qc) for m in qc.quantized_modules}
+
+    gq = export_checkpoint(src, tmp_path / "gptq", "gptq")
+    gcfg = json.loads((gq / "config.json").read_text())["quantization_config"]
+    routers = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    if family == "mixtral":
+        routers = [r.replace("mlp", "block_sparse_moe") for r in routers]
+    # the routers (transformers' TopKRouter modules, linears in vLLM) stay unquantized in both formats
+    assert all("-:" + re.escape(r).join("^$") in gcfg["dynamic"] for r in routers), gcfg["dynamic"]
+    t = read_tensors(gq)
+    for m, qt in ref.items():
+        assert torch.equal(decode_gptq(t, m, gcfg), qt.dequantize()), m
+
+    ct = export_checkpoint(src, tmp_path / "ct", "compressed-tensors")
+    raw = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert raw["config_groups"]["group_0"]["targets"] == ["Linear"]
+    assert not any(".experts." in n for n in raw["ignore"])
+    assert set(routers) <= set(raw["ignore"]), raw["ignore"]
+    t = read_tensors(ct)
+    for m, qt in ref.items():
+        shape = torch.Size(t[f"{m}.weight_shape"].tolist())
+        assert shape == (qt.out_features, qt.in_features)
+        signed = unpack_from_int32(t[f"{m}.weight_packed"], bits, shape)
+        assert torch.equal(signed.to(torch.int16) + (1 << (bits - 1)), qt.codes.to(torch.int16)), m
+        assert torch.equal(t[f"{m}.weight_scale"], qt.scale.half())
+        if not sym:
+            zp = unpack_from_int32(t[f"{m}.weight_zero_point"], bits, torch.Size(qt.zero.shape), packed_dim=0)
+            assert torch.equal(zp.to(torch.int16) + (1 << (bits - 1)), qt.zero.to(torch.int16)), m
+        assert (f"{m}.weight_g_idx" in t) is (act_order == "dynamic" and gs != -1)
+        if f"{m}.weight_g_idx" in t:
+            assert torch.equal(t[f"{m}.weight_g_idx"], qt.g_idx.int())
+    # the routers and everything else unquantized are copied unchanged
+    st = read_tensors(src)
+    plain = {k for k in st if k.rsplit(".", 1)[-1] not in QUANT_SUFFIXES}
+    assert any(".gate.weight" in k for k in plain)
+    for k in plain:
+        assert torch.equal(t[k], st[k]), k
