@@ -58,6 +58,9 @@ def cli(verbose: int) -> None:
               help="--alpha auto: keep the regularized alpha only if its held-back NLL beats alpha = 0's by more "
                    "than this many nats per token (default 0.02, i.e. 2% perplexity); smaller gains are ties and "
                    "keep alpha = 0.")
+@click.option("--alpha-check-data", "alpha_check", default="", show_default=False,
+              help="--alpha auto: a second held-back text from another domain than --calib (a name or a local "
+                   "file); the regularized alpha must beat alpha = 0 by the margin on it too.")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
 @click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,
@@ -93,7 +96,8 @@ def cli(verbose: int) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_m, sarqc_lambda, clip, act_order,
+def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_check, alpha_m, sarqc_lambda,
+             clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, moe_fallback, avg_bits,
              widths, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
@@ -103,7 +107,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     if beam is None:
         beam = 4 if method == "ksnrq" else 1
     cfg = QuantizeConfig(method=method, bits=bits, group_size=_group_size(group_size), sym=sym, beam=beam,
-                         alpha=str(alpha), alpha_m=alpha_m, sarqc_lambda=sarqc_lambda, clip=clip,
+                         alpha=str(alpha), alpha_check=alpha_check, alpha_m=alpha_m, sarqc_lambda=sarqc_lambda,
+                         clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
                          moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback, avg_bits=avg_bits, widths=_widths(widths),
@@ -118,8 +123,10 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     sel = report.get("alpha_selection")
     if sel:
         nll = ", ".join(f"alpha={a}: {v['held_back_nll']:.4f}" for a, v in sel["candidates"].items())
-        gain = "; ".join(f"alpha={a} gains {v['gain']:+.4f} +- {v['gain_se']:.4f}" for a, v in sel["candidates"].items()
-                         if "gain" in v)
+        gain = "; ".join(f"alpha={a} gains {v['gain']:+.4f} +- {v['gain_se']:.4f}"
+                         + (f" (on {sel['check_data']}: {v['check_gain']:+.4f} +- {v['check_gain_se']:.4f})"
+                            if "check_gain" in v else "")
+                         for a, v in sel["candidates"].items() if "gain" in v)
         click.echo(f"--alpha auto: held-back NLL ({sel['held_back_tokens']} tokens) {nll}; {gain} "
                    f"(margin {sel['margin']}); kept alpha={sel['chosen']}")
     click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "

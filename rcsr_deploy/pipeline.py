@@ -115,14 +115,28 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
 MIN_HELD_BACK = 2
 
 
-def pick_auto_candidate(window_nll: dict[str, list[float]], margin: float) -> tuple[str, dict[str, dict]]:
+def _paired_gain(base: list[float], w: list[float], what: str) -> tuple[float, float]:
+    """Mean and standard error of ``base_w − w_w`` over paired windows."""
+    n = len(base)
+    if len(w) != n:
+        raise ValueError(f"{what}: {len(w)} held-back windows, not {n}")
+    d = [b - x for b, x in zip(base, w)]
+    gain = sum(d) / n
+    return gain, (math.sqrt(sum((x - gain) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan"))
+
+
+def pick_auto_candidate(window_nll: dict[str, list[float]], margin: float,
+                        check_nll: dict[str, list[float]] | None = None) -> tuple[str, dict[str, dict]]:
     """``--alpha auto``'s rule, given each candidate's per-window held-back NLL (equal-length windows, the same
     windows for every candidate).
 
     With ``d_w = nll_w(α = 0) − nll_w(c)`` the paired gain of candidate ``c`` on window ``w``, its gain is
     ``ḡ = mean_w d_w`` (nats per token) with standard error ``sd(d) / √n``.  A candidate is eligible when
     ``ḡ > margin``; the eligible one with the lowest NLL is kept, and α = 0 when none is: a gain that small
-    is a tie, and a tie keeps GPTQ's target (``AUTO_MARGIN``).  Returns ``(chosen, {c: {"gain", "gain_se"}})``."""
+    is a tie, and a tie keeps GPTQ's target (``AUTO_MARGIN``).  With ``check_nll`` (the same candidates' NLL on
+    windows of a second text, ``--alpha-check-data``) a candidate must also gain more than the margin there:
+    the held-back windows come from the calibration text, and a target that fits that domain better can
+    still lose on another.  Returns ``(chosen, {c: {"gain", "gain_se"[, "check_gain", "check_gain_se"]}})``."""
     base_key = AUTO_CANDIDATES[0]
     base = window_nll[base_key]
     n = len(base)
@@ -131,15 +145,39 @@ def pick_auto_candidate(window_nll: dict[str, list[float]], margin: float) -> tu
     for c, w in window_nll.items():
         if c == base_key:
             continue
-        if len(w) != n:
-            raise ValueError(f"candidate {c}: {len(w)} held-back windows, not {n}")
-        d = [b - x for b, x in zip(base, w)]
-        gain = sum(d) / n
-        se = math.sqrt(sum((x - gain) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+        gain, se = _paired_gain(base, w, f"candidate {c}")
         stats[c] = {"gain": gain, "gain_se": se}
-        if gain > margin and sum(w) / n < best:
+        eligible = gain > margin
+        if check_nll is not None:
+            cg, cse = _paired_gain(check_nll[base_key], check_nll[c], f"candidate {c} (check text)")
+            stats[c].update(check_gain=cg, check_gain_se=cse)
+            eligible = eligible and cg > margin
+        if eligible and sum(w) / n < best:
             chosen, best = c, sum(w) / n
     return chosen, stats
+
+
+def _auto_pick(scores: dict[str, dict], keys, margin: float) -> tuple[str, dict[str, dict]]:
+    """:func:`pick_auto_candidate` over the candidates ``keys`` of ``scores`` (with the check text's NLLs when
+    they were measured)."""
+    win = {c: scores[c]["window_nll"] for c in keys}
+    chk = {c: scores[c]["check_window_nll"] for c in keys} if all("check_window_nll" in scores[c] for c in keys) \
+        else None
+    return pick_auto_candidate(win, margin, chk)
+
+
+def _check_windows(name: str, tokenizer, n: int, seqlen: int) -> torch.Tensor:
+    """``--alpha-check-data``: ``n`` windows of ``seqlen`` tokens from the start of the text ``name`` (fewer if it
+    is shorter; at least one)."""
+    from .data import eval_tokens
+
+    tokens = eval_tokens(name, tokenizer, n * seqlen)
+    k = tokens.numel() // seqlen
+    if k < 1:
+        raise RcsrError(f"--alpha-check-data {name}: {tokens.numel()} tokens, fewer than one {seqlen}-token window")
+    if k < n:
+        log.warning("--alpha-check-data %s: room for %d windows of %d tokens, not %d", name, k, seqlen, n)
+    return tokens[: k * seqlen].reshape(k, seqlen)
 
 
 def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_dir: Path, resume: bool,
@@ -174,10 +212,11 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     bos = tokenizer.bos_token_id
     fp_nll, fp_blocks, _ = held_back_pass(model.to(device), val, bos_token_id=bos, device=device)
     model.to("cpu")
+    check = _check_windows(cfg.alpha_check, tokenizer, val.shape[0], cfg.seqlen) if cfg.alpha_check else None
     scores: dict[str, dict] = {}
     kept: dict[str, tuple] = {}
     for k, cand in enumerate(AUTO_CANDIDATES):
-        c = replace(cfg, alpha=cand)
+        c = replace(cfg, alpha=cand, alpha_check="")
         m = model if k == 0 else load_model(path, dtype=torch.float32, device="cpu")[0].eval()
         t0 = time.perf_counter()
         results, report = quantize_model(m, tokenizer, c, device=device, work_dir=work / f"alpha-{cand}",
@@ -188,23 +227,29 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
         m.to("cpu")
         scores[cand] = {"held_back_nll": nll, "held_back_ppl": math.exp(nll), "seconds": seconds,
                         "block_output_error": block_err, "window_nll": window_nll}
+        if check is not None:
+            cnll, _, cwin = held_back_pass(m.to(device), check, bos_token_id=bos, device=device)
+            scores[cand].update(check_nll=cnll, check_window_nll=cwin)
         if candidate_hook is not None:
             scores[cand].update(candidate_hook(cand, m) or {})
         log.info("--alpha auto: candidate alpha=%s: held-back NLL %.5f (FP %.5f) in %.0fs", cand, nll, fp_nll, seconds)
         kept[cand] = (m, results, report)
         if k > 0:  # keep at most two models: alpha = 0 and the better regularized one so far
-            c0 = pick_auto_candidate({c: scores[c]["window_nll"] for c in kept}, cfg.alpha_margin)[0]
+            c0 = _auto_pick(scores, kept, cfg.alpha_margin)[0]
             for c in [c for c in kept if c not in (AUTO_CANDIDATES[0], c0)]:
                 del kept[c]
         del m, results, report
-    chosen, gains = pick_auto_candidate({c: v["window_nll"] for c, v in scores.items()}, cfg.alpha_margin)
+    chosen, gains = _auto_pick(scores, scores, cfg.alpha_margin)
     for c, g in gains.items():
         scores[c].update(g)
     model, results, report = kept.pop(chosen)
     kept.clear()
     report["config"]["alpha"] = "auto"
     report["config"]["alpha_chosen"] = chosen
+    report["config"]["alpha_check"] = cfg.alpha_check
     report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "margin": cfg.alpha_margin,
+                                 "check_data": cfg.alpha_check or None,
+                                 "check_tokens": None if check is None else int(check.numel()),
                                  "held_back_windows": n_val,
                                  "held_back_tokens": int(val.numel()), "fp_held_back_nll": fp_nll}
     report["seconds"] = sum(v["seconds"] for v in scores.values())

@@ -134,6 +134,8 @@ def _done(path: Path) -> set[tuple]:
 @click.option("--extra-eval", "extra_eval", default="", show_default=True,
               help="comma list of further evaluation texts (names or local files): each row also records "
                    "ppl_extra {text: ppl}, and with --alpha auto each candidate's, on the same token budget")
+@click.option("--alpha-check", "alpha_check", default="", show_default=True,
+              help="--alpha auto rows: the second held-back text (--alpha-check-data); rows are named METHOD+check")
 @click.option("--nsamples", type=int, default=32, show_default=True)
 @click.option("--seqlen", type=int, default=512, show_default=True)
 @click.option("--eval-tokens", "eval_tokens_n", type=int, default=40960, show_default=True)
@@ -146,7 +148,7 @@ def _done(path: Path) -> set[tuple]:
               help="Quantize the output head too (rows are named METHOD+head); also records the perplexity of the "
                    "same checkpoint with the FP head put back (ppl_fp_head).")
 @click.option("--summary", is_flag=True, help="Only print the markdown table of what --out holds.")
-def main(out_path, model, settings, methods, seeds, calib, eval_data, extra_eval, nsamples, seqlen, eval_tokens_n,
+def main(out_path, model, settings, methods, seeds, calib, eval_data, extra_eval, alpha_check, nsamples, seqlen, eval_tokens_n,
          eval_seqlen, act_order, device, blocks, no_eval, lm_head, summary):
     out = Path(out_path)
     if summary:
@@ -193,13 +195,17 @@ def main(out_path, model, settings, methods, seeds, calib, eval_data, extra_eval
         for name in method_names:
             if name == "fp":
                 continue
-            row_name = name + ("+head" if lm_head else "") + ("" if act_order == "static" else f"@{act_order}")
+            checked = bool(alpha_check) and METHODS[name].get("alpha") == "auto"
+            row_name = name + ("+check" if checked else "") + ("+head" if lm_head else "") + \
+                ("" if act_order == "static" else f"@{act_order}")
             for seed in (int(s) for s in seeds.split(",")):
                 if (setting, row_name, seed, nsamples, seqlen, blocks) in done:
                     continue
                 kw = {**SETTINGS[setting], **METHODS[name]}
                 if "rule_up" in kw:
                     kw["module_grids"] = rule_grids(path, kw["bits"], kw.pop("rule_up"))
+                if checked:
+                    kw["alpha_check"] = alpha_check
                 cfg = QuantizeConfig(calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, act_order=act_order,
                                      blocks=blocks, lm_head=lm_head, **kw)
                 tmp = Path(tempfile.mkdtemp(prefix="rcsr-bench-"))

@@ -56,6 +56,9 @@ class QuantizeConfig:
     alpha: str = "sample"  # "sample" | "closed-form" | "auto" | "heldout" | a float as string
     alpha_m: float = 5.0
     alpha_margin: float = AUTO_MARGIN  # --alpha auto: NLL gain (nats/token) the regularized α must show
+    # --alpha auto: a second held-back text, of another domain than the calibration text ("" = none); the
+    # regularized α must clear the margin on it too (pipeline.pick_auto_candidate)
+    alpha_check: str = ""
     sarqc_lambda: float = 0.0
     clip: str = "auto"  # "auto" | "minmax" | "mse"; auto is resolved in __post_init__
     act_order: str = "static"  # "none" | "static" | "dynamic"
@@ -124,6 +127,8 @@ class QuantizeConfig:
             raise RcsrError("--sarqc-lambda must be >= 0")
         if self.method != "rtn" and (self.nsamples < 1 or self.seqlen < 8):
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.alpha_check and self.alpha != "auto":
+            raise RcsrError("--alpha-check-data is the second held-back text of --alpha auto: it needs --alpha auto")
         if not (math.isfinite(self.alpha_margin) and self.alpha_margin >= 0):
             raise RcsrError(f"--alpha-margin must be a number >= 0 (nats per token), got {self.alpha_margin}")
         if self.alpha == "heldout" and self.method in ("snrq", "ksnrq") and self.nsamples < 2:

@@ -263,3 +263,41 @@ def test_alpha_margin_is_validated():
     for bad in (-0.1, float("nan"), float("inf")):
         with pytest.raises(RcsrError, match="--alpha-margin"):
             QuantizeConfig(alpha_margin=bad).validate()
+
+
+def test_check_text_must_agree():
+    """``--alpha-check-data``: the regularized candidate must also clear the margin on the second text;
+    a gain on the calibration domain alone (the W2 blind spot) keeps alpha = 0."""
+    from rcsr_deploy.pipeline import pick_auto_candidate
+    base = [3.40, 3.30, 3.50, 3.45]
+    better = [b - 0.5 for b in base]
+    for check_shift, want in [(0.05, "sample"), (-0.4, "0.0"), (0.01, "0.0")]:
+        check0 = [5.0, 5.2, 4.9, 5.1]
+        check1 = [c - check_shift for c in check0]
+        chosen, stats = pick_auto_candidate({"0.0": base, "sample": better}, 0.02,
+                                            {"0.0": check0, "sample": check1})
+        assert chosen == want, check_shift
+        assert stats["sample"]["check_gain"] == pytest.approx(check_shift, abs=1e-12)
+        assert stats["sample"]["gain"] == pytest.approx(0.5, abs=1e-12)
+    with pytest.raises(RcsrError, match="--alpha-check-data .* needs --alpha auto"):
+        QuantizeConfig(alpha="sample", alpha_check="x.txt").validate()
+
+
+def test_auto_with_check_text_end_to_end(tokenizer, text_file, tmp_path):
+    """Every candidate is also scored on the check text; the report and the rule use those windows."""
+    from dataclasses import replace
+
+    from rcsr_deploy.pipeline import pick_auto_candidate, quantize_to_checkpoint
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(text_file.read_text().split())))
+    src, cfg, _ = _quantize_tiny_llama(tokenizer, text_file, tmp_path / "plain", "auto")
+    cfg = replace(cfg, alpha_check=str(other))
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    sel = rep["alpha_selection"]
+    assert sel["check_data"] == str(other) and sel["check_tokens"] == sel["held_back_tokens"]
+    cands = sel["candidates"]
+    assert all(len(c["check_window_nll"]) == len(c["window_nll"]) for c in cands.values())
+    assert cands["0.0"]["check_nll"] != cands["0.0"]["held_back_nll"]
+    want, _ = pick_auto_candidate({c: v["window_nll"] for c, v in cands.items()}, cfg.alpha_margin,
+                                  {c: v["check_window_nll"] for c, v in cands.items()})
+    assert sel["chosen"] == want and "check_gain" in cands["sample"]
