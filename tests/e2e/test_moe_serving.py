@@ -130,18 +130,22 @@ def test_fp32_matches_dequantized_reference(served):
     assert "rcsr: experts model.layers.1.block_sparse_moe.experts -> kernel native_cpu (4 experts, 4-bit, group 32" in log
 
 
-def test_bf16_close_to_reference(served):
-    """bf16 on the native kernel: it multiplies bf16 activations with the exact fp32 weights, while the
-    reference runs vLLM's MoE on bf16-rounded dequantized weights, so on this random model (flat logits)
-    greedy continuations may part after a near tie.  The prompt logprobs (teacher-forced on the same
-    tokens) must agree to bf16 accuracy, and so must the first generated token."""
+def test_bf16_as_close_to_fp32_as_vllms_own_bf16(served):
+    """bf16 on the native kernel multiplies bf16 activations with the exact weights; vLLM's own bf16 run of
+    the dequantized reference rounds the weights to bf16.  On this random model (flat logits) greedy
+    continuations part after near ties, so the check is teacher-forced: the prompt logprobs of the native
+    bf16 run must be about as close to the fp32 reference's as vLLM's own bf16 run is (and the first
+    generated token the same)."""
     out, log = served
-    worst = 0.0
-    for i, (g, e) in enumerate(zip(out["qwen3-q-bf16"], out["qwen3-ref-bf16"], strict=True)):
+
+    def err(key):
+        return max(abs(a - b) for g, e in zip(out[key], out["qwen3-ref-fp32"], strict=True)
+                   for a, b in zip(g["plp"], e["plp"], strict=True))
+    ours, vllms = err("qwen3-q-bf16"), err("qwen3-ref-bf16")
+    print(f"qwen3 bf16: max |delta prompt logprob| vs fp32: native {ours:.3f}, vLLM bf16 reference {vllms:.3f}")
+    assert ours <= 1.5 * vllms + 0.02
+    for i, (g, e) in enumerate(zip(out["qwen3-q-bf16"], out["qwen3-ref-fp32"], strict=True)):
         assert g["tokens"][0] == e["tokens"][0], f"prompt {i}: first greedy token {g['tokens'][0]} vs {e['tokens'][0]}"
-        worst = max([worst] + [abs(a - b) for a, b in zip(g["plp"], e["plp"], strict=True)])
-    print(f"qwen3 bf16: max |delta prompt logprob| {worst:.2e}")
-    assert worst < 0.1
     assert "rcsr: experts model.layers.0.mlp.experts -> kernel native_cpu (4 experts, 4-bit, group 32, asym, " \
            "act_order dynamic, bfloat16)" in log
 
