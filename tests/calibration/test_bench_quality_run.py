@@ -1,18 +1,12 @@
 """tools/bench_quality.py end to end on a tiny model: rows, --extra-eval, resume."""
-import importlib.util
 import json
-from pathlib import Path
 
 from click.testing import CliRunner
-
-ROOT = Path(__file__).resolve().parents[2]
+from tool_support import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_quality")
 
 
 def test_rows_and_extra_eval(tmp_path, tiny_llama_dir, text_file):

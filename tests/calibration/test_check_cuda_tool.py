@@ -1,19 +1,13 @@
 """tools/check_cuda.py: the CUDA-vs-CPU quantizer check (its GPU half runs on a lent GPU only)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-
-ROOT = Path(__file__).resolve().parents[2]
+from tool_support import load_tool
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("check_cuda", ROOT / "tools" / "check_cuda.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("check_cuda")
 
 
 def test_without_cuda_exits_2(monkeypatch):

@@ -14,9 +14,7 @@ if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module (and its triton.jit) is imported
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +25,8 @@ from rcsr_deploy.errors import RcsrError
 from rcsr_deploy.grid import QuantSpec, dequantize
 from rcsr_deploy.packing import pack_codes, unpack_codes
 from vllm_plugin.kernels import triton_wna16 as tw
+from tool_support import load_tool
 
-ROOT = Path(__file__).resolve().parents[2]
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, -1)
 IN_FOR_GROUP = {32: 96, 64: 128, 128: 256, -1: 64}   # 96 with g32: K is not a multiple of BLOCK_K=64
@@ -288,10 +286,7 @@ def test_matmul_rejects():
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "tools" / "bench_kernels.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_kernels")
 
 
 @INTERPRETER_ONLY

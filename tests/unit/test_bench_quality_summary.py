@@ -1,16 +1,11 @@
 """The quality benchmark's markdown summary (tools/bench_quality.py --summary), on synthetic rows."""
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tool_support import load_tool
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_quality")
 
 
 def _row(setting, method, seed, ppl, n=32, L=512, blocks="", alpha=None, secs=10.0):
