@@ -13,7 +13,8 @@ Kinds of parameters (``kind`` in the report):
 * ``router``     -- MoE router / gate weights (``mlp.gate``, ``mlp.router``, ``shared_expert_gate``): left out
 * ``embedding``  -- input embeddings: left out unless quantized as a tied head's table (``--lm-head``)
 * ``lm_head``    -- the output head: left out unless ``--lm-head``
-* ``norm/bias``  -- 1-D parameters (norm weights, biases, e.g. ``e_score_correction_bias``): not matmuls
+* ``norm/bias``  -- 1-D parameters (norm weights, biases, e.g. ``e_score_correction_bias``) and the 2-D
+  per-expert biases of fused experts (GPT-OSS's ``gate_up_proj_bias [E, 2I]``): added, not multiplied
 * ``other``      -- any other >= 2-D float parameter: an unknown matmul weight, never silently skipped
 
 The plan is a list of names: module names of linears (``model.layers.0.self_attn.q_proj``), per-expert
@@ -71,7 +72,7 @@ def _classify(model: nn.Module) -> dict[str, tuple[str, nn.Module, str]]:
                 continue
             seen.add(id(p))   # a tied parameter is counted once, under its first name
             full = f"{mod_name}.{pname}" if mod_name else pname
-            if p.dim() < 2:
+            if p.dim() < 2 or (id(mod) in experts and pname.endswith("_bias")):
                 kind = "norm/bias"
             elif id(mod) in heads:
                 kind = "lm_head"
@@ -106,7 +107,7 @@ def coverage_report(model: nn.Module, plan: Iterable[str], *, lm_head: bool = Fa
     if any(k == "experts" for k, _, _ in classes.values()):
         try:
             slots = moe_format.expert_slots(model)
-        except RcsrError:  # a fused layout the format cannot store (GPT-OSS): its experts stay uncovered
+        except RcsrError:  # a fused layout the format cannot store (no gate): its experts stay uncovered
             slots = {}
     per_param_q: dict[str, int] = {}
     unknown = []

@@ -211,7 +211,13 @@ def _linear_modules(ckpt_dir: Path) -> tuple[list[str], set[str], set[str]]:
         if m is not None and (m is head or m is emb):
             heads.add(n)
     names = moe_format.hub_names(getattr(config, "model_type", None))   # module names -> names on disk
-    experts = {names.to_hub(n) for n in moe_format.expert_slots(model)}
+    slots = moe_format.expert_slots(model)
+    fused = {s.param for s in slots.values() if s.transposed or s.step != 1}
+    if fused:  # GPT-OSS: the hub and vLLM's loader know only its fused, transposed, interleaved tensors
+        raise RcsrError(f"{ckpt_dir}: {type(model).__name__} stores its experts fused in its own layout "
+                        f"({sorted(fused, key=natural_key)[0]} ...); stock GPTQ / compressed-tensors readers have no "
+                        "per-expert names for them, so this checkpoint is not exported")
+    experts = {names.to_hub(n) for n in slots}
     return [names.to_hub(n) for n in linears], {names.to_hub(n) for n in heads}, experts
 
 

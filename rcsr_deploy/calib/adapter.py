@@ -46,49 +46,59 @@ def linear_modules(block: nn.Module) -> dict[str, nn.Linear]:
 
 @dataclass
 class ExpertsModule:
-    """Fused Mixture-of-Experts weights as transformers 5 stores them (Qwen2/3-MoE, Mixtral, OLMoE,
-    DeepSeek-V3): ``gate_up_proj [E, 2I, H]`` (gate rows first) and ``down_proj [E, H, I]``, called as
-    ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``.
+    """Fused Mixture-of-Experts weights as transformers 5 stores them, called as
+    ``experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])``: ``gate_up_proj [E, 2I, H]`` (gate rows
+    first) and ``down_proj [E, H, I]`` (Qwen2/3-MoE, Mixtral, OLMoE, DeepSeek-V3), or any layout
+    ``moe_format.expert_layout`` reads (GPT-OSS: transposed, gate/up interleaved, biases).
 
     Each expert ``e`` is quantized as three matrices named like the hub's per-expert linears
     (``<name>.<e>.gate_proj`` ``[I, H]``, ``.up_proj`` ``[I, H]``, ``.down_proj`` ``[H, I]``)."""
 
     name: str
     module: nn.Module
+    layout: moe_format.ExpertLayout
 
     @property
     def num_experts(self) -> int:
-        return int(self.module.gate_up_proj.shape[0])
+        return self.layout.num_experts
 
     @property
     def intermediate(self) -> int:
-        return int(self.module.down_proj.shape[2])
+        return self.layout.intermediate
 
     def matrix_names(self, e: int) -> dict[str, str]:
         return {p: f"{self.name}.{e}.{p}" for p in moe_format.PROJ_NAMES}
 
     def weight(self, e: int, part: str) -> torch.Tensor:
         """A view of expert ``e``'s ``gate_proj`` / ``up_proj`` / ``down_proj`` matrix ``[out, in]``."""
-        i = self.intermediate
-        if part == "gate_proj":
-            return self.module.gate_up_proj.data[e, :i]
-        if part == "up_proj":
-            return self.module.gate_up_proj.data[e, i:]
-        return self.module.down_proj.data[e]
+        slot = self.layout.slot(self.name, e, part)
+        return slot.view(getattr(self.module, slot.param.rpartition(".")[2]).data)
+
+    def down_input(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s ``down_proj`` input for its tokens ``x [T, H]``, with the module's current
+        (FP or just-quantized) gate/up weights and biases and its own gating (``act(gate) * up``, or
+        GPT-OSS's clamped SwiGLU) -- what the module's forward computes."""
+        m, lay = self.module, self.layout
+        if not lay.transposed and not lay.interleaved and not lay.biases and callable(getattr(m, "act_fn", None)):
+            return m.act_fn(x @ self.weight(e, "gate_proj").t()) * (x @ self.weight(e, "up_proj").t())
+        w = m.gate_up_proj.data[e]
+        gu = x @ w if lay.transposed else x @ w.t()
+        if "gate_up_proj_bias" in lay.biases:
+            gu = gu + m.gate_up_proj_bias.data[e]
+        return m._apply_gate(gu)
 
 
 def experts_modules(block: nn.Module) -> dict[str, ExpertsModule]:
-    """The block's fused expert modules of the supported layout (``moe_format``; see :class:`ExpertsModule`).
-    Other layouts (GPT-OSS: transposed, interleaved, with biases) are left to the coverage guard, which
-    names them."""
+    """The block's fused expert modules of a layout ``moe_format`` reads (see :class:`ExpertsModule`).
+    Others (e.g. experts without a gate) are left to the coverage guard, which names them."""
     out = {}
     for name, m in moe_format.experts_modules(block).items():
         try:
-            moe_format.expert_layout(name, m)
+            layout = moe_format.expert_layout(name, m)
         except RcsrError:
             continue
-        if callable(getattr(m, "act_fn", None)):
-            out[name] = ExpertsModule(name, m)
+        if callable(getattr(m, "act_fn", None)) or callable(getattr(m, "_apply_gate", None)):
+            out[name] = ExpertsModule(name, m, layout)
     return out
 
 

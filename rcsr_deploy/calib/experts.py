@@ -11,7 +11,8 @@ For one fused experts module (``adapter.ExpertsModule``) of a block, after the b
    as for a dense layer's gate/up) and written back dequantized.
 2. **down.**  The same tokens again: the quantized path's input of ``down_proj[e]`` is
    ``act(X̃ G̃ᵀ) ⊙ (X̃ Ũᵀ)`` with the just-quantized gate/up, the FP path's ``act(X Gᵀ) ⊙ (X Uᵀ)`` with the
-   FP ones; ``down_proj[e]`` is quantized on those.
+   FP ones (with the module's own biases and gating where it has them: GPT-OSS's clamped SwiGLU);
+   ``down_proj[e]`` is quantized on those.
 
 **Experts with few routed tokens.**  ``H_e`` from a handful of tokens is rank-deficient: the damping
 dominates it and the solver would "protect" a few directions at random.  An expert with fewer than
@@ -126,18 +127,13 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
             full = f"{prefix}.{i}.{ex.matrix_names(e)[part]}"
             if bar is not None:
                 bar.set_postfix_str(ex.matrix_names(e)[part])
-            out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float(), st, cfg, full)
+            out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float().contiguous(), st, cfg, full)
             write_back(ex.weight(e, part), r)
         del st
     n_tokens = stats_all.tokens
     del stats, stats_all
 
     # 2. the same tokens through the (quantized / FP) gate and up -> H_e, D_e of down
-    act_q, act_f = ex.module.act_fn, (fp_ex.module.act_fn if fp_ex is not None else None)
-
-    def mlp_in(x, ex_, e, act):
-        return act(x @ ex_.weight(e, "gate_proj").t()) * (x @ ex_.weight(e, "up_proj").t())
-
     dstats = [LayerStats(inter, device, with_d, holdout=held is not None) for _ in range(n_exp)]
     with torch.inference_mode():
         for b0, seq_len, xq, xf, idx in _experts_inputs(block, fp_block, ex, fp_ex, streams, i):
@@ -149,8 +145,8 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
                     torch.isin(idx, torch.tensor(sources, device=idx.device)).any(-1).nonzero().flatten()
                 if not rows.numel():
                     continue
-                hq = mlp_in(xq[rows], ex, e, act_q)
-                hf = mlp_in(xf[rows], fp_ex, e, act_f) if xf is not None else None
+                hq = ex.down_input(xq[rows], e)
+                hf = fp_ex.down_input(xf[rows], e) if xf is not None else None
                 dstats[e].add(hq.unsqueeze(1), None if hf is None else hf.unsqueeze(1),
                               dx_scale=_token_alphas(alphas, b0, seq_len, rows),
                               held_out=_token_held_out(held, b0, seq_len, rows))
@@ -160,7 +156,7 @@ def calibrate_experts(block, fp_block, i: int, name: str, streams, cfg: Quantize
         if bar is not None:
             bar.set_postfix_str(ex.matrix_names(e)[part])
         st = None if plan[e] == "rtn" else dstats[e]
-        out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float(), st, cfg, full)
+        out[ex.matrix_names(e)[part]] = r = _quantize(ex.weight(e, part).float().contiguous(), st, cfg, full)
         write_back(ex.weight(e, part), r)
         dstats[e] = None
     for e in range(n_exp):

@@ -231,14 +231,20 @@ def test_quantize_moe_checkpoint_end_to_end(family, tokenizer, text_file, tmp_pa
     assert n and torch.isfinite(model(torch.tensor([[1, 5, 9, 30]])).logits).all()
 
 
-def test_coverage_guard_refuses_an_unsupported_expert_layout(tokenizer, text_file, tmp_path):
-    """GPT-OSS stores its experts transposed, interleaved and with biases: the quantizer cannot take them,
-    so ``rcsr quantize`` stops before calibrating with one line naming the uncovered weights."""
+def test_coverage_guard_refuses_an_unsupported_expert_layout(tokenizer, text_file, tmp_path, monkeypatch):
+    """Experts in a layout the format cannot read (here: every layout, as if transformers had added a new
+    one) are not calibrated, so ``rcsr quantize`` stops before calibrating with one line naming the
+    uncovered weights."""
+    from rcsr_deploy import moe_format
     from rcsr_deploy.errors import RcsrError
     from rcsr_deploy.pipeline import quantize_to_checkpoint
 
+    def unknown(name, mod):
+        raise RcsrError(f"{name}: unknown layout")
+
+    monkeypatch.setattr(moe_format, "expert_layout", unknown)
     src = tmp_path / "fp"
-    tiny_moe("gpt_oss", vocab_size=len(tokenizer)).save_pretrained(src)
+    tiny_moe("qwen3_moe", vocab_size=len(tokenizer)).save_pretrained(src)
     tokenizer.save_pretrained(src)
     with pytest.raises(RcsrError, match=r"coverage: weights neither quantized nor left out by name -- .*experts") as e:
         quantize_to_checkpoint(str(src), tmp_path / "q", _cfg(text_file), device="cpu", progress=False)

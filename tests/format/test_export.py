@@ -523,3 +523,16 @@ def test_moe_exports_every_expert(tmp_path, family, bits, gs, sym, act_order):
     assert any(".gate.weight" in k for k in plain)
     for k in plain:
         assert torch.equal(t[k], st[k]), k
+
+
+def test_gpt_oss_export_is_refused_in_one_line(tmp_path):
+    """GPT-OSS's experts have no per-expert names in the stock formats (vLLM's GPT-OSS loader reads its
+    own fused tensors): the export stops with one line and writes nothing."""
+    from factories import tiny_moe, write_moe_checkpoint
+
+    src = write_moe_checkpoint(tiny_moe("gpt_oss"), tmp_path / "src", bits=4, group_size=32, sym=True,
+                               act_order="static")
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(RcsrError, match=r"GptOssForCausalLM stores its experts fused in its own layout") as e:
+            export_checkpoint(src, tmp_path / fmt, fmt)
+        assert "\n" not in str(e.value) and not (tmp_path / fmt).exists()

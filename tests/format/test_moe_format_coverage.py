@@ -14,7 +14,7 @@ from rcsr_deploy.checkpoint import load_fake_quant_model, load_quantized_tensors
 from rcsr_deploy.errors import RcsrError
 from rcsr_deploy.format import QUANT_SUFFIXES, QuantConfig
 
-STORABLE = [f for f in MOE_FAMILIES if f != "gpt_oss"]
+STORABLE = list(MOE_FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +103,51 @@ def test_unsupported_3d_weight_is_refused():
     assert rep["kinds"]["norm/bias"]["left_out"]["norm.weight"].startswith("norm")
 
 
-def test_gpt_oss_experts_are_reported_not_crashing(models):
+def test_gpt_oss_slices_reproduce_the_experts_forward(models):
+    """GPT-OSS stores experts transposed ``[E, H, 2I]`` with gate/up interleaved and biases: the per-expert
+    ``[out, in]`` views, with the biases and the module's clamped SwiGLU, give the module's own output."""
     model = models["gpt_oss"]
-    with pytest.raises(RcsrError, match=r"experts weight\(s\).*model.layers.0.mlp.experts.gate_up_proj"):
-        coverage.coverage_report(model, coverage.linear_only_plan(model))
-    with pytest.raises(RcsrError, match="transposed / with biases"):
-        moe_format.expert_slots(model)
+    mod = model.model.layers[0].mlp.experts
+    lay = moe_format.expert_layout("mlp.experts", mod)
+    assert (lay.transposed, lay.interleaved, lay.biases) == (True, True, ("gate_up_proj_bias", "down_proj_bias"))
+    assert (lay.num_experts, lay.intermediate, lay.hidden) == (4, 96, 64)
+    ws = moe_format.expert_weights(model)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(0))
+    idx = torch.tensor([[0, 2], [1, 3], [2, 0], [3, 1], [0, 1], [2, 3], [1, 2]])
+    wts = torch.rand(7, 2, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = mod(x, idx, wts)
+        out = torch.zeros_like(x)
+        for t in range(7):
+            for k in range(2):
+                e = int(idx[t, k])
+                p = f"model.layers.0.mlp.experts.{e}."
+                G, U, D = ws[p + "gate_proj"], ws[p + "up_proj"], ws[p + "down_proj"]
+                assert G.shape == U.shape == (96, 64) and D.shape == (64, 96)
+                b = mod.gate_up_proj_bias[e]
+                g = (x[t] @ G.t() + b[0::2]).clamp(max=mod.limit)
+                u = (x[t] @ U.t() + b[1::2]).clamp(-mod.limit, mod.limit)
+                h = (u + 1) * g * torch.sigmoid(g * mod.alpha)
+                out[t] += wts[t, k] * (h @ D.t() + mod.down_proj_bias[e])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the views write through to the fused tensors (fake-quant loading and the quantizer's write-back)
+    s = moe_format.expert_slots(model)["model.layers.0.mlp.experts.2.up_proj"]
+    t = mod.gate_up_proj.detach().clone()
+    s.view(t).fill_(7.0)
+    assert (t[2, :, 1::2] == 7).all() and (t[2, :, 0::2] == mod.gate_up_proj[2, :, 0::2]).all()
+    assert torch.equal(t[[0, 1, 3]], mod.gate_up_proj.detach()[[0, 1, 3]])
+
+
+def test_gateless_experts_are_refused(models):
+    mod = models["qwen3_moe"].model.layers[0].mlp.experts
+    mod.has_gate = False
+    try:
+        with pytest.raises(RcsrError, match="without a gate projection"):
+            moe_format.expert_layout("mlp.experts", mod)
+        with pytest.raises(RcsrError, match=r"experts weight\(s\).*model.layers.0.mlp.experts.gate_up_proj"):
+            coverage.coverage_report(models["qwen3_moe"], coverage.linear_only_plan(models["qwen3_moe"]))
+    finally:
+        mod.has_gate = True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +197,9 @@ def test_checkpoint_roundtrip_and_fake_quant(models, family, tmp_path):
         hub_keys = set(f.keys())
     listed = QuantConfig.read(ck).quantized_modules
     plain = {k for k in keys if not (k.rpartition(".")[0] in set(listed) and k.rpartition(".")[2] in QUANT_SUFFIXES)}
+    fused = {k for k in hub_keys if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    if fused:  # hubs that store the experts fused (GPT-OSS): the per-expert projections replace them
+        hub_keys = (hub_keys - fused) | {f"{names.to_hub(n)}.weight" for n in slots}
     assert plain | {f"{m}.weight" for m in listed} == hub_keys
     if family == "mixtral":  # vLLM's Mixtral loader reads block_sparse_moe.experts.<e>.w1 / w3 / w2
         assert "model.layers.0.block_sparse_moe.experts.3.w3.qweight" in keys
