@@ -174,20 +174,20 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict]] = {
 #: CPU MLA runs only that latent size, 576).  It is not in CI because vLLM's CPU MLA is not run-to-run
 #: deterministic on it: loading the *same unquantized* checkpoint twice in one process gave logprobs 0.125
 #: apart (and once different greedy tokens), so no exact comparison with a reference can hold; when the
-#: two runs agree, the quantized model matches its reference within 1.9e-6.  Not served: gpt_oss (vLLM's
-#: GPT-OSS loader streams only its own expert tensor names; the plugin refuses experts with biases).
-VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe")
+#: two runs agree, the quantized model matches its reference within 1.9e-6.  gpt_oss: served through the
+#: plugin's wrapper of vLLM's GPT-OSS loader (tests/e2e/test_moe_serving.py).
+VLLM_SERVABLE = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe", "gpt_oss")
 #: families whose fused experts the quantizer calibrates (all: GPT-OSS's transposed, interleaved layout with
 #: biases included, see moe_format.ExpertLayout)
 QUANTIZABLE_MOE = tuple(MOE_FAMILIES)
 
 
-def tiny_moe(family: str, vocab_size: int = 512, seed: int = 0):
-    """A tiny random fp32 MoE causal LM (eval mode)."""
+def tiny_moe(family: str, vocab_size: int = 512, seed: int = 0, **overrides):
+    """A tiny random fp32 MoE causal LM (eval mode); ``overrides`` change its config."""
     import transformers
 
     cfg_cls, model_cls, extra = MOE_FAMILIES[family]
-    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **{**_COMMON, **extra})
+    cfg = getattr(transformers, cfg_cls)(vocab_size=vocab_size, **{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg).to(torch.float32).eval()
     with torch.no_grad():  # transformers 5 initialises some expert tensors to zeros / ones: make them random

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -16,6 +17,10 @@ from .errors import RcsrPluginError
 _QKV = ("q", "k", "v")
 #: last name component of input-embedding modules across HF architectures
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
+#: ``<experts module>.<e>.<projection>``: a routed expert's projection (format_version 3)
+_EXPERT_PROJ = re.compile(r"^(.*\.experts)(\.\d+\.(?:gate_proj|up_proj|down_proj|w1|w2|w3))$")
 
 
 def parse_quant_config(config: dict[str, Any]) -> QuantConfig:
@@ -82,11 +87,23 @@ class RcsrConfig(QuantizationConfig):
         return view
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        """Follow the model's HF -> vLLM module renames (fused names are handled per layer)."""
-        self.quantized_modules = hf_to_vllm_mapper.apply_list(self.quantized_modules)
+        """Follow the model's HF -> vLLM module renames (fused names are handled per layer).
+
+        A routed expert's projection ``<experts>.<e>.<proj>`` is our name, not a tensor of the model: only its
+        ``<experts>`` module name is mapped (GPT-OSS's mapper renames the *tensor* suffix ``.down_proj`` to
+        ``.w2_weight``, which must not turn ``experts.3.down_proj`` into ``experts.3.w2_weight``)."""
+        def one(name: str) -> str | None:
+            m = _EXPERT_PROJ.match(name)
+            if m is None:
+                out = hf_to_vllm_mapper.apply_list([name])
+                return out[0] if out else None
+            head = hf_to_vllm_mapper.apply_list([m.group(1)])
+            return f"{head[0]}{m.group(2)}" if head else None
+
+        self.quantized_modules = [n for n in map(one, self.quantized_modules) if n is not None]
         self._quantized = set(self.quantized_modules)
         if self.module_grids:
-            self.module_grids = hf_to_vllm_mapper.apply_dict(self.module_grids)
+            self.module_grids = {k2: v for k, v in self.module_grids.items() if (k2 := one(k)) is not None}
 
     @staticmethod
     def get_checkpoint_weight_mapper():

@@ -11,6 +11,11 @@ w1 (gate) / w3 (up) / w2 (down) and the expert id:
 * ``w13_group_index`` int32 ``[E, 2, H]`` (one row per shard)  ``w2_group_index`` int32 ``[E, 1, I]``
   (dynamic act order only)
 
+Experts with biases (GPT-OSS): ``w13_bias [E, 2I]`` and ``w2_bias [E, H]`` in the activation dtype, loaded by
+the model's own loader (GPT-OSS: interleaved gate/up for its ``swigluoai`` activation, de-interleaved here
+into this module's gate-then-up order); GPT-OSS's loader does not route per-expert tensors, so
+:func:`_install_gpt_oss_loader` wraps it to hand ours to these parameters' loaders.
+
 Packing is along the input dim, so tensor parallelism splits w13 along its output rows (gate and up
 each keep their rank's ``I/TP`` rows) and w2 along its packed input words / groups -- exactly what
 vLLM's own ``RoutedExperts.weight_loader`` does for ``quant_method="group"`` parameters, which loads
@@ -39,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -87,8 +93,52 @@ def moe_quant_method(config, layer, prefix: str):
                 f"its {n} experts")
         raise RcsrPluginError(f"{hf}: quantized_modules lists {len(have & want)} of its {len(want)} expert "
                               f"projections ({what}); quantize all experts of a layer or none")
+    if type(layer).__name__ == "GptOssRoutedExperts":
+        _install_gpt_oss_loader()
     # mixed precision: the layer's experts (gate, up and down) are one layer for vLLM: one grid
     return RcsrMoEMethod(config.for_modules([m for d in listed.values() for m in d.values()]), moe, hf)
+
+
+#: a routed expert's quantized tensor on disk: ``<experts>.<e>.<proj>.<kind>``
+_EXPERT_TENSOR = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(qweight|scales|zeros|group_index)$")
+
+
+def _install_gpt_oss_loader() -> None:
+    """Wrap vLLM's ``GptOssModel.load_weights`` (once per process) so that an rcsr checkpoint's per-expert
+    tensors reach this module's parameters.  vLLM's GPT-OSS loader knows only its own fused expert tensors
+    and silently skips any other name; the wrapper hands ``<experts>.<e>.<proj>.<kind>`` to the parameter's
+    loader with the expert id and shard id (w1 / w3 / w2), as the other families' loaders do through
+    ``make_expert_params_mapping``, and passes every other tensor through unchanged."""
+    from vllm.model_executor.models import gpt_oss
+
+    orig = gpt_oss.GptOssModel.load_weights
+    if getattr(orig, "_rcsr_experts", False):
+        return
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+
+        def others():
+            for name, w in weights:
+                m = _EXPERT_TENSOR.match(name)
+                if m is None:
+                    yield name, w
+                    continue
+                stem = f"{'w2' if m.group(3) == 'down_proj' else 'w13'}_{m.group(4)}"
+                pname = next((p for p in (f"{m.group(1)}.routed_experts.{stem}", f"{m.group(1)}.{stem}")
+                              if p in params), None)
+                if pname is None:  # vLLM would drop it silently
+                    raise RcsrPluginError(f"{name}: no rcsr expert parameter {stem} in {m.group(1)} to load it into")
+                param = params[pname]
+                if param.weight_loader(param, w, pname, SHARD_IDS[m.group(3)], int(m.group(2)), return_success=True):
+                    loaded.add(pname)
+
+        return loaded | set(orig(self, others()))
+
+    load_weights._rcsr_experts = True
+    gpt_oss.GptOssModel.load_weights = load_weights
+    logger.info("rcsr: GPT-OSS loader routes the per-expert rcsr tensors to the experts' parameters")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,12 +147,20 @@ def moe_quant_method(config, layer, prefix: str):
 class ExpertsKernel(ABC):
     """Runtime form of one layer of quantized experts.  ``prepare`` gets the canonical per-expert tensors
     (``w13[e]``: gate and up stacked, ``spec13.shard_sizes == (I, I)``; ``w2[e]``), ``apply`` computes
-    ``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])`` with ``act(gate) * up`` in between."""
+    ``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])`` with ``act(gate) * up`` (or GPT-OSS's
+    ``swigluoai``) in between, and the experts' biases (``set_biases``) where they have them."""
 
     name: ClassVar[str] = "?"
+    supports_bias: ClassVar[bool] = True
 
     def __init__(self, spec13: LayerSpec, spec2: LayerSpec, num_experts: int):
         self.spec13, self.spec2, self.num_experts = spec13, spec2, num_experts
+        self.b13: torch.Tensor | None = None   # [E, 2I] fp32, gate block then up block
+        self.b2: torch.Tensor | None = None    # [E, H] fp32
+
+    def set_biases(self, b13: torch.Tensor | None, b2: torch.Tensor | None) -> None:
+        self.b13 = None if b13 is None else b13.float().contiguous()
+        self.b2 = None if b2 is None else b2.float().contiguous()
 
     @classmethod
     @abstractmethod
@@ -125,6 +183,18 @@ class ExpertsKernel(ABC):
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
+def _swigluoai(gate: torch.Tensor, up: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """GPT-OSS's gating (vLLM's ``swigluoai``, transformers' ``GptOssExperts._apply_gate``) on separate gate and
+    up blocks: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+#: ``gate, up -> expert hidden`` per vLLM activation name
+_GATES = {**{n: (lambda g, u, a=a: a(g) * u) for n, a in _ACTS.items()}, "swigluoai": _swigluoai}
+
+
 class DequantExperts(ExpertsKernel):
     """Per expert that received tokens: dequantize (shared scratch buffer) + dense GEMMs; exact in fp32."""
 
@@ -132,8 +202,8 @@ class DequantExperts(ExpertsKernel):
 
     @classmethod
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
-        if activation not in _ACTS:
-            return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
+        if activation not in _GATES:
+            return f"activation {activation!r} (supported: {', '.join(_GATES)})"
         return DequantKernel.unsupported_reason(spec13) or DequantKernel.unsupported_reason(spec2)
 
     def prepare(self, w13, w2) -> None:
@@ -149,12 +219,12 @@ class DequantExperts(ExpertsKernel):
         return sum(k.qz.numel() * k.qz.element_size() + k.s.numel() * 4 for k in self.k13 + self.k2)
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
-        act = _ACTS[activation]
+        gated = _GATES[activation]
         inter = self.spec13.shard_sizes[0]
         out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
         flat_ids = topk_ids.reshape(-1).long()
         order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()[:self.num_experts]  # id E: skip
         k = topk_ids.shape[1]
         start = 0
         for e, n in enumerate(counts):
@@ -168,8 +238,12 @@ class DequantExperts(ExpertsKernel):
             if apply_router_weight_on_input:
                 xe = (xe.float() * w).to(x.dtype)
             h = self.k13[e].apply(xe)
-            h = act(h[:, :inter]) * h[:, inter:]
+            if self.b13 is not None:
+                h = (h.float() + self.b13[e]).to(h.dtype)
+            h = gated(h[:, :inter], h[:, inter:])
             y = self.k2[e].apply(h).float()
+            if self.b2 is not None:
+                y = y + self.b2[e]
             out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
         return out.to(x.dtype)
 
@@ -182,6 +256,7 @@ class VllmCpuExperts(ExpertsKernel):
 
     name = "vllm_cpu"
     isa = "vec"
+    supports_bias = False
 
     @classmethod
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
@@ -223,6 +298,10 @@ class VllmCpuExperts(ExpertsKernel):
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
         from vllm._custom_ops import cpu_fused_moe
 
+        other = topk_ids == self.num_experts    # another rank's expert (expert parallelism): weight 0 on expert 0
+        if bool(other.any()):
+            topk_weights = topk_weights.masked_fill(other, 0)
+            topk_ids = topk_ids.masked_fill(other, 0)
         if apply_router_weight_on_input:  # as vLLM's prepare step does for topk == 1
             x = x * topk_weights.to(x.dtype)
         out = torch.empty(x.shape[0], self.spec2.out_features, dtype=x.dtype, device=x.device)
@@ -238,8 +317,8 @@ class NativeExperts(ExpertsKernel):
 
     @classmethod
     def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
-        if activation not in _ACTS:
-            return f"activation {activation!r} (supported: {', '.join(_ACTS)})"
+        if activation not in _GATES:
+            return f"activation {activation!r} (supported: {', '.join(_GATES)})"
         if spec13.dynamic and not (spec13.shared_group_index and spec2.shared_group_index):
             return "dynamic act order whose groups are not all of group_size columns"
         for spec in (spec13, spec2):  # what the dense native kernel takes, per expert matrix
@@ -271,12 +350,14 @@ class NativeExperts(ExpertsKernel):
                    for pw, perms in (*self.w13, self.w2))
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
-        act = _ACTS[activation]
+        gated = _GATES[activation]
         inter = self.spec13.shard_sizes[0]
         flat_ids = topk_ids.reshape(-1).long()
         order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
         offsets = torch.zeros(self.num_experts + 1, dtype=torch.int64)
-        torch.cumsum(torch.bincount(flat_ids, minlength=self.num_experts), 0, out=offsets[1:])
+        torch.cumsum(torch.bincount(flat_ids, minlength=self.num_experts)[:self.num_experts], 0, out=offsets[1:])
+        if int(offsets[-1]) < order.numel():                   # pairs with id E (another rank's expert): skip
+            order = order[:int(offsets[-1])]
         tok = order // topk_ids.shape[1]
         w = topk_weights.reshape(-1)[order].to(torch.float32).unsqueeze(1)
         xs = x.index_select(0, tok)
@@ -284,9 +365,14 @@ class NativeExperts(ExpertsKernel):
             xs = (xs.float() * w).to(x.dtype)
         parts = [pw.grouped(_permute_segments(xs, offsets, perms), offsets, self.isa) for pw, perms in self.w13]
         h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        h = (act(h[:, :inter]) * h[:, inter:]).contiguous()
+        eids = flat_ids[order] if self.b13 is not None or self.b2 is not None else None
+        if self.b13 is not None:
+            h = (h.float() + self.b13.index_select(0, eids)).to(h.dtype)
+        h = gated(h[:, :inter], h[:, inter:]).contiguous()
         pw2, perms2 = self.w2
         y = pw2.grouped(_permute_segments(h, offsets, perms2), offsets, self.isa).float()
+        if self.b2 is not None:
+            y = y + self.b2.index_select(0, eids)
         out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
         out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
         return out.to(x.dtype)
@@ -329,7 +415,7 @@ DEFAULT_MOE_ORDER = ("native_cpu", "vllm_cpu", "dequant")
 
 
 def select_experts_kernel(spec13: LayerSpec, spec2: LayerSpec, num_experts: int, activation: str,
-                          prefix: str = "") -> ExpertsKernel:
+                          prefix: str = "", has_bias: bool = False) -> ExpertsKernel:
     """The kernel for one layer of experts (unprepared); ``RCSR_MOE_KERNEL`` forces one."""
     forced = os.environ.get(ENV_MOE_KERNEL, "").strip()
     names = (forced,) if forced else DEFAULT_MOE_ORDER
@@ -340,6 +426,8 @@ def select_experts_kernel(spec13: LayerSpec, spec2: LayerSpec, num_experts: int,
             raise RcsrPluginError(f"{ENV_MOE_KERNEL}={forced!r} is not an experts kernel "
                                   f"(choose one of {', '.join(MOE_KERNELS)})")
         reason = cls.unsupported_reason(spec13, spec2, activation)
+        if reason is None and has_bias and not cls.supports_bias:
+            reason = "experts with biases"
         if reason is None:
             logger.info("rcsr: experts %s -> kernel %s (%d experts, %d-bit, group %d, %s, act_order %s, %s)",
                         prefix, name, num_experts, spec13.bits, spec13.group_size,
@@ -375,8 +463,6 @@ class RcsrMoEMethod(FusedMoEMethodBase):
         if cfg.act_order == "dynamic" and tp > 1:
             raise RcsrPluginError(f"{where}: dynamic act order cannot be split for tensor parallelism "
                                   f"(down_proj is row-parallel); serve with TP 1")
-        if getattr(self.moe, "has_bias", False):
-            raise RcsrPluginError(f"{where}: experts with biases are not supported")
         E = int(num_experts)
         g13 = 1 if gs == -1 else H // gs
         g2 = 1 if gs == -1 else inter // gs
@@ -396,6 +482,11 @@ class RcsrMoEMethod(FusedMoEMethodBase):
             layer.register_parameter(name, p)
             set_weight_attrs(p, {"quant_method": "group", "is_transposed": False,
                                  "weight_loader": self._checked_loader(layer, kind, weight_loader)})
+        if getattr(self.moe, "has_bias", False):   # full precision, loaded by the model's own loader
+            for name, shape in (("w13_bias", (E, 2 * inter)), ("w2_bias", (E, H))):
+                p = torch.nn.Parameter(torch.zeros(shape, dtype=params_dtype), requires_grad=False)
+                layer.register_parameter(name, p)
+                set_weight_attrs(p, {"weight_loader": weight_loader})
 
     def expected_shape(self, layer, kind: str, shard_id: str) -> tuple[int, ...]:
         """Full (pre-TP) on-disk shape of one expert's ``<proj>.<kind>``."""
@@ -431,7 +522,7 @@ class RcsrMoEMethod(FusedMoEMethodBase):
                 ok = inner(param, loaded_weight, weight_name, shard_id, expert_id, return_success=True)
                 ok = True if ok is None else bool(ok)
             if ok:
-                layer.rcsr_loaded.add((expert_id, shard_id, kind))
+                layer.rcsr_loaded.add((local, shard_id, kind))
             return ok if return_success else None
 
         return loader
@@ -440,14 +531,18 @@ class RcsrMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         cfg = self.config
         E, H, inter, _ = layer.rcsr_dims
-        if layer.expert_map is not None:
-            raise RcsrPluginError(f"{self.hf_prefix}: expert parallelism is not supported by the rcsr plugin")
+        # expert parallelism: this rank holds E local experts; global_ids[local] is each one's id in the model
+        emap = layer.expert_map
+        global_ids = list(range(E)) if emap is None else (emap >= 0).nonzero().flatten().tolist()
+        if len(global_ids) != E:
+            raise RcsrPluginError(f"{self.hf_prefix}: the expert map places {len(global_ids)} experts on this rank, "
+                                  f"the layer was built for {E}")
         kinds = [k for k in ("qweight", "scales", "zeros", "group_index") if hasattr(layer, f"w13_{k}")]
         from .linear import _load_format
 
         if _load_format() != "dummy":
-            missing = [f"{self.hf_prefix}.{e}.{_SHARD_PROJ[s]}.{k}" for e in range(E) for s in ("w1", "w3", "w2")
-                       for k in kinds if (e, s, k) not in layer.rcsr_loaded]
+            missing = [f"{self.hf_prefix}.{global_ids[e]}.{_SHARD_PROJ[s]}.{k}" for e in range(E)
+                       for s in ("w1", "w3", "w2") for k in kinds if (e, s, k) not in layer.rcsr_loaded]
             if missing:
                 more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
                 raise RcsrPluginError(f"{missing[0]} is missing from the checkpoint{more}; the experts are listed in "
@@ -475,7 +570,13 @@ class RcsrMoEMethod(FusedMoEMethodBase):
             spec13 = dataclasses.replace(spec13, shared_group_index=ok13)
             spec2 = dataclasses.replace(spec2, shared_group_index=ok2)
         activation = getattr(layer.activation, "value", str(layer.activation))
-        kernel = select_experts_kernel(spec13, spec2, E, activation, self.hf_prefix)
+        has_bias = hasattr(layer, "w13_bias")
+        kernel = select_experts_kernel(spec13, spec2, E, activation, self.hf_prefix, has_bias)
+        if has_bias:
+            b13 = layer.w13_bias.data
+            if activation == "swigluoai":  # vLLM's swigluoai convention: gate/up interleaved in w13
+                b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], 1)
+            kernel.set_biases(b13, layer.w2_bias.data)
 
         def qw(stem: str, e: int) -> QuantWeights:
             g = getattr(layer, f"{stem}_group_index", None)
@@ -497,5 +598,13 @@ class RcsrMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
               shared_experts=None, shared_experts_input=None) -> torch.Tensor:
+        """``topk_ids`` are the model's (global) expert ids.  Under expert parallelism vLLM's ``expert_map``
+        turns them into this rank's local ids, ``-1`` for experts held elsewhere: those (token, slot) pairs
+        get the id ``E`` (one past the last local expert), which every kernel skips, and this rank returns
+        its experts' share of the sum (vLLM all-reduces the ranks' shares)."""
+        emap = layer.expert_map
+        if emap is not None:
+            local = emap.index_select(0, topk_ids.reshape(-1).long()).reshape(topk_ids.shape)
+            topk_ids = torch.where(local >= 0, local, layer.rcsr_experts.num_experts).to(topk_ids.dtype)
         return layer.rcsr_experts.apply(x, topk_weights, topk_ids, activation=layer.rcsr_activation,
                                         apply_router_weight_on_input=bool(layer.apply_router_weight_on_input))

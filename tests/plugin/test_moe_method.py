@@ -47,7 +47,10 @@ def vllm_like_loader(param, loaded, weight_name, shard_id, expert_id, return_suc
     return True if return_success else None
 
 
-def load_layer(ckpt: Path, layer_idx: int, act_dtype=torch.float32, drop: str | None = None):
+def load_layer(ckpt: Path, layer_idx: int, act_dtype=torch.float32, drop: str | None = None,
+               activation: str = "silu", bias: bool = False):
+    """One layer of experts through RcsrMoEMethod, loaded as vLLM would (``bias``: GPT-OSS, whose loader copies
+    ``gate_up_proj_bias`` -- gate/up interleaved -- and ``down_proj_bias`` into w13_bias / w2_bias)."""
     from safetensors.torch import load_file
 
     from vllm_plugin.config import RcsrConfig
@@ -57,13 +60,16 @@ def load_layer(ckpt: Path, layer_idx: int, act_dtype=torch.float32, drop: str | 
     cfg = RcsrConfig.from_config(qc)
     hf = f"model.layers.{layer_idx}.mlp.experts"
     E = 4
-    moe = SimpleNamespace(tp_size=1, has_bias=False, num_experts=E)
+    moe = SimpleNamespace(tp_size=1, has_bias=bias, num_experts=E)
     method = RcsrMoEMethod(cfg, moe, hf)
-    layer = FakeExpertsLayer()
+    layer = FakeExpertsLayer(activation)
     method.create_weights(layer, E, 64, 96, act_dtype, weight_loader=vllm_like_loader)
     tensors = load_file(str(ckpt / "model.safetensors"))
     for name, t in tensors.items():
         if not name.startswith(hf + ".") or name == drop:
+            continue
+        if name.endswith("_bias"):
+            getattr(layer, "w13_bias" if name.endswith("gate_up_proj_bias") else "w2_bias").data.copy_(t)
             continue
         e, proj, kind = name[len(hf) + 1:].split(".")
         stem = "w2" if proj == "down_proj" else "w13"
@@ -120,6 +126,47 @@ def test_experts_match_transformers_on_dequantized_weights(moe_ckpts, key, kerne
         assert n_weights * bits / 8 <= layer.rcsr_experts.nbytes() <= n_weights * (bits / 8 + 0.2)
     else:
         assert layer.rcsr_experts.nbytes() >= (4 if kernel == "vllm_cpu" else 1) * n_weights
+
+
+@pytest.mark.parametrize("kernel", ["native_cpu", "dequant"])
+def test_gpt_oss_experts_with_biases_and_swigluoai(kernel, tmp_path, monkeypatch):
+    """GPT-OSS: transposed, interleaved experts with biases and the clamped SwiGLU (vLLM's ``swigluoai``).
+    fp32 output equals transformers' GptOssExperts on the fake-quant weights; vllm_cpu refuses the layer."""
+    monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
+    model = tiny_moe("gpt_oss")
+    ck = write_moe_checkpoint(model, tmp_path / "ck", bits=4, group_size=32, sym=False, act_order="dynamic")
+    fq, _ = load_fake_quant_model(ck)
+    for layer_idx in (0, 1):
+        method, layer = load_layer(ck, layer_idx, activation="swigluoai", bias=True)
+        ref = fq.model.layers[layer_idx].mlp.experts
+        gen = torch.Generator().manual_seed(layer_idx)
+        x = 8 * torch.randn(23, 64, generator=gen)   # large enough that the clamp at +-7 acts
+        w, ids = torch.topk(torch.softmax(torch.randn(23, 4, generator=gen), -1), 2, dim=-1)
+        with torch.no_grad():
+            want = ref(x, ids, w)
+            h = x @ ref.gate_up_proj[0] + ref.gate_up_proj_bias[0]
+        assert (h.abs() > 7).any(), "the test does not reach the clamp"
+        torch.testing.assert_close(method.apply(layer, x, w, ids.to(torch.int32)), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "vllm_cpu")
+    with pytest.raises(RcsrPluginError, match=r"vllm_cpu: activation 'swigluoai'"):
+        load_layer(ck, 0, activation="swigluoai", bias=True)
+
+
+def test_expert_names_survive_gpt_oss_weights_mapper():
+    """GPT-OSS's HF -> vLLM mapper renames the tensor suffix ``.down_proj`` to ``.w2_weight``; our per-expert
+    module names keep their projection names (only the experts module's name is mapped)."""
+    from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
+
+    from vllm_plugin.config import RcsrConfig
+
+    qc = {"quant_method": "rcsr", "format_version": 3, "bits": 4, "group_size": 32, "sym": True,
+          "act_order": "static", "quantized_modules": ["model.layers.0.self_attn.q_proj",
+                                                       "model.layers.0.mlp.experts.3.down_proj",
+                                                       "model.layers.0.mlp.experts.3.gate_proj"]}
+    cfg = RcsrConfig.from_config(qc)
+    cfg.apply_vllm_mapper(GptOssForCausalLM.hf_to_vllm_mapper)
+    assert cfg.quantized_modules == ["model.layers.0.attn.q_proj", "model.layers.0.mlp.experts.3.down_proj",
+                                     "model.layers.0.mlp.experts.3.gate_proj"]
 
 
 @pytest.mark.parametrize("kernel", ["native_cpu", "vllm_cpu", "dequant"])
@@ -263,3 +310,66 @@ def test_native_refuses_uneven_dynamic_groups(moe_ckpts, tmp_path, monkeypatch):
     ids = torch.tensor([[2, 0]] * 11, dtype=torch.int32)
     w = torch.full((11, 2), 0.5)
     torch.testing.assert_close(method.apply(layer, x, w, ids), m_dq.apply(l_dq, x, w, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["native_cpu", "vllm_cpu", "dequant"])
+def test_expert_parallel_shares_sum_to_the_whole_layer(moe_ckpts, kernel, monkeypatch):
+    """Expert parallelism over 2 ranks (vLLM's expert_map: global id -> local id or -1): each rank loads only
+    its 2 experts (global ids in the checkpoint) and returns its experts' share; the shares sum to the
+    single-rank layer's output."""
+    from vllm_plugin.config import RcsrConfig
+    from vllm_plugin.moe import RcsrMoEMethod
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("RCSR_MOE_KERNEL", kernel)
+    _, ckpts = moe_ckpts
+    ck = ckpts["w4"]
+    whole_method, whole = load_layer(ck, 0)
+    tensors = load_file(str(ck / "model.safetensors"))
+    hf = "model.layers.0.mlp.experts"
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(19, 64, generator=gen)
+    w, ids = torch.topk(torch.softmax(torch.randn(19, 4, generator=gen), -1), 2, dim=-1)
+    ids = ids.to(torch.int32)
+    total = torch.zeros(19, 64)
+    for rank, mine in enumerate(([0, 1], [2, 3])):
+        emap = torch.full((4,), -1, dtype=torch.int32)
+        emap[mine] = torch.arange(2, dtype=torch.int32)
+        layer = FakeExpertsLayer()
+        layer.expert_map = emap
+        layer._map_global_expert_id_to_local_expert_id = lambda e, m=emap: int(m[e])
+        method = RcsrMoEMethod(RcsrConfig.from_config(QuantConfig.read(ck).to_dict()),
+                               SimpleNamespace(tp_size=1, has_bias=False, num_experts=4), hf)
+        method.create_weights(layer, 2, 64, 96, torch.float32, weight_loader=ep_loader(emap))
+        for name, t in tensors.items():
+            if name.startswith(hf + "."):
+                e, proj, kind = name[len(hf) + 1:].split(".")
+                param = getattr(layer, f"{'w2' if proj == 'down_proj' else 'w13'}_{kind}")
+                param.weight_loader(param, t, name, SHARD_IDS[proj], int(e), return_success=True)
+        method.process_weights_after_loading(layer)
+        total += method.apply(layer, x, w, ids)
+    torch.testing.assert_close(total, whole_method.apply(whole, x, w, ids), rtol=1e-5, atol=1e-6)
+    # a rank that misses one of ITS experts names it by its global id
+    layer = FakeExpertsLayer()
+    layer.expert_map = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)
+    layer._map_global_expert_id_to_local_expert_id = lambda e: int(layer.expert_map[e])
+    method = RcsrMoEMethod(RcsrConfig.from_config(QuantConfig.read(ck).to_dict()),
+                           SimpleNamespace(tp_size=1, has_bias=False, num_experts=4), hf)
+    method.create_weights(layer, 2, 64, 96, torch.float32, weight_loader=ep_loader(layer.expert_map))
+    for name, t in tensors.items():
+        if name.startswith(hf + ".") and name != f"{hf}.3.down_proj.scales":
+            e, proj, kind = name[len(hf) + 1:].split(".")
+            param = getattr(layer, f"{'w2' if proj == 'down_proj' else 'w13'}_{kind}")
+            param.weight_loader(param, t, name, SHARD_IDS[proj], int(e), return_success=True)
+    with pytest.raises(RcsrPluginError, match=rf"^rcsr: {hf}.3.down_proj.scales is missing"):
+        method.process_weights_after_loading(layer)
+
+
+def ep_loader(emap):
+    """vLLM's RoutedExperts.weight_loader under EP: the global id is mapped to this rank's local slot."""
+    def loader(param, loaded, weight_name, shard_id, expert_id, return_success=False):
+        local = int(emap[expert_id])
+        if local < 0:
+            return False if return_success else None
+        return vllm_like_loader(param, loaded, weight_name, shard_id, local, return_success)
+    return loader
