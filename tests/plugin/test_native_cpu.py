@@ -138,10 +138,11 @@ def test_bf16_kernel_is_exact_on_integers():
     zeros = torch.randint(0, 16, (n, k // 64), generator=g, dtype=torch.uint8)
     scales = torch.full((n, k // 64), 0.25, dtype=torch.float16)
     pw = nc.PackedWeight.from_codes(codes, scales, zeros, 4, 64)
-    x = torch.randint(-4, 5, (3, k), generator=g).to(torch.bfloat16)
     wref = (codes.float() - zeros.float().repeat_interleave(64, 1)) * 0.25
-    y = pw.matmul(x, isa=3, large_m=0)
-    assert torch.equal(y.float(), (x.float() @ wref.t()).bfloat16().float())
+    for m in (3, 40):  # a partial register block, and 5 full blocks of 8 rows
+        x = torch.randint(-4, 5, (m, k), generator=g).to(torch.bfloat16)
+        y = pw.matmul(x, isa=3, large_m=0)
+        assert torch.equal(y.float(), (x.float() @ wref.t()).bfloat16().float()), m
 
 
 @pytest.mark.parametrize("bits,gs,sym", [(4, 64, True), (3, 32, False), (2, -1, False), (8, 128, True)])
