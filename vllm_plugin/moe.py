@@ -34,6 +34,8 @@ weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default ord
 * ``vllm_cpu`` (default on CPU): dequantizes every expert once at load into the activation dtype and
   runs vLLM's own unquantized CPU grouped MoE op -- same numerics as vLLM on the dequantized reference;
   memory holds DENSE experts (2 or 4 bytes per weight).
+* ``triton`` (default on CUDA): the Triton WNA16 kernel per expert that received tokens, codes packed
+  at their bit width on the GPU (:class:`TritonExperts`); interpreter-tested on CPU.
 * ``dequant`` (``RCSR_MOE_KERNEL=dequant``; any device/dtype): keeps each expert as a
   ``vllm_plugin.kernels.dequant.DequantKernel`` (``q - z`` unpacked as int8: 1 byte per weight, not the
   packed codes) and per call dequantizes only the experts that received tokens into the shared scratch
@@ -378,6 +380,92 @@ class NativeExperts(ExpertsKernel):
         return out.to(x.dtype)
 
 
+class TritonExperts(ExpertsKernel):
+    """CUDA (2/3/4/8 bits): the project's Triton WNA16 kernel (``vllm_plugin.kernels.triton_wna16``) per
+    expert that received tokens -- one launch for gate+up (two when their act orders differ) and one for
+    down, on the (token, slot) pairs sorted by expert.  The codes stay packed at their bit width on the
+    GPU.  Tested under the Triton interpreter on CPU (``TRITON_INTERPRET=1``), like the dense kernel."""
+
+    name = "triton"
+
+    @staticmethod
+    def _module():
+        try:
+            from .kernels import triton_wna16
+
+            return triton_wna16 if triton_wna16.is_available() else None
+        except Exception:  # noqa: BLE001 - a broken Triton install means "not available"
+            return None
+
+    @classmethod
+    def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
+        if activation not in _GATES:
+            return f"activation {activation!r} (supported: {', '.join(_GATES)})"
+        mod = cls._module()
+        if mod is None:
+            return "Triton is not available"
+        if spec13.device.type != "cuda" and not (mod._interpret_env() and os.environ.get(ENV_MOE_KERNEL) == "triton"):
+            return "CUDA only (on CPU: TRITON_INTERPRET=1 with RCSR_MOE_KERNEL=triton, for tests)"
+        if spec13.group_size not in (32, 64, 128, -1) or spec13.bits not in (2, 3, 4, 8):
+            return f"{spec13.bits}-bit, group {spec13.group_size}"
+        if spec13.in_features % 32 or spec2.in_features % 32:
+            return "hidden and intermediate sizes must be multiples of 32"
+        return None
+
+    def prepare(self, w13, w2) -> None:
+        mod = self.mod = self._module()
+        spec, inter = self.spec13, self.spec13.shard_sizes[0]
+
+        def prep(w: QuantWeights, rows: slice | None, shard: int | None):
+            q, s_, z = w.qweight, w.scales, w.zeros
+            if rows is not None:
+                q, s_, z = q[rows], s_[rows], None if z is None else z[rows]
+            g = None if w.group_index is None else w.group_index[0 if shard is None else shard]
+            return mod.prepare(q.contiguous(), s_.contiguous(), None if spec.sym else z.contiguous(), g,
+                               spec.bits, spec.group_size, spec.sym)
+
+        self.w13 = []
+        for w in w13:
+            if w.group_index is None or bool((w.group_index[0] == w.group_index[1]).all()):
+                self.w13.append([prep(w, None, None)])
+            else:  # gate and up with their own column orders: one prepared weight each
+                self.w13.append([prep(w, slice(0, inter), 0), prep(w, slice(inter, 2 * inter), 1)])
+        self.w2 = [prep(w, None, None) for w in w2]
+
+    def nbytes(self) -> int:
+        return sum(pw.nbytes() for ws in self.w13 for pw in ws) + sum(pw.nbytes() for pw in self.w2)
+
+    def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
+        gated = _GATES[activation]
+        inter = self.spec13.shard_sizes[0]
+        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()[:self.num_experts]
+        k = topk_ids.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tok = pairs // k
+            w = topk_weights.reshape(-1)[pairs].to(torch.float32).unsqueeze(1)
+            xe = x.index_select(0, tok)
+            if apply_router_weight_on_input:
+                xe = (xe.float() * w).to(x.dtype)
+            parts = [self.mod.matmul(xe, pw) for pw in self.w13[e]]
+            h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+            if self.b13 is not None:
+                h = (h.float() + self.b13[e]).to(h.dtype)
+            h = gated(h[:, :inter], h[:, inter:]).contiguous()
+            y = self.mod.matmul(h, self.w2[e]).float()
+            if self.b2 is not None:
+                y = y + self.b2[e]
+            out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
+        return out.to(x.dtype)
+
+
 def _stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
     """Every expert's matrix in one native stack (static groups)."""
     codes = torch.stack([unpack(w, spec) for w in ws])
@@ -409,9 +497,10 @@ def _permute_segments(x: torch.Tensor, offsets: torch.Tensor, perms: torch.Tenso
     return out
 
 
-MOE_KERNELS: dict[str, type[ExpertsKernel]] = {k.name: k for k in (NativeExperts, VllmCpuExperts, DequantExperts)}
-#: first that can run the layer wins; ``RCSR_MOE_KERNEL`` forces one
-DEFAULT_MOE_ORDER = ("native_cpu", "vllm_cpu", "dequant")
+MOE_KERNELS: dict[str, type[ExpertsKernel]] = {
+    k.name: k for k in (NativeExperts, VllmCpuExperts, TritonExperts, DequantExperts)}
+#: first that can run the layer wins (CPU: native_cpu, vllm_cpu; CUDA: triton); ``RCSR_MOE_KERNEL`` forces one
+DEFAULT_MOE_ORDER = ("native_cpu", "vllm_cpu", "triton", "dequant")
 
 
 def select_experts_kernel(spec13: LayerSpec, spec2: LayerSpec, num_experts: int, activation: str,

@@ -309,3 +309,61 @@ def test_bench_without_cuda_exits_2(monkeypatch):
     result = CliRunner().invoke(bench.main, ["--m", "1", "--bits", "4"])
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("error: no CUDA device") and len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# MoE: vllm_plugin.moe.TritonExperts (the CUDA experts kernel) against transformers' experts
+# --------------------------------------------------------------------------------------------------
+def _experts_weights(ck, layer: int, n_exp: int):
+    """Per expert the canonical w13 (gate rows, then up) / w2 QuantWeights, as RcsrMoEMethod hands them over."""
+    from safetensors.torch import load_file
+
+    from vllm_plugin.kernels.base import QuantWeights
+
+    t = load_file(str(ck / "model.safetensors"))
+    p = f"model.layers.{layer}.mlp.experts"
+
+    def one(e, projs):
+        get = lambda kind: [t.get(f"{p}.{e}.{pr}.{kind}") for pr in projs]  # noqa: E731
+        z, g = get("zeros"), get("group_index")
+        return QuantWeights(torch.cat(get("qweight")), torch.cat(get("scales")),
+                            None if z[0] is None else torch.cat(z), None if g[0] is None else torch.stack(g).int())
+
+    return [one(e, ("gate_proj", "up_proj")) for e in range(n_exp)], [one(e, ("down_proj",)) for e in range(n_exp)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="runs the interpreter on CPU tensors")
+@pytest.mark.parametrize("family,bits,gs,sym,act", [("qwen3_moe", 3, 32, False, "dynamic"),
+                                                    ("gpt_oss", 2, -1, True, "static")])
+def test_triton_experts_match_transformers(family, bits, gs, sym, act, tmp_path, monkeypatch):
+    """fp32, 9 tokens top-2 over 4 experts (one unused): the Triton experts kernel equals transformers'
+    experts on the fake-quant weights (Qwen3-MoE with per-expert dynamic orders; GPT-OSS with biases and
+    its clamped SwiGLU)."""
+    from factories import tiny_moe, write_moe_checkpoint
+
+    from rcsr_deploy.checkpoint import load_fake_quant_model
+    from vllm_plugin.kernels.base import LayerSpec
+    from vllm_plugin.moe import select_experts_kernel
+
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "triton")
+    model = tiny_moe(family)
+    ck = write_moe_checkpoint(model, tmp_path / "ck", bits=bits, group_size=gs, sym=sym, act_order=act)
+    fq, _ = load_fake_quant_model(ck)
+    ref = fq.model.layers[1].mlp.experts
+    inter = 96
+    spec13 = LayerSpec(bits, gs, sym, act, 64, 2 * inter, torch.float32, shard_sizes=(inter, inter))
+    spec2 = LayerSpec(bits, gs, sym, act, inter, 64, torch.float32)
+    activation = "swigluoai" if family == "gpt_oss" else "silu"
+    kern = select_experts_kernel(spec13, spec2, 4, activation, "test", has_bias=family == "gpt_oss")
+    assert kern.name == "triton"
+    kern.prepare(*_experts_weights(ck, 1, 4))
+    if family == "gpt_oss":
+        b = ref.gate_up_proj_bias.detach()
+        kern.set_biases(torch.cat([b[:, 0::2], b[:, 1::2]], 1), ref.down_proj_bias.detach())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 64, generator=g)
+    ids = torch.tensor([[0, 1], [1, 3], [3, 0], [0, 3], [1, 0], [3, 1], [0, 1], [1, 3], [3, 0]])
+    w = torch.rand(9, 2, generator=g)
+    with torch.no_grad():
+        want = ref(x, ids, w)
+    torch.testing.assert_close(kern.apply(x, w, ids.int(), activation=activation), want, rtol=1e-4, atol=1e-5)
