@@ -61,6 +61,9 @@ def cli(verbose: int) -> None:
 @click.option("--alpha-check-data", "alpha_check", default="", show_default=False,
               help="--alpha auto: a second held-back text from another domain than --calib (a name or a local "
                    "file); the regularized alpha must beat alpha = 0 by the margin on it too.")
+@click.option("--auto-sarqc", "auto_sarqc", type=float, default=0.0, show_default=True,
+              help="--alpha auto: also try the sampled alpha with SARQC at this lambda (a third candidate, "
+                   "judged by the same held-back rule); 0 = off.")
 @click.option("--alpha-m", "alpha_m", type=float, default=5.0, show_default=True, help="Beta(m, m) parameter for --alpha sample.")
 @click.option("--sarqc-lambda", "sarqc_lambda", type=float, default=0.0, show_default=True, help="SARQC drift-penalty strength (0 = off).")
 @click.option("--clip", type=click.Choice(["auto", "minmax", "mse"]), default="auto", show_default=True,
@@ -96,7 +99,8 @@ def cli(verbose: int) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_check, alpha_m, sarqc_lambda,
+def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_margin, alpha_check, auto_sarqc, alpha_m,
+             sarqc_lambda,
              clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, moe_fallback, avg_bits,
              widths, bits_rules, resume, overwrite, no_progress):
@@ -107,7 +111,8 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
     if beam is None:
         beam = 4 if method == "ksnrq" else 1
     cfg = QuantizeConfig(method=method, bits=bits, group_size=_group_size(group_size), sym=sym, beam=beam,
-                         alpha=str(alpha), alpha_check=alpha_check, alpha_m=alpha_m, sarqc_lambda=sarqc_lambda,
+                         alpha=str(alpha), alpha_check=alpha_check, auto_sarqc=auto_sarqc, alpha_m=alpha_m,
+                         sarqc_lambda=sarqc_lambda,
                          clip=clip,
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,

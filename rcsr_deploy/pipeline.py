@@ -14,7 +14,7 @@ import torch
 from . import __version__, moe_format
 from .calib import QuantizeConfig, quantize_model
 from .calib.adapter import check_finite, check_layers_fit, quantization_plan
-from .calib.config import AUTO_CANDIDATES
+from .calib.config import AUTO_CANDIDATES, AUTO_SARQC_CANDIDATE
 from .coverage import coverage_report
 from .errors import RcsrError
 
@@ -189,7 +189,8 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     very GPTQ solution) and the paper's sampled α — on the same calibration windows, each from the FP
     model.  The regularized candidate is kept only when its negative log-likelihood on the held-back windows
     is lower than α = 0's by more than ``cfg.alpha_margin`` nats per token (``pick_auto_candidate``); else
-    α = 0 is.  So the default never keeps the regularized target where, on text the quantizer did not see,
+    α = 0 is.  ``--auto-sarqc LAMBDA`` adds a third candidate, the sampled α with SARQC's drift penalty at
+    LAMBDA (``AUTO_SARQC_CANDIDATE``), judged by the same rule.  So the default never keeps the regularized target where, on text the quantizer did not see,
     it is worse than its own α = 0 point, nor where it is better by too little to tell.  Cost: one
     quantization per candidate (two), plus three short evaluations; host memory: two models at a time.
 
@@ -215,8 +216,11 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     check = _check_windows(cfg.alpha_check, tokenizer, val.shape[0], cfg.seqlen) if cfg.alpha_check else None
     scores: dict[str, dict] = {}
     kept: dict[str, tuple] = {}
-    for k, cand in enumerate(AUTO_CANDIDATES):
-        c = replace(cfg, alpha=cand, alpha_check="")
+    candidates = AUTO_CANDIDATES + ((AUTO_SARQC_CANDIDATE,) if cfg.auto_sarqc > 0 else ())
+    for k, cand in enumerate(candidates):
+        c = replace(cfg, alpha=cand, alpha_check="", auto_sarqc=0.0)
+        if cand == AUTO_SARQC_CANDIDATE:  # the sampled α with SARQC's drift penalty (--auto-sarqc LAMBDA)
+            c = replace(c, alpha="sample", sarqc_lambda=cfg.auto_sarqc)
         m = model if k == 0 else load_model(path, dtype=torch.float32, device="cpu")[0].eval()
         t0 = time.perf_counter()
         results, report = quantize_model(m, tokenizer, c, device=device, work_dir=work / f"alpha-{cand}",
@@ -247,6 +251,7 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
     report["config"]["alpha"] = "auto"
     report["config"]["alpha_chosen"] = chosen
     report["config"]["alpha_check"] = cfg.alpha_check
+    report["config"]["auto_sarqc"] = cfg.auto_sarqc
     report["alpha_selection"] = {"chosen": chosen, "candidates": scores, "margin": cfg.alpha_margin,
                                  "check_data": cfg.alpha_check or None,
                                  "check_tokens": None if check is None else int(check.numel()),

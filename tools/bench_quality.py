@@ -72,6 +72,7 @@ METHODS = {  # the paper's comparison rows use the full-range (minmax) grid; "-m
     # α chosen per model on held-back calibration text (--alpha auto), per layer on held-back sequences (heldout)
     "snrq-auto": dict(method="snrq", alpha="auto", clip="minmax"),
     "snrq-auto-mse": dict(method="snrq", alpha="auto", clip="mse"),
+    "snrq-auto-sarqc-mse": dict(method="snrq", alpha="auto", clip="mse", auto_sarqc=0.1),
     "snrq-heldout-mse": dict(method="snrq", alpha="heldout", clip="mse"),
     "snrq-cf-mse": dict(method="snrq", alpha="closed-form", clip="mse"),
     "gptaq-mse": dict(method="gptaq", clip="mse"),

@@ -24,6 +24,8 @@ AUTO_ALPHAS = (0.0, 0.125, 0.25, 0.5, 1.0)
 #: ``--alpha auto``'s candidates, judged per model on held-back calibration text (``pipeline._select_alpha``):
 #: α = 0 (GPTQ's target) and the paper's sampled α.
 AUTO_CANDIDATES = ("0.0", "sample")
+#: ``--auto-sarqc LAMBDA``'s extra candidate: the sampled α with SARQC's drift penalty at LAMBDA
+AUTO_SARQC_CANDIDATE = "sample+sarqc"
 
 #: ``--alpha auto`` keeps the regularized candidate only when its held-back NLL is lower than α = 0's by more
 #: than this many nats per token (0.02: 2 % perplexity); a smaller gain is a tie, and a tie keeps α = 0.
@@ -59,6 +61,8 @@ class QuantizeConfig:
     # --alpha auto: a second held-back text, of another domain than the calibration text ("" = none); the
     # regularized α must clear the margin on it too (pipeline.pick_auto_candidate)
     alpha_check: str = ""
+    # --alpha auto: > 0 adds a third candidate, the sampled α with SARQC at this λ (pipeline._select_alpha)
+    auto_sarqc: float = 0.0
     sarqc_lambda: float = 0.0
     clip: str = "auto"  # "auto" | "minmax" | "mse"; auto is resolved in __post_init__
     act_order: str = "static"  # "none" | "static" | "dynamic"
@@ -129,6 +133,10 @@ class QuantizeConfig:
             raise RcsrError("--nsamples must be >= 1 and --seqlen >= 8")
         if self.alpha_check and self.alpha != "auto":
             raise RcsrError("--alpha-check-data is the second held-back text of --alpha auto: it needs --alpha auto")
+        if not (math.isfinite(self.auto_sarqc) and self.auto_sarqc >= 0):
+            raise RcsrError(f"--auto-sarqc must be a number >= 0 (the SARQC lambda), got {self.auto_sarqc}")
+        if self.auto_sarqc and self.alpha != "auto":
+            raise RcsrError("--auto-sarqc adds a candidate to --alpha auto: it needs --alpha auto")
         if not (math.isfinite(self.alpha_margin) and self.alpha_margin >= 0):
             raise RcsrError(f"--alpha-margin must be a number >= 0 (nats per token), got {self.alpha_margin}")
         if self.alpha == "heldout" and self.method in ("snrq", "ksnrq") and self.nsamples < 2:

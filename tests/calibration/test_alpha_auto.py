@@ -301,3 +301,35 @@ def test_auto_with_check_text_end_to_end(tokenizer, text_file, tmp_path):
     want, _ = pick_auto_candidate({c: v["window_nll"] for c, v in cands.items()}, cfg.alpha_margin,
                                   {c: v["check_window_nll"] for c, v in cands.items()})
     assert sel["chosen"] == want and "check_gain" in cands["sample"]
+
+
+def test_auto_sarqc_adds_a_third_candidate(tokenizer, text_file, tmp_path):
+    """``--auto-sarqc 0.1``: the sampled α with SARQC is a third candidate, judged by the same rule; the
+    checkpoint holds the chosen candidate's codes, bit-identical to a direct run of it (margin 0 here, so
+    the lowest held-back NLL wins whenever it beats α = 0)."""
+    from dataclasses import replace
+
+    from rcsr_deploy.calib.config import AUTO_SARQC_CANDIDATE, held_back_windows
+    from rcsr_deploy.checkpoint import load_quantized_tensors
+    from rcsr_deploy.data import calibration_split
+    from rcsr_deploy.pipeline import pick_auto_candidate, quantize_to_checkpoint
+
+    src, cfg, _ = _quantize_tiny_llama(tokenizer, text_file, tmp_path / "plain", "auto")
+    cfg = replace(cfg, auto_sarqc=0.1, alpha_margin=0.0)
+    rep = quantize_to_checkpoint(str(src), tmp_path / "q", cfg, device="cpu", progress=False)
+    sel = rep["alpha_selection"]
+    cands = sel["candidates"]
+    assert set(cands) == {"0.0", "sample", AUTO_SARQC_CANDIDATE} and rep["config"]["auto_sarqc"] == 0.1
+    want, _ = pick_auto_candidate({c: v["window_nll"] for c, v in cands.items()}, 0.0)
+    assert sel["chosen"] == want
+    assert cands[AUTO_SARQC_CANDIDATE]["held_back_nll"] != cands["sample"]["held_back_nll"]  # SARQC changed codes
+    direct_cfg = replace(cfg, alpha="sample", sarqc_lambda=0.1, auto_sarqc=0.0) if want == AUTO_SARQC_CANDIDATE \
+        else replace(cfg, alpha=want, auto_sarqc=0.0)
+    fit, _ = calibration_split(str(text_file), tokenizer, 8, 32, 0, held_back_windows(8, 32))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    direct, _ = quantize_model(model, tokenizer, direct_cfg, work_dir=tmp_path / "w", progress=False, windows=fit)
+    saved = load_quantized_tensors(tmp_path / "q")
+    for n, r in direct.items():
+        assert torch.equal(saved[n].codes, r.codes), n
+    with pytest.raises(RcsrError, match="--auto-sarqc adds a candidate to --alpha auto"):
+        QuantizeConfig(method="snrq", alpha="sample", auto_sarqc=0.1).validate()
