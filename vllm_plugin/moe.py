@@ -181,6 +181,38 @@ class ExpertsKernel(ABC):
     def nbytes(self) -> int:
         return 0
 
+    def per_expert(self, x, topk_weights, topk_ids, activation: str, apply_router_weight_on_input: bool,
+                   up, down) -> torch.Tensor:
+        """One expert at a time over the (token, slot) pairs sorted by expert (ids ``>= E``: another rank's
+        experts, skipped): ``up(e, x_e)`` -> gate and up outputs ``[n, 2I]``, biases, gating, ``down(e, h)``,
+        biases, then the routing weights; accumulated in fp32."""
+        gated = _GATES[activation]
+        inter = self.spec13.shard_sizes[0]
+        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()[:self.num_experts]
+        k = topk_ids.shape[1]
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tok = pairs // k
+            w = topk_weights.reshape(-1)[pairs].to(torch.float32).unsqueeze(1)
+            xe = x.index_select(0, tok)
+            if apply_router_weight_on_input:
+                xe = (xe.float() * w).to(x.dtype)
+            h = up(e, xe)
+            if self.b13 is not None:
+                h = (h.float() + self.b13[e]).to(h.dtype)
+            y = down(e, gated(h[:, :inter], h[:, inter:]).contiguous()).float()
+            if self.b2 is not None:
+                y = y + self.b2[e]
+            out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
+        return out.to(x.dtype)
+
 
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
@@ -221,33 +253,8 @@ class DequantExperts(ExpertsKernel):
         return sum(k.qz.numel() * k.qz.element_size() + k.s.numel() * 4 for k in self.k13 + self.k2)
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
-        gated = _GATES[activation]
-        inter = self.spec13.shard_sizes[0]
-        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
-        flat_ids = topk_ids.reshape(-1).long()
-        order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()[:self.num_experts]  # id E: skip
-        k = topk_ids.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            tok = pairs // k
-            w = topk_weights.reshape(-1)[pairs].to(torch.float32).unsqueeze(1)
-            xe = x.index_select(0, tok)
-            if apply_router_weight_on_input:
-                xe = (xe.float() * w).to(x.dtype)
-            h = self.k13[e].apply(xe)
-            if self.b13 is not None:
-                h = (h.float() + self.b13[e]).to(h.dtype)
-            h = gated(h[:, :inter], h[:, inter:])
-            y = self.k2[e].apply(h).float()
-            if self.b2 is not None:
-                y = y + self.b2[e]
-            out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
-        return out.to(x.dtype)
+        return self.per_expert(x, topk_weights, topk_ids, activation, apply_router_weight_on_input,
+                               lambda e, xe: self.k13[e].apply(xe), lambda e, h: self.k2[e].apply(h))
 
 
 class VllmCpuExperts(ExpertsKernel):
@@ -436,34 +443,12 @@ class TritonExperts(ExpertsKernel):
         return sum(pw.nbytes() for ws in self.w13 for pw in ws) + sum(pw.nbytes() for pw in self.w2)
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
-        gated = _GATES[activation]
-        inter = self.spec13.shard_sizes[0]
-        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
-        flat_ids = topk_ids.reshape(-1).long()
-        order = torch.argsort(flat_ids, stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()[:self.num_experts]
-        k = topk_ids.shape[1]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            tok = pairs // k
-            w = topk_weights.reshape(-1)[pairs].to(torch.float32).unsqueeze(1)
-            xe = x.index_select(0, tok)
-            if apply_router_weight_on_input:
-                xe = (xe.float() * w).to(x.dtype)
+        def up(e, xe):
             parts = [self.mod.matmul(xe, pw) for pw in self.w13[e]]
-            h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-            if self.b13 is not None:
-                h = (h.float() + self.b13[e]).to(h.dtype)
-            h = gated(h[:, :inter], h[:, inter:]).contiguous()
-            y = self.mod.matmul(h, self.w2[e]).float()
-            if self.b2 is not None:
-                y = y + self.b2[e]
-            out.index_add_(0, tok, y if apply_router_weight_on_input else y * w)
-        return out.to(x.dtype)
+            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+        return self.per_expert(x, topk_weights, topk_ids, activation, apply_router_weight_on_input, up,
+                               lambda e, h: self.mod.matmul(h, self.w2[e]))
 
 
 def _stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
