@@ -53,6 +53,8 @@ def _quantize_in_subprocess(model_dir: Path, ckpt: Path, method: str, args: dict
            str(args["nsamples"]), "--seqlen", str(args["seqlen"]), "--no-progress", "--overwrite", "--device", "cpu"]
     if method == "ksnrq":
         cmd += ["--beam", "4"]
+    if method in ("snrq", "ksnrq"):  # one pass of the method (the default --alpha auto runs two candidates)
+        cmd += ["--alpha", "sample"]
     code = ("import resource, runpy, sys; sys.argv = ['rcsr'] + sys.argv[1:]\n"
             "try:\n    runpy.run_module('rcsr_cli', run_name='__main__')\n"
             "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
