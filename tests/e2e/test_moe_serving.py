@@ -109,7 +109,7 @@ def served(moe_ckpts):
              ("qwen3tp-ep2", ck, "float32", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, {**two, "enable_expert_parallel": True})]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(jobs), json.dumps(PROMPTS)],
-                       capture_output=True, text=True, timeout=900, env=_env(), cwd=str(REPO))
+                       capture_output=True, text=True, timeout=1500, env=_env(), cwd=str(REPO))
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, f"vLLM run failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-6000:]}"
     print(f"{len(jobs)} vLLM loads + generation in {time.perf_counter() - t0:.0f}s")
