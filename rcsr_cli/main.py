@@ -14,14 +14,14 @@ import click
 from rcsr_deploy.errors import RcsrError
 
 
-def _group_size(value: str) -> int:
+def _group_size(value: str, option: str = "--group-size") -> int:
     v = str(value).strip().lower()
-    if v in ("channel", "per-channel", "-1"):
+    if v in ("channel", "per-channel", "pc", "-1"):
         return -1
     try:
         return int(v)
     except ValueError:
-        raise RcsrError(f"--group-size must be 32, 64, 128 or 'channel', got {value!r}") from None
+        raise RcsrError(f"{option} must be 32, 64, 128 or 'channel', got {value!r}") from None
 
 
 def _widths(value: str) -> tuple[int, ...]:
@@ -94,8 +94,12 @@ def cli(verbose: int) -> None:
               help="Mixed precision: allocate a width from --widths to every layer so that the quantized weights "
                    "(codes + scales + zeros) average this many bits per weight (e.g. 2.5, 3.25; 0 = off).")
 @click.option("--widths", default="2,3,4", show_default=True, help="Allowed widths for --avg-bits (add 8 if wanted).")
+@click.option("--group-sizes", "group_sizes", default="",
+              help="With --avg-bits: also choose each layer's group size from this list (e.g. 64,channel); "
+                   "default: --group-size only.")
 @click.option("--bits-rule", "bits_rules", multiple=True,
-              help="With --avg-bits: 'REGEX=BITS' pins the layers whose module name matches (repeatable).")
+              help="With --avg-bits: 'REGEX=BITS' (or BITSgGROUP, BITSpc) pins the layers whose module name "
+                   "matches (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run at the first unfinished block.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
@@ -103,7 +107,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
              sarqc_lambda,
              clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, moe_fallback, avg_bits,
-             widths, bits_rules, resume, overwrite, no_progress):
+             widths, group_sizes, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
@@ -117,6 +121,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
                          moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback, avg_bits=avg_bits, widths=_widths(widths),
+                         group_sizes=tuple(dict.fromkeys(_group_size(v, "--group-sizes") for v in group_sizes.split(",") if v.strip())),
                          bits_rules=tuple(bits_rules),
                          **({} if alpha_margin is None else {"alpha_margin": alpha_margin}))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,

@@ -55,7 +55,8 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
     t0 = time.perf_counter()
     model, tokenizer = load_model(path, dtype=torch.float32, device="cpu")
     model.eval()
-    check_layers_fit(model, cfg.spec)
+    if not (cfg.avg_bits and cfg.group_sizes):  # else the allocation offers each layer the grids that fit it
+        check_layers_fit(model, cfg.spec)
     plan, left_out = quantization_plan(model, cfg)
     coverage = coverage_report(model, plan, lm_head=cfg.lm_head, left_out=left_out)  # one error line if short
     log.info("coverage: %.2f%% of %d matmul parameters quantized", coverage["quantized_pct"], coverage["matmul_params"])
@@ -87,7 +88,7 @@ def quantize_to_checkpoint(model_name: str, out_dir: str | Path, cfg: QuantizeCo
         rcsr_version=__version__,
     )
     if alloc is not None:
-        achieved = sum(t.numel() * t.element_size() for n, r in results.items() if n in alloc.module_bits
+        achieved = sum(t.numel() * t.element_size() for n, r in results.items() if n in alloc.module_grids
                        for k, t in r.to_tensors(n).items() if not k.endswith(".bias"))
         report["allocation"] = {**alloc.report(), "achieved_bytes": achieved,
                                 "achieved_avg_bits": 8 * achieved / alloc.params}
@@ -263,18 +264,21 @@ def _select_alpha(path, model, tokenizer, cfg: QuantizeConfig, device: str, out_
 
 
 def _allocate(model, tokenizer, cfg: QuantizeConfig, progress: bool):
-    """``--avg-bits``: choose every layer's width (allocate.py) and set ``cfg.module_grids``; the top-level
-    ``bits`` becomes the width that covers most weights."""
-    from .allocate import parse_rules, plan
+    """``--avg-bits``: choose every layer's grid (allocate.py) and set ``cfg.module_grids``; the top-level
+    grid becomes the one that covers most weights."""
+    from .allocate import choices_of, parse_rules, plan
 
-    alloc = plan(model, tokenizer, cfg, cfg.avg_bits, tuple(cfg.widths), parse_rules(cfg.bits_rules), progress=progress)
-    per_width: dict[int, int] = {}
+    choices = choices_of(cfg.widths, cfg.group_sizes or (cfg.group_size,))
+    alloc = plan(model, tokenizer, cfg, cfg.avg_bits, choices, parse_rules(cfg.bits_rules), progress=progress)
+    per_grid: dict[tuple[int, int], int] = {}
     for u in alloc.units:
-        per_width[u["bits"]] = per_width.get(u["bits"], 0) + u["params"]
-    cfg.bits = max(per_width, key=per_width.get)
-    cfg.module_grids = {m: {"bits": b} for m, b in alloc.module_bits.items() if b != cfg.bits}
-    log.info("--avg-bits %.3f: %.3f bits/weight predicted, top-level W%d, %d modules at other widths",
-             cfg.avg_bits, alloc.avg_bits, cfg.bits, len(cfg.module_grids))
+        c = (u["bits"], u["group_size"])
+        per_grid[c] = per_grid.get(c, 0) + u["params"]
+    cfg.bits, cfg.group_size = max(per_grid, key=per_grid.get)
+    cfg.module_grids = {m: {"bits": b, **({"group_size": g} if g != cfg.group_size else {})}
+                        for m, (b, g) in alloc.module_grids.items() if (b, g) != (cfg.bits, cfg.group_size)}
+    log.info("--avg-bits %.3f: %.3f bits/weight predicted, top-level W%d g%d, %d modules on other grids",
+             cfg.avg_bits, alloc.avg_bits, cfg.bits, cfg.group_size, len(cfg.module_grids))
     return alloc
 
 

@@ -86,9 +86,11 @@ class QuantizeConfig:
     moe_fallback: str = "all"
     # mixed precision: --avg-bits B allocates a width from ``widths`` to every layer within B bits per weight
     # (allocate.py; 0 = off), ``bits_rules`` ("REGEX=BITS") pin layers; the result lands in ``module_grids``:
-    # full module name -> {"bits": b, "group_size": g} overriding the grid above
+    # full module name -> {"bits": b, "group_size": g} overriding the grid above.  ``group_sizes`` (empty =
+    # ``group_size`` alone) lets the allocation choose a group size per layer as well as a width.
     avg_bits: float = 0.0
     widths: tuple = (2, 3, 4)
+    group_sizes: tuple = ()
     bits_rules: tuple = ()
     module_grids: dict = field(default_factory=dict)
 
@@ -143,7 +145,8 @@ class QuantizeConfig:
             raise RcsrError("--alpha heldout holds calibration sequences back: it needs --nsamples >= 2")
         if self.avg_bits:
             for w in self.widths:
-                QuantSpec(w, self.group_size, self.sym).check()
+                for g in self.group_sizes or (self.group_size,):
+                    QuantSpec(w, g, self.sym).check()
             lo = min(self.widths)
             if not lo <= self.avg_bits <= 16:
                 raise RcsrError(f"--avg-bits {self.avg_bits} must be at least the smallest width {lo}")

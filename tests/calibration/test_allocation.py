@@ -33,8 +33,14 @@ def _units(n: int, seed: int = 0) -> list[Unit]:
     for k in range(n):
         shape = (int(torch.randint(1, 5, (1,), generator=g)) * 64, 128)
         base = float(torch.rand(1, generator=g)) * 10 + 0.1
-        units.append(Unit(f"u{k}", [f"u{k}"], [shape], 0, errors={2: base * 16, 3: base * 4, 4: base}))
+        units.append(Unit(f"u{k}", [f"u{k}"], [shape], 0, errors={(2, 32): base * 16, (3, 32): base * 4,
+                                                                  (4, 32): base}))
     return units
+
+
+def W(*bits, g=32):
+    """Grids at one group size."""
+    return [(b, g) for b in bits]
 
 
 def _brute_force(units, widths, budget):
@@ -42,7 +48,9 @@ def _brute_force(units, widths, budget):
 
     best = None
     for combo in itertools.product(widths, repeat=len(units)):
-        size = sum(u.nbytes(b, 32, True) for u, b in zip(units, combo))
+        if not all(c in u.options(widths) for u, c in zip(units, combo)):
+            continue
+        size = sum(u.nbytes(b, True) for u, b in zip(units, combo))
         if size <= budget:
             err = sum(u.errors[b] for u, b in zip(units, combo))
             if best is None or err < best[0]:
@@ -54,33 +62,68 @@ def _brute_force(units, widths, budget):
 def test_knapsack_is_optimal_and_within_budget(seed):
     """The DP equals brute force on 6 units (3^6 choices) up to its byte buckets, and never exceeds the budget."""
     units = _units(6, seed)
-    lo = sum(u.nbytes(2, 32, True) for u in units)
-    hi = sum(u.nbytes(4, 32, True) for u in units)
+    lo = sum(u.nbytes((2, 32), True) for u in units)
+    hi = sum(u.nbytes((4, 32), True) for u in units)
     budget = int(lo + (hi - lo) * (0.3 + 0.15 * seed))
-    chosen = allocate(units, (2, 3, 4), budget, 32, True)
-    size = sum(u.nbytes(chosen[u.name], 32, True) for u in units)
+    chosen = allocate(units, W(2, 3, 4), budget, True)
+    size = sum(u.nbytes(chosen[u.name], True) for u in units)
     assert size <= budget
     err = sum(u.errors[chosen[u.name]] for u in units)
-    best_err, _ = _brute_force(units, (2, 3, 4), budget)
+    best_err, _ = _brute_force(units, W(2, 3, 4), budget)
     # bytes are rounded up to buckets of budget/50000: the DP may miss choices within 6 buckets of the budget
-    relaxed, _ = _brute_force(units, (2, 3, 4), budget - 6 * budget / 50_000)
+    relaxed, _ = _brute_force(units, W(2, 3, 4), budget - 6 * budget / 50_000)
     assert best_err <= err + 1e-9 and err <= relaxed + 1e-9
     # within one unit's size of the budget: no unit upgrade still fits
-    assert all(size + u.nbytes(min(chosen[u.name] + 1, 4), 32, True) - u.nbytes(chosen[u.name], 32, True) > budget
-               or chosen[u.name] == 4 for u in units)
+    up = lambda c: (min(c[0] + 1, 4), c[1])  # noqa: E731
+    assert all(size + u.nbytes(up(chosen[u.name]), True) - u.nbytes(chosen[u.name], True) > budget
+               or chosen[u.name][0] == 4 for u in units)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_knapsack_over_widths_and_group_sizes(seed):
+    """Grids = widths × group sizes (32, 64, per channel): the DP equals brute force on 5 units (9^5 choices),
+    and a unit is never given a group size that does not divide its in-features (96 is not a multiple of
+    64)."""
+    g = torch.Generator().manual_seed(seed)
+    grids = [(b, gs) for b in (2, 3, 4) for gs in (32, 64, -1)]
+    units = []
+    for k in range(5):
+        ins = 96 if k == 2 else 128
+        shape = (int(torch.randint(1, 5, (1,), generator=g)) * 64, ins)
+        u = Unit(f"u{k}", [f"u{k}"], [shape], 0)
+        for c in u.options(grids):  # coarser groups and fewer bits: more error
+            u.errors[c] = float(torch.rand(1, generator=g) + 0.5) * 4.0 ** (4 - c[0]) * {32: 1, 64: 1.3, -1: 2.2}[c[1]]
+        units.append(u)
+    assert (3, 64) not in units[2].options(grids) and (3, -1) in units[2].options(grids)
+    lo = sum(min(u.nbytes(c, True) for c in u.options(grids)) for u in units)
+    hi = sum(max(u.nbytes(c, True) for c in u.options(grids)) for u in units)
+    budget = int(lo + (hi - lo) * (0.25 + 0.2 * seed))
+    chosen = allocate(units, grids, budget, True)
+    assert chosen["u2"][1] != 64
+    assert sum(u.nbytes(chosen[u.name], True) for u in units) <= budget
+    err = sum(u.errors[chosen[u.name]] for u in units)
+    best_err, _ = _brute_force(units, grids, budget)
+    relaxed, _ = _brute_force(units, grids, budget - 6 * budget / 50_000)
+    assert best_err <= err + 1e-9 and err <= relaxed + 1e-9
 
 
 def test_budget_below_smallest_model_and_rules():
     units = _units(3)
     with pytest.raises(RcsrError, match="below the smallest allowed model"):
-        allocate(units, (2, 3, 4), 100, 32, True)
-    (rx, b), = parse_rules(["u1=4"])
-    units[1].pinned = b
-    big = sum(u.nbytes(4, 32, True) for u in units)
-    chosen = allocate(units, (2, 3, 4), big, 32, True)
-    assert chosen["u1"] == 4
-    with pytest.raises(RcsrError, match="REGEX=BITS"):
-        parse_rules(["down_proj"])
+        allocate(units, W(2, 3, 4), 100, True)
+    (rx, pin), = parse_rules(["u1=4"])
+    assert pin == (4, None) and rx.search("model.u1")
+    units[1].pinned = pin
+    big = sum(u.nbytes((4, 32), True) for u in units)
+    chosen = allocate(units, W(2, 3, 4), big, True)
+    assert chosen["u1"] == (4, 32)
+    assert [p for _, p in parse_rules(["v_proj=4g64", "down_proj=3pc"])] == [(4, 64), (3, -1)]
+    # a pin that names a group size is the unit's only option, even outside the allowed grids
+    units[1].pinned = (4, -1)
+    assert units[1].options(W(2, 3, 4)) == [(4, -1)]
+    for bad in ("down_proj", "down_proj=4x", "down_proj=4g48"):
+        with pytest.raises(RcsrError):
+            parse_rules([bad])
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +176,46 @@ def test_uniform_budget_gives_uniform_codes(tiny_dir, text_file, tmp_path):
         assert torch.equal(a[m].codes, b[m].codes) and torch.equal(a[m].scale, b[m].scale), m
 
 
+def test_group_size_choices_end_to_end(tiny_dir, text_file, tmp_path):
+    """--group-sizes 32,channel with widths 3/4: layers get different group sizes as well as widths, fused
+    modules share a grid, achieved bytes equal predicted within the budget, the report names every unit's
+    grid, and the checkpoint loads fake-quantized."""
+    cfg = _cfg(text_file, avg_bits=3.4, widths=(3, 4), group_sizes=(32, -1))
+    rep = quantize_to_checkpoint(str(tiny_dir), tmp_path / "mix", cfg, device="cpu", progress=False)
+    a = rep["allocation"]
+    assert a["achieved_bytes"] == a["predicted_bytes"] <= a["budget_bytes"]
+    assert set(a["uniform_error"]) == {"3g32", "3pc", "4g32", "4pc"}
+    qc = QuantConfig.read(tmp_path / "mix")
+    grids = {(qc.spec_for(m).bits, qc.spec_for(m).group_size) for m in qc.quantized_modules}
+    assert len({g for _, g in grids}) > 1, grids
+    assert {(u["bits"], u["group_size"]) for u in a["units"]} == grids
+    for i in range(3):
+        q, k, v = (qc.spec_for(f"model.layers.{i}.self_attn.{p}_proj") for p in "qkv")
+        assert q == k == v
+    tensors = load_quantized_tensors(tmp_path / "mix")
+    assert all(t.spec == qc.spec_for(m) for m, t in tensors.items())
+    model, _ = load_fake_quant_model(tmp_path / "mix")
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9, 30]])).logits).all()
+
+
+def test_per_channel_budget_gives_per_channel_codes(tiny_dir, text_file, tmp_path):
+    """Budget = uniform W3 per channel, grids 3g32 / 3pc: only all-per-channel fits, and its codes are exactly
+    those of plain --bits 3 --group-size -1 (the group-size lever reduces to the uniform grid)."""
+    quantize_to_checkpoint(str(tiny_dir), tmp_path / "pc", _cfg(text_file, group_size=-1), device="cpu",
+                           progress=False)
+    q = load_quantized_tensors(tmp_path / "pc")
+    # bits per weight of uniform W3 per channel: codes + one fp16 scale per row (+1e-6: float rounding)
+    avg = 3 + 16 * sum(t.scale.numel() for t in q.values()) / sum(t.codes.numel() for t in q.values()) + 1e-6
+    rep = quantize_to_checkpoint(str(tiny_dir), tmp_path / "alloc",
+                                 _cfg(text_file, avg_bits=avg, widths=(3,), group_sizes=(32, -1)),
+                                 device="cpu", progress=False)
+    assert {(u["bits"], u["group_size"]) for u in rep["allocation"]["units"]} == {(3, -1)}
+    b = load_quantized_tensors(tmp_path / "alloc")
+    assert set(q) == set(b)
+    for m in q:
+        assert torch.equal(q[m].codes, b[m].codes) and torch.equal(q[m].scale, b[m].scale), m
+
+
 def test_uniform_width_that_fits_is_considered():
     """Guard: the uniform allocation at a width that fits the budget (exact bytes) is one of the candidates.
 
@@ -142,24 +225,25 @@ def test_uniform_width_that_fits_is_considered():
     from rcsr_deploy.allocate import knapsack
 
     shapes = [(64, 128), (192, 128), (320, 128), (128, 128), (256, 128), (64, 128), (192, 128)]
-    units = [Unit(f"u{k}", [f"u{k}"], [s], 0, errors={2: 100.0, 3: 1.0, 4: 0.9}) for k, s in enumerate(shapes)]
-    budget = sum(u.nbytes(3, 32, True) for u in units)
-    dp = knapsack(units, (2, 3, 4), budget, 32, True)
-    assert set(dp.values()) != {3}, "precondition: bucket rounding excludes uniform W3 from the DP"
-    chosen = allocate(units, (2, 3, 4), budget, 32, True)
-    assert chosen == {u.name: 3 for u in units}
+    e = lambda e2, e3, e4: {(2, 32): e2, (3, 32): e3, (4, 32): e4}  # noqa: E731
+    units = [Unit(f"u{k}", [f"u{k}"], [s], 0, errors=e(100.0, 1.0, 0.9)) for k, s in enumerate(shapes)]
+    budget = sum(u.nbytes((3, 32), True) for u in units)
+    dp = knapsack(units, W(2, 3, 4), budget, True)
+    assert set(dp.values()) != {(3, 32)}, "precondition: bucket rounding excludes uniform W3 from the DP"
+    chosen = allocate(units, W(2, 3, 4), budget, True)
+    assert chosen == {u.name: (3, 32) for u in units}
     # a mixed allocation that is predicted better than every uniform one that fits is kept
     for k, u in enumerate(units):
-        u.errors = {2: 1.0, 3: 1.0, 4: 1.0} if k % 2 else {2: 50.0, 3: 10.0, 4: 0.1}
-    chosen = allocate(units, (2, 3, 4), budget, 32, True)
+        u.errors = e(1.0, 1.0, 1.0) if k % 2 else e(50.0, 10.0, 0.1)
+    chosen = allocate(units, W(2, 3, 4), budget, True)
     assert len(set(chosen.values())) > 1
-    assert sum(u.nbytes(chosen[u.name], 32, True) for u in units) <= budget
+    assert sum(u.nbytes(chosen[u.name], True) for u in units) <= budget
     # pinned units stay pinned in the uniform candidate
     for u in units:
-        u.errors = {2: 100.0, 3: 1.0, 4: 0.9}
-    units[0].pinned = 2
-    chosen = allocate(units, (2, 3, 4), budget, 32, True)
-    assert chosen["u0"] == 2
+        u.errors = e(100.0, 1.0, 0.9)
+    units[0].pinned = (2, None)
+    chosen = allocate(units, W(2, 3, 4), budget, True)
+    assert chosen["u0"] == (2, 32)
 
 
 def test_fisher_kl_predicts_end_to_end_kl():
