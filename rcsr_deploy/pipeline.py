@@ -336,17 +336,22 @@ def _plot_report(report: dict) -> bytes | None:
     ax.set_yscale("log")
     ax.set_xlabel("decoder block")
     ax.set_ylabel("relative error ‖(W−Q)X̃‖²/‖WX̃‖²" if any("rel_output_error" in i for e in report["layers"] for i in e["modules"].values()) else "relative weight error")
-    ax.set_title(f"{cfg['method']} W{cfg['bits']} g{cfg['group_size']} {'sym' if cfg['sym'] else 'asym'}")
+    grid = "per channel" if cfg["group_size"] == -1 else f"g{cfg['group_size']}"
+    ax.set_title(f"{cfg['method']} W{cfg['bits']} {grid} {'sym' if cfg['sym'] else 'asym'}"
+                 + (" (top-level grid; --avg-bits mixed)" if alloc else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     if alloc:
         kinds: dict[str, list[tuple[int, int]]] = {}
+        from .allocate import label
         for u in alloc["units"]:
             block = int(u["unit"].split(".layers.")[-1].split(".")[0]) if ".layers." in u["unit"] else -1
-            kinds.setdefault(u["unit"].rsplit(".", 1)[-1], []).append((block, u["bits"]))
+            grid = label((u["bits"], u.get("group_size", cfg["group_size"])))
+            bpw = 8 * u["bytes"][grid] / u["params"] if grid in u.get("bytes", {}) else u["bits"]
+            kinds.setdefault(u["unit"].rsplit(".", 1)[-1], []).append((block, bpw))
         for k, (kind, pts) in enumerate(sorted(kinds.items())):
             ax2.scatter([p[0] + 0.12 * k for p in pts], [p[1] for p in pts], s=14, label=kind)
-        ax2.set_ylabel("bits")
+        ax2.set_ylabel("bits / weight (scales incl.)")
         ax2.set_xlabel("decoder block")
         ax2.set_title(f"--avg-bits allocation: predicted {alloc['predicted_avg_bits']:.3f}, achieved "
                       f"{alloc.get('achieved_avg_bits', float('nan')):.3f} bits/weight (scales, zeros included)",
