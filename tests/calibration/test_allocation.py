@@ -273,3 +273,16 @@ def test_fisher_kl_predicts_end_to_end_kl():
         measured = float((ref.exp() * (ref - lp)).sum(-1).mean())
         predicted = fisher_kl(G[i], delta)
         assert measured > 0 and abs(predicted / measured - 1) < 0.25, (i, predicted, measured)
+
+
+def test_sample_labels_follows_the_distribution():
+    """Inverse-CDF label sampling (the Fisher's sampled labels): frequencies match the probabilities, and a
+    zero-probability token is never drawn."""
+    from rcsr_deploy.allocate import sample_labels
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    rows = probs.repeat(20000, 1)
+    y = sample_labels(rows.cumsum(-1), torch.Generator().manual_seed(0)).reshape(20000, 2)
+    freq = torch.stack([torch.bincount(y[:, r], minlength=4).float() / 20000 for r in range(2)])
+    assert (freq[probs == 0] == 0).all()
+    assert torch.allclose(freq, probs, atol=0.015), freq
