@@ -97,6 +97,9 @@ def cli(verbose: int) -> None:
 @click.option("--group-sizes", "group_sizes", default="",
               help="With --avg-bits: also choose each layer's group size from this list (e.g. 64,channel); "
                    "default: --group-size only.")
+@click.option("--alloc-check/--no-alloc-check", "alloc_check", default=True, show_default=True,
+              help="With --avg-bits: measure the candidate allocations (proxy optimum, without the narrowest "
+                   "width, best uniform grid) end to end on held-back calibration text and keep the best.")
 @click.option("--bits-rule", "bits_rules", multiple=True,
               help="With --avg-bits: 'REGEX=BITS' (or BITSgGROUP, BITSpc) pins the layers whose module name "
                    "matches (repeatable).")
@@ -107,7 +110,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
              sarqc_lambda,
              clip, act_order,
              calib, nsamples, seqlen, seed, percdamp, batch_size, device, lm_head, moe_calib, moe_min_tokens, moe_fallback, avg_bits,
-             widths, group_sizes, bits_rules, resume, overwrite, no_progress):
+             widths, group_sizes, alloc_check, bits_rules, resume, overwrite, no_progress):
     """Quantize a causal LM into a packed rcsr checkpoint."""
     from rcsr_deploy.calib import QuantizeConfig
     from rcsr_deploy.pipeline import quantize_to_checkpoint
@@ -121,7 +124,7 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          act_order=act_order, percdamp=percdamp, nsamples=nsamples, seqlen=seqlen, seed=seed,
                          calib=calib, batch_size=batch_size, lm_head=lm_head, moe_calib=moe_calib,
                          moe_min_tokens=moe_min_tokens, moe_fallback=moe_fallback, avg_bits=avg_bits, widths=_widths(widths),
-                         group_sizes=tuple(dict.fromkeys(_group_size(v, "--group-sizes") for v in group_sizes.split(",") if v.strip())),
+                         alloc_check=alloc_check, group_sizes=tuple(dict.fromkeys(_group_size(v, "--group-sizes") for v in group_sizes.split(",") if v.strip())),
                          bits_rules=tuple(bits_rules),
                          **({} if alpha_margin is None else {"alpha_margin": alpha_margin}))
     report = quantize_to_checkpoint(model, out_dir, cfg, device=device, resume=resume, overwrite=overwrite,

@@ -62,6 +62,8 @@ PROBE_WINDOWS = 16
 PROBE_SEQLEN = 256
 #: labels sampled per token from the FP model's predictions for the Fisher (KL) estimate
 FISHER_SAMPLES = 4
+#: held-back windows (of ``PROBE_SEQLEN`` tokens) on which the candidate allocations are measured
+CHECK_WINDOWS = 8
 
 
 Choice = tuple[int, int]  # a grid: (bits, group size; -1 = per channel)
@@ -270,6 +272,25 @@ def fisher_kl(G: torch.Tensor, delta: torch.Tensor) -> float:
     return float(0.5 * (proj ** 2).mean(0).sum() / (delta.shape[0] * delta.shape[1]))
 
 
+def _block_stats(block, x: torch.Tensor, kw: dict, bs: int, dtype):
+    """The FP block output on ``x`` and every module's ``H`` statistics (GPTQ's, no ``D``) by local name."""
+    from .calib.streams import discover_groups, run_block_capturing
+    from .objective import LayerStats
+
+    groups = discover_groups(block, x, kw, "cpu", dtype)
+    mods = dict(block.named_modules())
+    firsts = {g[0]: mods[g[0]] for g in groups}
+    y, cache = run_block_capturing(block, x, kw, "cpu", bs, dtype, firsts)
+    stats = {}
+    for g in groups:
+        st = LayerStats(mods[g[0]].in_features, "cpu", with_d=False)
+        for b0 in range(0, cache[g[0]].shape[0], bs):
+            st.add(cache[g[0]][b0:b0 + bs])
+        for n in g:
+            stats[n] = st
+    return y, stats
+
+
 def probe(model, tokenizer, cfg, choices: list[Choice], units_by_block: dict[int, list[Unit]],
           progress: bool = True) -> None:
     """Fill ``unit.errors[c]`` (predicted end-to-end mean per-token KL with only ``unit`` on grid ``c``) for
@@ -278,9 +299,8 @@ def probe(model, tokenizer, cfg, choices: list[Choice], units_by_block: dict[int
     from tqdm.auto import tqdm
 
     from .calib.adapter import find_decoder_layers
-    from .calib.streams import capture_block_inputs, discover_groups, run_block, run_block_capturing
+    from .calib.streams import capture_block_inputs, run_block
     from .data import calibration_windows
-    from .objective import LayerStats
 
     layers, prefix = find_decoder_layers(model)
     dtype = next(model.parameters()).dtype
@@ -297,18 +317,7 @@ def probe(model, tokenizer, cfg, choices: list[Choice], units_by_block: dict[int
         if i not in units_by_block:  # a block left out by --blocks: only propagate the FP stream
             x = run_block(block, x, kw, "cpu", bs, dtype)
             continue
-        groups = discover_groups(block, x, kw, "cpu", dtype)
-        mods = dict(block.named_modules())
-        firsts = {g[0]: mods[g[0]] for g in groups}
-        y, cache = run_block_capturing(block, x, kw, "cpu", bs, dtype, firsts)
-        stats: dict[str, LayerStats] = {}
-        for g in groups:
-            st = LayerStats(mods[g[0]].in_features, "cpu", with_d=False)
-            for b0 in range(0, cache[g[0]].shape[0], bs):
-                st.add(cache[g[0]][b0:b0 + bs])
-            for n in g:
-                stats[n] = st
-        del cache
+        y, stats = _block_stats(block, x, kw, bs, dtype)
         plen = len(f"{prefix}.{i}.")
         for u in units_by_block[i]:
             saved = {m[plen:]: _weight(block, m[plen:]).clone() for m in u.modules}
@@ -340,6 +349,18 @@ def allocate(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: b
     except RcsrError:
         best = None
     best_err = float("inf") if best is None else sum(u.errors[best[u.name]] for u in units)
+    for _, uni, err in uniform_allocations(units, choices, budget_bytes, sym):
+        if err <= best_err:
+            best, best_err = uni, err
+    if best is None:
+        return knapsack(units, choices, budget_bytes, sym)  # raises the budget error
+    return best
+
+
+def uniform_allocations(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: bool):
+    """``(grid, allocation, predicted error)`` of every uniform allocation that fits the budget in exact
+    bytes, widest grid first: one grid for every unit that is offered it (pinned units keep their pin; a
+    unit the grid's group does not divide takes its best option)."""
     for c in sorted(choices, key=lambda c: (-c[0], c[1] == -1, c[1])):
         uni = {}
         for u in units:
@@ -348,14 +369,36 @@ def allocate(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: b
                 break
             uni[u.name] = c if c in opts else min(opts, key=lambda o: (u.errors[o], u.nbytes(o, sym)))
         else:
-            if sum(u.nbytes(uni[u.name], sym) for u in units) > budget_bytes:
-                continue
-            err = sum(u.errors[uni[u.name]] for u in units)
-            if err <= best_err:
-                best, best_err = uni, err
-    if best is None:
-        return knapsack(units, choices, budget_bytes, sym)  # raises the budget error
-    return best
+            if sum(u.nbytes(uni[u.name], sym) for u in units) <= budget_bytes:
+                yield c, uni, sum(u.errors[uni[u.name]] for u in units)
+
+
+def candidate_allocations(units: list[Unit], choices: list[Choice], budget_bytes: int,
+                          sym: bool) -> dict[str, dict[str, Choice]]:
+    """The allocations the measured check compares (distinct ones only, in this order):
+
+    * ``proxy optimum``: ``allocate`` over every allowed grid (the knapsack, or a uniform grid the proxy
+      predicts no worse);
+    * ``widths >= w``: the same with the narrowest widths left out, for each ``w`` above the narrowest --
+      the second-order proxy is least trustworthy for the largest perturbations, which the narrowest width
+      makes, so the check measures whether spending bytes on it pays;
+    * ``uniform <grid>``: the uniform allocation the proxy predicts best among those that fit."""
+    out: dict[str, dict[str, Choice]] = {"proxy optimum": allocate(units, choices, budget_bytes, sym)}
+    widths = sorted({c[0] for c in choices})
+    for w in widths[1:]:
+        sub = [c for c in choices if c[0] >= w]
+        try:
+            out[f"widths >= {w}"] = allocate(units, sub, budget_bytes, sym)
+        except RcsrError:  # the budget (or a pin) needs the narrower widths
+            break
+    unis = sorted(uniform_allocations(units, choices, budget_bytes, sym), key=lambda t: t[2])
+    if unis:
+        out[f"uniform {label(unis[0][0])}"] = unis[0][1]
+    distinct: dict[str, dict[str, Choice]] = {}
+    for name, a in out.items():
+        if a not in distinct.values():
+            distinct[name] = a
+    return distinct
 
 
 def knapsack(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: bool) -> dict[str, Choice]:
@@ -397,6 +440,88 @@ def knapsack(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: b
     return out
 
 
+def measure_candidates(model, tokenizer, cfg, units_by_block: dict[int, list[Unit]],
+                       candidates: dict[str, dict[str, Choice]], progress: bool = True) -> dict[str, dict]:
+    """Measured end-to-end ``KL(p_FP ‖ p)`` and NLL of every candidate allocation on ``CHECK_WINDOWS``
+    held-back windows.
+
+    Each candidate is assembled with the probe's quantizer (GPTQ on each module's ``H`` from the FP stream
+    of the probe windows) and run block by block on held-back windows of the calibration text that overlap
+    no probe window (``data.calibration_split``); every distinct (unit, grid) is quantized once per block,
+    whichever candidates share it.  The last probed block's output of each candidate is then fed through
+    the rest of the FP model (a forward hook), so the logits include every later block, the final norm and
+    the head exactly as the model computes them (Gemma-3's soft-capping included)."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from .calib.adapter import find_decoder_layers
+    from .calib.streams import capture_block_inputs, run_block
+    from .data import calibration_split
+
+    layers, prefix = find_decoder_layers(model)
+    dtype = next(model.parameters()).dtype
+    bs = cfg.batch_size
+    fit, val = calibration_split(cfg.calib, tokenizer, min(cfg.nsamples, PROBE_WINDOWS),
+                                 min(cfg.seqlen, PROBE_SEQLEN), cfg.seed, CHECK_WINDOWS, 1)
+    x, kwargs = capture_block_inputs(model, layers, fit, bs, "cpu")
+    xv, _ = capture_block_inputs(model, layers, val, bs, "cpu")  # same length: the fit windows' kwargs apply
+    if dtype == torch.float32:
+        x, xv = x.float(), xv.float()
+    streams = {name: xv for name in candidates}
+    last = max(units_by_block)
+    for i in tqdm(range(last + 1), desc="allocation check", disable=not progress):
+        block, kw = layers[i], kwargs[i]
+        if i not in units_by_block:
+            x = run_block(block, x, kw, "cpu", bs, dtype)
+            streams = {n: run_block(block, h, kw, "cpu", bs, dtype) for n, h in streams.items()}
+            continue
+        y, stats = _block_stats(block, x, kw, bs, dtype)
+        plen = len(f"{prefix}.{i}.")
+        units = units_by_block[i]
+        saved = {m[plen:]: _weight(block, m[plen:]).clone() for u in units for m in u.modules}
+        deq = {(u.name, c): _quantize_unit(block, u, c, cfg, stats.get, plen)
+               for u in units for c in {a[u.name] for a in candidates.values()}}
+        for name, alloc in candidates.items():
+            with torch.no_grad():
+                for u in units:
+                    for local, w in deq[(u.name, alloc[u.name])].items():
+                        _weight(block, local).copy_(w.to(dtype))
+            streams[name] = run_block(block, streams[name], kw, "cpu", bs, dtype)
+        with torch.no_grad():
+            for local, w in saved.items():
+                _weight(block, local).copy_(w)
+        del deq, stats
+        x = y
+    box = {}
+
+    def swap(mod, args, out):
+        h = box.get("h")
+        if h is None:
+            return out
+        return ((h.to(out[0].dtype),) + tuple(out[1:])) if isinstance(out, tuple) else h.to(out.dtype)
+
+    hook = layers[last].register_forward_hook(swap)
+    kl = {n: 0.0 for n in candidates}
+    nll = {n: 0.0 for n in candidates}
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, val.shape[0], bs):
+                ids = val[b0:b0 + bs]
+                box["h"] = None
+                ref = F.log_softmax(model(input_ids=ids, use_cache=False).logits.double(), -1)
+                for n, h in streams.items():
+                    box["h"] = h[b0:b0 + bs]
+                    lp = F.log_softmax(model(input_ids=ids, use_cache=False).logits.double(), -1)
+                    kl[n] += float((ref.exp() * (ref - lp)).sum())
+                    nll[n] += float(-lp[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+                tokens += ids.numel()
+    finally:
+        hook.remove()
+    n_next = tokens - val.shape[0]
+    return {n: {"measured_kl": kl[n] / tokens, "held_back_nll": nll[n] / n_next} for n in candidates}
+
+
 @dataclass
 class Allocation:
     """The chosen grids and what they cost: ``module_grids`` feeds ``QuantizeConfig``."""
@@ -410,6 +535,8 @@ class Allocation:
     uniform_error: dict[str, float]
     seconds: float
     units: list[dict]
+    candidate: str = "proxy optimum"  # which of ``candidates`` was kept
+    candidates: dict[str, dict] = field(default_factory=dict)  # name -> predicted / measured KL, bits
 
     @property
     def avg_bits(self) -> float:
@@ -418,7 +545,8 @@ class Allocation:
     def report(self) -> dict:
         return {"budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes, "params": self.params,
                 "predicted_avg_bits": self.avg_bits, "predicted_error": self.predicted_error,
-                "uniform_error": self.uniform_error, "seconds": self.seconds, "units": self.units}
+                "uniform_error": self.uniform_error, "seconds": self.seconds, "kept_candidate": self.candidate,
+                "candidates": self.candidates, "units": self.units}
 
 
 def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
@@ -446,7 +574,15 @@ def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
             for (o, i) in u.shapes:
                 QuantSpec(c[0], c[1], cfg.sym).validate(i, u.name)
     probe(model, tokenizer, cfg, choices, by_block, progress=progress)
-    chosen = allocate(units, choices, budget, cfg.sym)
+    cands = candidate_allocations(units, choices, budget, cfg.sym)
+    checked = {n: {"predicted_kl": sum(u.errors[a[u.name]] for u in units),
+                   "avg_bits": 8 * sum(u.nbytes(a[u.name], cfg.sym) for u in units) / params} for n, a in cands.items()}
+    pick = "proxy optimum"
+    if cfg.alloc_check and len(cands) > 1:
+        for n, m in measure_candidates(model, tokenizer, cfg, by_block, cands, progress=progress).items():
+            checked[n].update(m)
+        pick = min(checked, key=lambda n: checked[n]["measured_kl"])
+    chosen = cands[pick]
     predicted = sum(u.nbytes(chosen[u.name], cfg.sym) for u in units)
     uniform = {label(c): sum(u.errors.get(c, float("nan")) for u in units) for c in choices}
     module_grids = {m: chosen[u.name] for u in units for m in u.modules}
@@ -456,7 +592,12 @@ def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
              "bytes": {label(c): u.nbytes(c, cfg.sym) for c in u.options(choices)},
              "pinned": None if u.pinned is None else list(u.pinned)} for u in units]
     alloc = Allocation(chosen, module_grids, budget, predicted, params,
-                       sum(u.errors[chosen[u.name]] for u in units), uniform, time.perf_counter() - t0, rows)
+                       sum(u.errors[chosen[u.name]] for u in units), uniform, time.perf_counter() - t0, rows,
+                       pick, checked)
+    for n, c in checked.items():
+        log.info("allocation candidate %-16s %.3f bits/weight, predicted KL %.4f, measured %s%s", n, c["avg_bits"],
+                 c["predicted_kl"], f"{c['measured_kl']:.4f}" if "measured_kl" in c else "-",
+                 "  <- kept" if n == pick else "")
     log.info("allocation: %.3f bits/weight predicted (budget %.3f), grids %s", alloc.avg_bits, avg_bits,
              {label(c): sum(1 for v in chosen.values() if v == c) for c in choices})
     return alloc

@@ -57,7 +57,7 @@ def compare(a_root: Path, b_root: Path) -> bool:
         qb = json.loads((b / "config.json").read_text())["quantization_config"]
         for q in (qa, qb):
             q.pop("rcsr_version", None)
-            for k in ("moe_calib", "moe_min_tokens", "avg_bits", "widths", "group_sizes", "bits_rules", "module_grids"):
+            for k in ("moe_calib", "moe_min_tokens", "avg_bits", "widths", "group_sizes", "alloc_check", "bits_rules", "module_grids"):
                 q.get("method", {}).pop(k, None)  # settings added later, at their no-op defaults
         ra, rb = json.loads((a / "quant_report.json").read_text()), json.loads((b / "quant_report.json").read_text())
         va = {(e["block"], m, k): v.get(k) for e in ra["layers"] for m, v in e["modules"].items() for k in REPORT_KEYS}

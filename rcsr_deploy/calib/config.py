@@ -91,6 +91,8 @@ class QuantizeConfig:
     avg_bits: float = 0.0
     widths: tuple = (2, 3, 4)
     group_sizes: tuple = ()
+    # measure the candidate allocations end to end on held-back windows and keep the best (allocate.py)
+    alloc_check: bool = True
     bits_rules: tuple = ()
     module_grids: dict = field(default_factory=dict)
 
