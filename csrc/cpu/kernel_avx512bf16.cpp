@@ -7,33 +7,48 @@
 // run-time CPU check (ops.cpp); everything here has internal linkage (kernel.h explains why).
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c")
 #include <immintrin.h>
+// GCC 12 warns "__Y may be used uninitialized" inside its own AVX-512 intrinsics (their masked forms take
+// _mm512_undefined_*() as the pass-through operand): a false positive, silenced for this file only.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "kernel.h"
 
 #define RCSR_INLINE __attribute__((always_inline)) inline
+#ifndef RCSR_BF16_MB
+#define RCSR_BF16_MB 8  // rows per pass over a pair of tiles (16 zmm sums); 12 spilled and ran 2x slower at M = 16
+#endif
 
 namespace rcsr_cpu {
 namespace {
 
 constexpr int TL_AND_OR = 0xEA;  // ternary logic: (a & b) | c
 
-// Calls f(w, kk) for the 16 column pairs (kk even) of one block: w = bf16 pairs (128 + q_kk, 128 + q_kk+1).
-template <int BITS, class F>
-RCSR_INLINE void unpack_pairs(const int32_t* blk, F&& f) {
+// Calls f(w, kk) for the 16 column pairs (kk even) of one block of each of the TL tiles blk[0..TL):
+// w[i] = bf16 pairs (128 + q_kk, 128 + q_kk+1) of tile i.
+template <int BITS, int TL, class F>
+RCSR_INLINE void unpack_pairs(const int32_t* const* blk, F&& f) {
   const __m512i bias = _mm512_set1_epi32(0x43004300);
+  __m512i w[TL];
   if constexpr (BITS == 3) {
     const __m512i ml = _mm512_set1_epi32(0x00030003), mh = _mm512_set1_epi32(0x00040004);
-    const __m512i hw = _mm512_loadu_si512(blk + 2 * NT);
+    __m512i hw[TL];
+    for (int i = 0; i < TL; ++i) hw[i] = _mm512_loadu_si512(blk[i] + 2 * NT);
 #pragma GCC unroll 2
     for (int wi = 0; wi < 2; ++wi) {
-      __m512i lo = _mm512_loadu_si512(blk + wi * NT);
-      __m512i h2 = _mm512_slli_epi32(_mm512_srli_epi32(hw, wi * 8), 2);
+      __m512i lo[TL], h2[TL];
+      for (int i = 0; i < TL; ++i) {
+        lo[i] = _mm512_loadu_si512(blk[i] + wi * NT);
+        h2[i] = _mm512_slli_epi32(_mm512_srli_epi32(hw[i], wi * 8), 2);
+      }
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {
-        const __m512i hi = _mm512_ternarylogic_epi32(h2, mh, bias, TL_AND_OR);
-        f(_mm512_ternarylogic_epi32(lo, ml, hi, TL_AND_OR), wi * 16 + 2 * j);
-        lo = _mm512_srli_epi32(lo, 2);
-        h2 = _mm512_srli_epi32(h2, 1);
+        for (int i = 0; i < TL; ++i) {
+          const __m512i hi = _mm512_ternarylogic_epi32(h2[i], mh, bias, TL_AND_OR);
+          w[i] = _mm512_ternarylogic_epi32(lo[i], ml, hi, TL_AND_OR);
+          lo[i] = _mm512_srli_epi32(lo[i], 2);
+          h2[i] = _mm512_srli_epi32(h2[i], 1);
+        }
+        f(w, wi * 16 + 2 * j);
       }
     }
   } else {
@@ -42,69 +57,95 @@ RCSR_INLINE void unpack_pairs(const int32_t* blk, F&& f) {
     const __m512i mask = _mm512_set1_epi32(M | (M << 16));
 #pragma GCC unroll 4
     for (int wi = 0; wi < BITS; ++wi) {
-      __m512i v = _mm512_loadu_si512(blk + wi * NT);
+      __m512i v[TL];
+      for (int i = 0; i < TL; ++i) v[i] = _mm512_loadu_si512(blk[i] + wi * NT);
 #pragma GCC unroll 8
       for (int j = 0; j < PER / 2; ++j) {
-        f(_mm512_ternarylogic_epi32(v, mask, bias, TL_AND_OR), wi * PER + 2 * j);
-        v = _mm512_srli_epi32(v, BITS);
+        for (int i = 0; i < TL; ++i) {
+          w[i] = _mm512_ternarylogic_epi32(v[i], mask, bias, TL_AND_OR);
+          v[i] = _mm512_srli_epi32(v[i], BITS);
+        }
+        f(w, wi * PER + 2 * j);
       }
     }
   }
 }
 
-template <int BITS, int MB>
+// Output tiles t .. t+TL-1, rows m0 .. m0+MB-1.  Each broadcast activation pair feeds TL dot products,
+// so two tiles halve the broadcasts per vdpbf16ps; the group's integer-domain sums stay in registers
+// (TL*MB of them) and are scaled into an fp32 accumulator in L1 at the end of each group.
+template <int BITS, int MB, int TL>
 void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-  const int32_t* wt = a.packed + t * a.k_blocks * BITS * NT;
+  alignas(64) float acc[TL][MB][NT];
+  for (int i = 0; i < TL; ++i)
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc[i][m], _mm512_setzero_ps());
+  const int32_t* wt[TL];
+  for (int i = 0; i < TL; ++i) wt[i] = a.packed + (t + i) * a.k_blocks * BITS * NT;
   const __m512 bias = _mm512_set1_ps(128.0f);
   const __m512 zsym = _mm512_set1_ps((float)(128 + (1 << (BITS - 1))));
   for (int64_t g = 0; g < a.n_groups; ++g) {
-    __m512 accq[MB];
-    for (int m = 0; m < MB; ++m) accq[m] = _mm512_setzero_ps();
+    __m512 accq[TL][MB];
+    for (int i = 0; i < TL; ++i)
+      for (int m = 0; m < MB; ++m) accq[i][m] = _mm512_setzero_ps();
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
       const int32_t* xr[MB];
       for (int m = 0; m < MB; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride + (m0 + m) * KB);
-      unpack_pairs<BITS>(wt + kb * BITS * NT, [&](__m512i w, int kk) {
-        const __m512bh wb = (__m512bh)w;
+      const int32_t* blk[TL];
+      for (int i = 0; i < TL; ++i) blk[i] = wt[i] + kb * BITS * NT;
+      unpack_pairs<BITS, TL>(blk, [&](const __m512i* w, int kk) {
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m)
-          accq[m] = _mm512_dpbf16_ps(accq[m], wb, (__m512bh)_mm512_set1_epi32(xr[m][kk >> 1]));
+        for (int m = 0; m < MB; ++m) {
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[m][kk >> 1]);
+          for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbf16_ps(accq[i][m], (__m512bh)w[i], xb);
+        }
       });
     }
-    const int64_t sg = (t * a.n_groups + g) * NT;
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
-    const __m512 z = a.zeros ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg)))),
-                                             bias)
-                             : zsym;
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.n_groups + g]);
-      acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[m]), acc[m]);
+    for (int i = 0; i < TL; ++i) {
+      const int64_t sg = ((t + i) * a.n_groups + g) * NT;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
+      const __m512 z = a.zeros ? _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg)))),
+                                               bias)
+                               : zsym;
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.n_groups + g]);
+        _mm512_store_ps(acc[i][m], _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[i][m]), _mm512_load_ps(acc[i][m])));
+      }
     }
   }
-  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + t * NT, acc[m]);
+  for (int i = 0; i < TL; ++i)
+    for (int m = 0; m < MB; ++m)
+      _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + (t + i) * NT, _mm512_load_ps(acc[i][m]));
+}
+
+// the last r < MB rows of tiles t .. t+TL-1 (R counts down to the remainder's row count)
+template <int BITS, int TL, int R>
+RCSR_INLINE void rest_rows(const GemmArgs& a, int64_t t, int64_t m0, int64_t r) {
+  if constexpr (R > 0) {
+    if (r == R) {
+      tile_rows<BITS, R, TL>(a, t, m0);
+    } else {
+      rest_rows<BITS, TL, R - 1>(a, t, m0, r);
+    }
+  }
+}
+
+// rows of tiles t .. t+TL-1: blocks of MB rows, then the remainder
+template <int BITS, int TL, int MB>
+void rows_of(const GemmArgs& a, int64_t t) {
+  int64_t m0 = 0;
+  for (; m0 + MB <= a.M; m0 += MB) tile_rows<BITS, MB, TL>(a, t, m0);
+  rest_rows<BITS, TL, MB - 1>(a, t, m0, a.M - m0);
 }
 
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) {
-    int64_t m0 = 0;
-    for (; m0 + 8 <= a.M; m0 += 8) tile_rows<BITS, 8>(a, t, m0);
-    switch (a.M - m0) {
-      case 1: tile_rows<BITS, 1>(a, t, m0); break;
-      case 2: tile_rows<BITS, 2>(a, t, m0); break;
-      case 3: tile_rows<BITS, 3>(a, t, m0); break;
-      case 4: tile_rows<BITS, 4>(a, t, m0); break;
-      case 5: tile_rows<BITS, 5>(a, t, m0); break;
-      case 6: tile_rows<BITS, 6>(a, t, m0); break;
-      case 7: tile_rows<BITS, 7>(a, t, m0); break;
-      default: break;
-    }
-  }
+  int64_t t = t0;
+  for (; t + 2 <= t1; t += 2) rows_of<BITS, 2, RCSR_BF16_MB>(a, t);  // pairs of tiles: 2 x MB accumulators
+  if (t < t1) rows_of<BITS, 1, 8>(a, t);
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 #include <cpuid.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "kernel.h"
@@ -30,7 +32,7 @@ bool has_f16c() {
   return (c & bit_F16C) != 0;
 }
 
-bool isa_supported(int64_t isa) {
+bool isa_probe(int64_t isa) {
   __builtin_cpu_init();
   switch (isa) {
     case kScalar: return true;
@@ -38,9 +40,15 @@ bool isa_supported(int64_t isa) {
     case kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && has_f16c();
-    case kAvx512Bf16: return isa_supported(kAvx512) && __builtin_cpu_supports("avx512bf16");
+    case kAvx512Bf16: return isa_probe(kAvx512) && __builtin_cpu_supports("avx512bf16");
     default: return false;
   }
+}
+
+// the CPU's answer, asked once (cpuid on every GEMM call showed in decode profiles)
+bool isa_supported(int64_t isa) {
+  static const bool known[4] = {isa_probe(kScalar), isa_probe(kAvx2), isa_probe(kAvx512), isa_probe(kAvx512Bf16)};
+  return isa >= kScalar && isa <= kAvx512Bf16 && known[isa];
 }
 
 int64_t best_isa() {
@@ -216,7 +224,7 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& packed, const at::T
 // k_blocks*32 columns and blocked [k_blocks][M][32]; and the group sums of x in fp32 [M][n_groups].
 template <typename T>
 void block_rows(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, bool bf16_out, void* xk, float* xsum) {
-  const int64_t gl = k / ng;
+  const int64_t gl = k / ng, kb_n = kpad / KB;
   for (int64_t r = 0; r < m; ++r) {
     const T* row = x + r * k;
     for (int64_t g = 0; g < ng; ++g) {
@@ -224,12 +232,16 @@ void block_rows(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, bool
       for (int64_t c = g * gl; c < (g + 1) * gl; ++c) acc += static_cast<float>(row[c]);
       xsum[r * ng + g] = static_cast<float>(acc);
     }
-    for (int64_t c = 0; c < kpad; ++c) {
-      const int64_t dst = (c / KB) * m * KB + r * KB + c % KB;
+    for (int64_t kb = 0; kb < kb_n; ++kb) {  // block kb of row r: 32 adjacent elements at [kb][r][0]
+      const int64_t c0 = kb * KB, len = std::min<int64_t>(KB, k - c0), dst = (kb * m + r) * KB;
       if (bf16_out) {
-        static_cast<uint16_t*>(xk)[dst] = c < k ? reinterpret_cast<const uint16_t*>(row)[c] : 0;
+        uint16_t* d = static_cast<uint16_t*>(xk) + dst;
+        std::memcpy(d, reinterpret_cast<const uint16_t*>(row) + c0, len * sizeof(uint16_t));
+        std::fill(d + len, d + KB, uint16_t(0));
       } else {
-        static_cast<float*>(xk)[dst] = c < k ? static_cast<float>(row[c]) : 0.f;
+        float* d = static_cast<float*>(xk) + dst;
+        for (int64_t c = 0; c < len; ++c) d[c] = static_cast<float>(row[c0 + c]);
+        std::fill(d + len, d + KB, 0.f);
       }
     }
   }

@@ -5,7 +5,9 @@
                                         [--ratios-of native_cpu]
 
 Shapes are ``out x in``: ``default`` = the default model's SmolLM2-135M layers, unfused and
-vLLM-fused; ``llm`` = 4096x4096, 11008x4096, 4096x11008, 14336x4096 (Llama-2-7B / Mistral-7B).
+vLLM-fused; ``llm`` = 4096x4096, 11008x4096, 4096x11008, 14336x4096 (Llama-2-7B / Mistral-7B); ``1b`` = the
+vLLM-fused layers of the random 1.1B Llama that tools/bench_serving.py serves.  ``--vllm-dense`` adds vLLM's
+own prepacked oneDNN GEMM, the path vLLM serves an FP model with (stronger than ``F.linear`` at M > 1).
 Prints the CPU's features and its measured memory read bandwidth first; timings are microseconds per
 call (best of several batches, the kernels taking turns, so that other processes' load affects them
 alike).  For the kernel named by ``--ratios-of`` it adds its speed-up over the dense ``F.linear``,
@@ -28,6 +30,22 @@ from . import KERNELS, LayerSpec, QuantWeights
 
 DEFAULT_SHAPES = "576x576,192x576,1536x576,576x1536,960x576,3072x576"
 LLM_SHAPES = "4096x4096,11008x4096,4096x11008,14336x4096"
+# the random-init 1.1B Llama of tools/bench_serving.py (TinyLlama-1.1B shape), vLLM-fused: qkv, o, gate_up, down
+ONE_B_SHAPES = "2560x2048,2048x2048,11264x2048,2048x5632"
+
+
+def vllm_dense_linear(dense: torch.Tensor):
+    """vLLM CPU's own unquantized GEMM for ``dense`` [out, in] -- the path an FP model is served with
+    (``dispatch_cpu_unquantized_gemm``: oneDNN on a weight prepacked once), or None when this vLLM build
+    has no oneDNN."""
+    try:
+        from vllm import _custom_ops as ops
+    except Exception:  # noqa: BLE001 - no vLLM: the column is left out
+        return None
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    handler = ops.create_onednn_mm(dense.t(), 32)
+    return lambda x: ops.onednn_mm(handler, x, None)
 
 
 def read_bandwidth_gbs(mbytes: int = 512, rounds: int = 5) -> float:
@@ -112,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES)
+    ap.add_argument("--vllm-dense", action="store_true",
+                    help="also time vLLM's prepacked oneDNN GEMM on the dense weight ('vllm_dense', the path vLLM "
+                         "serves an FP model with) and print the --ratios-of kernel's speed-up over it")
     ap.add_argument("--kernels", default=",".join(k for k in KERNELS if k != "triton"))
     ap.add_argument("--min-time", type=float, default=0.15)
     ap.add_argument("--ratios-of", default="native_cpu",
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES}.get(args.shapes, args.shapes)
+    shapes = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES, "1b": ONE_B_SHAPES}.get(args.shapes, args.shapes)
     bw = read_bandwidth_gbs()
     print(f"# {cpu_features()}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cpus; measured read bandwidth {bw:.1f} GB/s")
@@ -138,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         names[i:i + 1] = ["nc:small", "nc:large"]
     rk = args.ratios_of
     header = (f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
-              + (f" {'x dense':>8} {'GB/s':>6} {'%bw':>4}" if rk in names else ""))
+              + (f" {'x dense':>8} {'GB/s':>6} {'%bw':>4}" if rk in names else "")
+              + (f" {'vllm_dense':>10} {'x vllm':>7}" if args.vllm_dense else ""))
     print(header)
     for bits in [int(b) for b in args.bits.split(",")]:
         for dname in args.dtypes.split(","):
@@ -163,9 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                             k.large_m = 1
                         kernels[n] = k
                 dense = torch.randn(out_f, in_f).to(dt)
+                vd = vllm_dense_linear(dense) if args.vllm_dense else None
                 for m in ms:
                     x = torch.randn(m, in_f).to(dt)
                     fns = {"dense": lambda: F.linear(x, dense)}
+                    if vd is not None:
+                        fns["vllm_dense"] = lambda: vd(x)
                     for n, k in kernels.items():
                         fns[n] = (lambda k: lambda: k.apply(x))(k)
                     t = time_calls(fns, args.min_time * (1 + len(fns)))
@@ -175,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
                     if rk in t:
                         gbs = kernels[rk].nbytes() / (t[rk] * 1e-6) / 1e9
                         extra = f" {t_dense / t[rk]:8.2f} {gbs:6.1f} {100 * gbs / bw:4.0f}"
+                    if args.vllm_dense:
+                        extra += (f" {t['vllm_dense']:10.1f} {t['vllm_dense'] / t[rk]:7.2f}"
+                                  if "vllm_dense" in t and rk in t else f" {'-':>10} {'-':>7}")
                     print(f"{bits:>4} {dname[:8]:>8} {shape:>10} {m:>4} {t_dense:8.1f} " + " ".join(cols) + extra,
                           flush=True)
     return 0
