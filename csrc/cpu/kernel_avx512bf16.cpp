@@ -141,10 +141,14 @@ void rows_of(const GemmArgs& a, int64_t t) {
   rest_rows<BITS, TL, MB - 1>(a, t, m0, a.M - m0);
 }
 
+// Tiles in pairs, or in fours for M < 4 (decode): each tile's sums of one row form a dependent chain of
+// vdpbf16ps, so a lone row needs several tiles in flight to cover the instruction's latency.
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
   int64_t t = t0;
-  for (; t + 2 <= t1; t += 2) rows_of<BITS, 2, RCSR_BF16_MB>(a, t);  // pairs of tiles: 2 x MB accumulators
+  if (a.M < 4)
+    for (; t + 4 <= t1; t += 4) rows_of<BITS, 4, 4>(a, t);
+  for (; t + 2 <= t1; t += 2) rows_of<BITS, 2, RCSR_BF16_MB>(a, t);  // 2 x MB accumulators
   if (t < t1) rows_of<BITS, 1, 8>(a, t);
 }
 

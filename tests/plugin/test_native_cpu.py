@@ -91,7 +91,7 @@ CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (True, False), (
                               f"{str(t).removeprefix('torch.')}" for b, g, s, d, t in CASES])
 def test_gemm_matches_fp32_reference(bits, gs, sym, dynamic, dtype, monkeypatch):
     # odd numbers of groups / tiles: K = 3 groups (per channel: 7 blocks of 32); N = 83 is 6 tiles, the last
-    # one padded (the bf16 kernel takes tiles in pairs), N = 99 is 7 (a pair kernel plus a lone tile)
+    # one padded (the bf16 kernel takes tiles in fours for M < 4, else in pairs), N = 99 is 7 (4 + 2 + 1)
     k = 3 * gs if gs != -1 else 224
     g = torch.Generator().manual_seed(7)
     xs = {m: torch.randn(m, k, generator=g).to(dtype) for m in MS}
