@@ -76,15 +76,19 @@ RCSR_INLINE void load_sz(const GemmArgs* ga, const DequantArgs* da, int64_t sg, 
   }
 }
 
+// Output tile t (two ymm halves), rows m0 .. m0+MB-1.  One or two rows split each half's sums into
+// S interleaved chains (column kk goes to chain kk % S) so that the FMA latency is covered at decode.
 template <int BITS, int MB>
 void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
+  constexpr int S = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
   const float* x = static_cast<const float*>(a.x);
   __m256 acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   const int32_t* wt = a.packed + t * a.k_blocks * BITS * NT;
   for (int64_t g = 0; g < a.n_groups; ++g) {
-    __m256 accq[MB][2];
-    for (int m = 0; m < MB; ++m) accq[m][0] = accq[m][1] = _mm256_setzero_ps();
+    __m256 accq[S][MB][2];
+    for (int c = 0; c < S; ++c)
+      for (int m = 0; m < MB; ++m) accq[c][m][0] = accq[c][m][1] = _mm256_setzero_ps();
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
@@ -92,20 +96,24 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
       for (int m = 0; m < MB; ++m) xr[m] = x + kb * a.x_block_stride + (m0 + m) * KB;
       unpack_block<BITS>(wt + kb * BITS * NT, [&](I16 q, int kk) {
         const __m256 q0 = _mm256_cvtepi32_ps(q.h[0]), q1 = _mm256_cvtepi32_ps(q.h[1]);
+        const int c = kk % S;
 #pragma GCC unroll 4
         for (int m = 0; m < MB; ++m) {
           const __m256 xv = _mm256_broadcast_ss(xr[m] + kk);
-          accq[m][0] = _mm256_fmadd_ps(q0, xv, accq[m][0]);
-          accq[m][1] = _mm256_fmadd_ps(q1, xv, accq[m][1]);
+          accq[c][m][0] = _mm256_fmadd_ps(q0, xv, accq[c][m][0]);
+          accq[c][m][1] = _mm256_fmadd_ps(q1, xv, accq[c][m][1]);
         }
       });
     }
+    for (int c = 1; c < S; ++c)
+      for (int m = 0; m < MB; ++m)
+        for (int h = 0; h < 2; ++h) accq[0][m][h] = _mm256_add_ps(accq[0][m][h], accq[c][m][h]);
     const int64_t sg = (t * a.n_groups + g) * NT;
     __m256 s[2], z[2];
     load_sz(&a, nullptr, sg, BITS, s, z);
     for (int m = 0; m < MB; ++m) {
       const __m256 xs = _mm256_set1_ps(a.xsum[(m0 + m) * a.n_groups + g]);
-      for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_fmadd_ps(s[h], _mm256_fnmadd_ps(z[h], xs, accq[m][h]), acc[m][h]);
+      for (int h = 0; h < 2; ++h) acc[m][h] = _mm256_fmadd_ps(s[h], _mm256_fnmadd_ps(z[h], xs, accq[0][m][h]), acc[m][h]);
     }
   }
   for (int m = 0; m < MB; ++m) {

@@ -63,16 +63,20 @@ RCSR_INLINE __m512 load_zeros(const uint8_t* p, __m512 zsym) {
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Output tile t, rows m0 .. m0+MB-1.  Fewer than 4 rows split each row's sums into 4 interleaved
+// chains (column kk goes to chain kk % 4): one chain per row would wait on the FMA latency at decode.
 template <int BITS, int MB>
 void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
+  constexpr int S = MB < 4 ? 4 : 1;
   const float* x = static_cast<const float*>(a.x);
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   const int32_t* wt = a.packed + t * a.k_blocks * BITS * NT;
   const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
   for (int64_t g = 0; g < a.n_groups; ++g) {
-    __m512 accq[MB];
-    for (int m = 0; m < MB; ++m) accq[m] = _mm512_setzero_ps();
+    __m512 accq[S][MB];
+    for (int c = 0; c < S; ++c)
+      for (int m = 0; m < MB; ++m) accq[c][m] = _mm512_setzero_ps();
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
@@ -80,16 +84,19 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
       for (int m = 0; m < MB; ++m) xr[m] = x + kb * a.x_block_stride + (m0 + m) * KB;
       unpack_block<BITS>(wt + kb * BITS * NT, [&](__m512i q, int kk) {
         const __m512 qf = _mm512_cvtepi32_ps(q);
+        const int c = kk % S;
 #pragma GCC unroll 8
-        for (int m = 0; m < MB; ++m) accq[m] = _mm512_fmadd_ps(qf, _mm512_set1_ps(xr[m][kk]), accq[m]);
+        for (int m = 0; m < MB; ++m) accq[c][m] = _mm512_fmadd_ps(qf, _mm512_set1_ps(xr[m][kk]), accq[c][m]);
       });
     }
+    for (int c = 1; c < S; ++c)
+      for (int m = 0; m < MB; ++m) accq[0][m] = _mm512_add_ps(accq[0][m], accq[c][m]);
     const int64_t sg = (t * a.n_groups + g) * NT;
     const __m512 s = load_scales(a.scales + sg);
     const __m512 z = load_zeros(a.zeros ? a.zeros + sg : nullptr, zsym);
     for (int m = 0; m < MB; ++m) {
       const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.n_groups + g]);
-      acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[m]), acc[m]);
+      acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[0][m]), acc[m]);
     }
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + t * NT, acc[m]);
