@@ -69,8 +69,11 @@ def build_random_llama(out: Path) -> Path:
 @click.option("--batch-sizes", "batch_sizes", default="1,16", show_default=True)
 @click.option("--lm-head", "lm_head", type=click.Choice(["no", "yes", "both"]), default="both", show_default=True,
               help="Checkpoints with the decoder linears only, with the output head quantized too (--lm-head), or both.")
+@click.option("--checkpoint", "extra", multiple=True,
+              help="An already quantized checkpoint of --model to measure too (repeatable), e.g. an --avg-bits "
+                   "mixed-precision one next to its uniform neighbours.")
 def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_prompts, serve_prompts, batch_sizes,
-         lm_head):
+         lm_head, extra):
     from rcsr_deploy.assets import resolve_model
     from rcsr_cli.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
                                    ratios, served_table, table_header, table_rows)
@@ -86,8 +89,11 @@ def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_
         model = str(build_random_llama(work / "random-llama-1b"))
     fp_dir = resolve_model(model)
     ckpts = []
+    for e in extra:
+        if not (Path(e) / "config.json").is_file():
+            raise click.ClickException(f"--checkpoint {e}: not a checkpoint folder (no config.json)")
     heads = {"no": [False], "yes": [True], "both": [False, True]}[lm_head]
-    for b in [int(x) for x in bits.split(",")]:
+    for b in [int(x) for x in bits.split(",") if x.strip()]:
         for head in heads:
             out = work / f"{Path(fp_dir).name}-{method}-w{b}g{group_size}{'-head' if head else ''}"
             if not out.exists():
@@ -97,6 +103,7 @@ def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_
                                 "--no-progress", "--lm-head" if head else "--no-lm-head"], check=True,
                                env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
             ckpts.append(out)
+    ckpts += [Path(e) for e in extra]
     machine = machine_info()
     t0 = time.perf_counter()
     logs = work / "logs"

@@ -14,6 +14,9 @@
 #include "kernel.h"
 
 #define RCSR_INLINE __attribute__((always_inline)) inline
+#ifndef RCSR_BF16_TL
+#define RCSR_BF16_TL 2  // output tiles per pass from M = 4 on
+#endif
 #ifndef RCSR_BF16_MB
 #define RCSR_BF16_MB 8  // rows per pass over a pair of tiles (16 zmm sums); 12 spilled and ran 2x slower at M = 16
 #endif
@@ -148,8 +151,8 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
   int64_t t = t0;
   if (a.M < 4)
     for (; t + 4 <= t1; t += 4) rows_of<BITS, 4, 4>(a, t);
-  for (; t + 2 <= t1; t += 2) rows_of<BITS, 2, RCSR_BF16_MB>(a, t);  // 2 x MB accumulators
-  if (t < t1) rows_of<BITS, 1, 8>(a, t);
+  for (; t + RCSR_BF16_TL <= t1; t += RCSR_BF16_TL) rows_of<BITS, RCSR_BF16_TL, RCSR_BF16_MB>(a, t);
+  for (; t < t1; ++t) rows_of<BITS, 1, 8>(a, t);
 }
 
 }  // namespace

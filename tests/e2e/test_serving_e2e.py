@@ -357,3 +357,13 @@ def test_report_tables_and_ratios():
     assert "| FP (bf16) | 1.95 | 250.0 | 90 / 150 | 20.0 |" in text
     assert "decode b1 1.50x" in text and "throughput 1.10x" in text and "served output tok/s 1.10x" in text
     assert "weights 0.266x (bf16-eq)" in text
+
+
+def test_bench_serving_rejects_a_missing_checkpoint(tmp_path):
+    """tools/bench_serving.py --checkpoint (an extra, already quantized checkpoint): a folder without
+    config.json is one error line, before anything is quantized or served."""
+    tool = Path(__file__).resolve().parents[2] / "tools" / "bench_serving.py"
+    r = subprocess.run([sys.executable, str(tool), "--bits", "", "--checkpoint", str(tmp_path / "nope"),
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "not a checkpoint folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "work" / "logs").exists()
