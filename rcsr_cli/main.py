@@ -142,8 +142,13 @@ def quantize(model, out_dir, method, bits, group_size, sym, beam, alpha, alpha_m
                          for a, v in sel["candidates"].items() if "gain" in v)
         click.echo(f"--alpha auto: held-back NLL ({sel['held_back_tokens']} tokens) {nll}; {gain} "
                    f"(margin {sel['margin']}); kept alpha={sel['chosen']}")
-    click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, W{bits} "
-               f"g{cfg.group_size} {'sym' if sym else 'asym'})")
+    alloc = report.get("allocation")
+    if alloc:  # --avg-bits: the grids differ per layer; --bits / --group-size are not what was written
+        grids = f"mixed precision, {alloc['achieved_avg_bits']:.3f} bits/weight ({alloc['kept_candidate']})"
+    else:
+        grids = f"W{bits} g{cfg.group_size}"
+    click.echo(f"wrote {out_dir} ({report['seconds']:.1f}s quantization, method {method}, {grids} "
+               f"{'sym' if sym else 'asym'})")
 
 
 def _exit_now() -> None:

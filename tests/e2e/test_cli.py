@@ -101,3 +101,16 @@ def test_eval_bad_inputs(tmp_path):
     assert_clean_error(res, "does not exist")
     res = rcsr("eval", "--model", "default", "--data", str(tmp_path / "no-such-file.txt"), "--max-tokens", "64")
     assert_clean_error(res)
+
+
+def test_avg_bits_summary_line_names_the_mixed_grid(tiny_llama_dir, tmp_path, calib_text):
+    """--avg-bits writes layers of several grids: the closing line gives the achieved bits per weight, not
+    the unused --bits / --group-size."""
+    out = tmp_path / "mix"
+    res = rcsr("quantize", "--model", str(tiny_llama_dir), "--out", str(out), "--method", "gptq", "--group-size",
+               "32", "--avg-bits", "3.5", "--widths", "3,4", "--no-alloc-check", "--calib", str(calib_text),
+               "--seqlen", "32", "--nsamples", "4", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = [ln for ln in res.stdout.strip().splitlines() if ln.startswith("wrote ")][-1]
+    report = json.loads((out / "quant_report.json").read_text())["allocation"]
+    assert f"mixed precision, {report['achieved_avg_bits']:.3f} bits/weight" in last and " W4 " not in last, last
