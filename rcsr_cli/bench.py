@@ -420,8 +420,18 @@ def describe(model_dir: str) -> dict:
     if isinstance(qc, dict) and qc.get("quant_method") == "rcsr":
         method = (qc.get("method") or {}).get("name") or (qc.get("method") or {}).get("method") or "?"
         gs = qc.get("group_size")
-        label = (f"rcsr W{qc.get('bits')} g{gs if gs != -1 else 'channel'} ({method})"
-                 + (" + lm_head" if qc.get("lm_head") else ""))
+        grids = qc.get("module_grids") or {}
+        avg = (qc.get("method") or {}).get("avg_bits")
+        if grids:  # mixed precision: the top-level bits / group_size are only the default grid
+            kinds = {(g["bits"], g["group_size"]) for g in grids.values()}
+            if set(qc.get("quantized_modules") or []) - set(grids):  # modules on the default grid
+                kinds.add((qc.get("bits"), gs))
+            kinds = sorted(kinds, key=lambda c: (c[0], c[1] == -1, c[1]))
+            label = ("rcsr mixed" + (f" {avg:g}b" if avg else "") + " ["
+                     + ",".join(f"{b}{'pc' if g == -1 else f'g{g}'}" for b, g in kinds) + f"] ({method})")
+        else:
+            label = f"rcsr W{qc.get('bits')} g{gs if gs != -1 else 'channel'} ({method})"
+        label += " + lm_head" if qc.get("lm_head") else ""
         return {"label": label, "quantization": {k: qc.get(k) for k in ("bits", "group_size", "sym", "act_order")}
                 | {"method": method}}
     if isinstance(qc, dict):

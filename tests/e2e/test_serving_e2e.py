@@ -367,3 +367,18 @@ def test_bench_serving_rejects_a_missing_checkpoint(tmp_path):
                         "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "not a checkpoint folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "work" / "logs").exists()
+
+
+def test_bench_label_of_a_mixed_checkpoint(tmp_path):
+    """``rcsr bench`` labels an --avg-bits checkpoint by the grids its layers use (the modules left out of
+    module_grids are on the top-level default grid), not by the top-level bits alone."""
+    from rcsr_cli.bench import describe
+
+    qc = {"quant_method": "rcsr", "bits": 3, "group_size": -1, "sym": True, "act_order": "static",
+          "method": {"name": "snrq", "avg_bits": 3.25}, "quantized_modules": ["a", "b", "c"],
+          "module_grids": {"a": {"bits": 4, "group_size": 64}, "b": {"bits": 3, "group_size": 64}}}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    assert describe(str(tmp_path))["label"] == "rcsr mixed 3.25b [3g64,3pc,4g64] (snrq)"
+    qc["quantized_modules"] = ["a", "b"]
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    assert describe(str(tmp_path))["label"] == "rcsr mixed 3.25b [3g64,4g64] (snrq)"
