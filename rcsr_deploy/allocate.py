@@ -64,6 +64,11 @@ PROBE_SEQLEN = 256
 FISHER_SAMPLES = 4
 #: held-back windows (of ``PROBE_SEQLEN`` tokens) on which the candidate allocations are measured
 CHECK_WINDOWS = 8
+#: the probe keeps every (unit, grid)'s quantized weights for the check when they take at most this many bytes
+#: (fp32); above it the check quantizes them again (same numbers, more time)
+CACHE_BYTES = 6 << 30
+#: exponents of the per-grid correction of the predictor (``calibrated_candidates``)
+CALIBRATION_STRENGTHS = (0.5, 1.0, 2.0)
 
 
 Choice = tuple[int, int]  # a grid: (bits, group size; -1 = per channel)
@@ -80,6 +85,8 @@ class Unit:
     pinned: tuple[int, int | None] | None = None  # (bits, group size or None = any allowed) from --bits-rule
     errors: dict[Choice, float] = field(default_factory=dict)  # grid -> predicted end-to-end KL (nats/token)
     block_errors: dict[Choice, float] = field(default_factory=dict)  # grid -> block-output squared error
+    #: grid -> the probe's dequantized weights by local name, kept for the check (``CACHE_BYTES``)
+    deq: dict[Choice, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def params(self) -> int:
@@ -296,10 +303,10 @@ def _block_stats(block, x: torch.Tensor, kw: dict, bs: int, dtype):
 
 
 def probe(model, tokenizer, cfg, choices: list[Choice], units_by_block: dict[int, list[Unit]],
-          progress: bool = True) -> None:
+          progress: bool = True, keep: bool = False) -> None:
     """Fill ``unit.errors[c]`` (predicted end-to-end mean per-token KL with only ``unit`` on grid ``c``) for
     every unit and each of its options; ``unit.block_errors[c]`` keeps the block-output squared error (the
-    former proxy)."""
+    former proxy).  With ``keep``, ``unit.deq[c]`` keeps the quantized weights for the check."""
     from tqdm.auto import tqdm
 
     from .calib.adapter import find_decoder_layers
@@ -327,6 +334,8 @@ def probe(model, tokenizer, cfg, choices: list[Choice], units_by_block: dict[int
             saved = {m[plen:]: _weight(block, m[plen:]).clone() for m in u.modules}
             for b in u.options(choices):
                 deq = _quantize_unit(block, u, b, cfg, stats.get, plen)
+                if keep:
+                    u.deq[b] = {k: v.detach().to("cpu", torch.float32) for k, v in deq.items()}
                 with torch.no_grad():
                     for local, w in deq.items():
                         _weight(block, local).copy_(w.to(dtype))
@@ -479,12 +488,16 @@ def measure_candidates(model, tokenizer, cfg, units_by_block: dict[int, list[Uni
             x = run_block(block, x, kw, "cpu", bs, dtype)
             streams = {n: run_block(block, h, kw, "cpu", bs, dtype) for n, h in streams.items()}
             continue
-        y, stats = _block_stats(block, x, kw, bs, dtype)
         plen = len(f"{prefix}.{i}.")
         units = units_by_block[i]
+        need = [(u, c) for u in units for c in dict.fromkeys(a[u.name] for a in candidates.values())]
+        if all(c in u.deq for u, c in need):  # kept by the probe: no FP statistics needed
+            y, stats = run_block(block, x, kw, "cpu", bs, dtype), {}
+            deq = {(u.name, c): u.deq[c] for u, c in need}
+        else:
+            y, stats = _block_stats(block, x, kw, bs, dtype)
+            deq = {(u.name, c): _quantize_unit(block, u, c, cfg, stats.get, plen) for u, c in need}
         saved = {m[plen:]: _weight(block, m[plen:]).clone() for u in units for m in u.modules}
-        deq = {(u.name, c): _quantize_unit(block, u, c, cfg, stats.get, plen)
-               for u in units for c in {a[u.name] for a in candidates.values()}}
         for name, alloc in candidates.items():
             with torch.no_grad():
                 for u in units:
@@ -526,6 +539,62 @@ def measure_candidates(model, tokenizer, cfg, units_by_block: dict[int, list[Uni
     return {n: {"measured_kl": kl[n] / tokens, "held_back_nll": nll[n] / n_next} for n in candidates}
 
 
+class _Measured(dict):
+    """Candidate allocations (name -> allocation) with ``measured``: name -> measured KL / NLL, and
+    ``sources``: grid -> the candidate its correction factor was measured on."""
+
+    measured: dict[str, dict]
+    sources: dict[Choice, str]
+
+
+def calibrated_candidates(units: list[Unit], choices: list[Choice], budget_bytes: int, sym: bool,
+                          factors: dict[Choice, float]) -> dict[str, dict[str, Choice]]:
+    """The proxy's candidates again, on errors corrected per grid: ``e'(u, c) = e(u, c) · f_c^γ`` for each
+    ``γ`` in ``CALIBRATION_STRENGTHS``, where ``f_c`` = measured / predicted KL of the uniform allocation on
+    grid ``c``.  The second-order proxy is not equally wrong for every grid (its error grows with the size of
+    the perturbation, and the check measures how much); ``γ`` hedges how far the uniform point's ratio
+    carries over to a mix."""
+    from dataclasses import replace
+
+    out: dict[str, dict[str, Choice]] = {}
+    for g in CALIBRATION_STRENGTHS:
+        scaled = [replace(u, errors={c: e * factors.get(c, 1.0) ** g for c, e in u.errors.items()}) for u in units]
+        for name, a in candidate_allocations(scaled, choices, budget_bytes, sym).items():
+            if not name.startswith("uniform"):
+                out[f"{name}, corrected^{g:g}"] = a
+    return out
+
+
+def _check(model, tokenizer, cfg, by_block, units, choices, budget, cands, progress) -> tuple[_Measured, dict]:
+    """Measure the proxy's candidates and every uniform allocation (``uniform <grid>``, the calibration
+    points, whether or not they fit), correct the proxy per grid from the uniform points
+    (``calibrated_candidates``) and measure the new candidates that gives.  Returns every measured
+    allocation (name -> allocation, ``.measured``: name -> figures) and the per-grid factors."""
+    out = _Measured(cands)
+    for c, uni, _ in uniform_allocations(units, choices, float("inf"), cfg.sym):
+        if uni not in out.values():
+            out[f"uniform {label(c)}"] = uni
+    out.measured = measure_candidates(model, tokenizer, cfg, by_block, dict(out), progress=progress)
+    factors, out.sources = {}, {}
+    for c, uni, err in uniform_allocations(units, choices, float("inf"), cfg.sym):
+        name = next(n for n, a in out.items() if a == uni)
+        if err > 0:
+            factors[c] = out.measured[name]["measured_kl"] / err
+            out.sources[c] = name
+    new = {}
+    try:
+        fresh = calibrated_candidates(units, choices, budget, cfg.sym, factors)
+    except RcsrError:
+        fresh = {}
+    for n, a in fresh.items():
+        if a not in out.values() and a not in new.values():
+            new[n] = a
+    if new:
+        out.update(new)
+        out.measured.update(measure_candidates(model, tokenizer, cfg, by_block, new, progress=progress))
+    return out, factors
+
+
 @dataclass
 class Allocation:
     """The chosen grids and what they cost: ``module_grids`` feeds ``QuantizeConfig``."""
@@ -541,6 +610,8 @@ class Allocation:
     units: list[dict]
     candidate: str = "proxy optimum"  # which of ``candidates`` was kept
     candidates: dict[str, dict] = field(default_factory=dict)  # name -> predicted / measured KL, bits
+    #: grid label -> {"factor": measured / predicted KL of the uniform allocation, "candidate": its name}
+    correction: dict[str, dict] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float:
@@ -550,7 +621,7 @@ class Allocation:
         return {"budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes, "params": self.params,
                 "predicted_avg_bits": self.avg_bits, "predicted_error": self.predicted_error,
                 "uniform_error": self.uniform_error, "seconds": self.seconds, "kept_candidate": self.candidate,
-                "candidates": self.candidates, "units": self.units}
+                "candidates": self.candidates, "correction": self.correction, "units": self.units}
 
 
 def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
@@ -577,15 +648,24 @@ def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
         for c in opts:
             for (o, i) in u.shapes:
                 QuantSpec(c[0], c[1], cfg.sym).validate(i, u.name)
-    probe(model, tokenizer, cfg, choices, by_block, progress=progress)
+    keep = cfg.alloc_check and len(choices) > 1 and 4 * sum(u.params * len(u.options(choices)) for u in units) <= CACHE_BYTES
+    probe(model, tokenizer, cfg, choices, by_block, progress=progress, keep=keep)
     cands = candidate_allocations(units, choices, budget, cfg.sym)
+    factors: dict[Choice, float] = {}
+    if cfg.alloc_check and len(choices) > 1:
+        cands, factors = _check(model, tokenizer, cfg, by_block, units, choices, budget, cands, progress)
     checked = {n: {"predicted_kl": sum(u.errors[a[u.name]] for u in units),
                    "avg_bits": 8 * sum(u.nbytes(a[u.name], cfg.sym) for u in units) / params} for n, a in cands.items()}
+    for n, m in getattr(cands, "measured", {}).items():
+        checked[n].update(m)
+    eligible = [n for n, a in cands.items() if sum(u.nbytes(a[u.name], cfg.sym) for u in units) <= budget]
     pick = "proxy optimum"
-    if cfg.alloc_check and len(cands) > 1:
-        for n, m in measure_candidates(model, tokenizer, cfg, by_block, cands, progress=progress).items():
-            checked[n].update(m)
-        pick = min(checked, key=lambda n: checked[n]["measured_kl"])
+    if any("measured_kl" in checked[n] for n in eligible):
+        pick = min((n for n in eligible if "measured_kl" in checked[n]), key=lambda n: checked[n]["measured_kl"])
+    for n in checked:
+        checked[n]["fits_budget"] = n in eligible
+    for u in units:
+        u.deq.clear()
     chosen = cands[pick]
     predicted = sum(u.nbytes(chosen[u.name], cfg.sym) for u in units)
     uniform = {label(c): sum(u.errors.get(c, float("nan")) for u in units) for c in choices}
@@ -597,7 +677,8 @@ def plan(model, tokenizer, cfg, avg_bits: float, choices: list[Choice],
              "pinned": None if u.pinned is None else list(u.pinned)} for u in units]
     alloc = Allocation(chosen, module_grids, budget, predicted, params,
                        sum(u.errors[chosen[u.name]] for u in units), uniform, time.perf_counter() - t0, rows,
-                       pick, checked)
+                       pick, checked, {label(c): {"factor": f, "candidate": cands.sources[c]}
+                                       for c, f in factors.items()})
     for n, c in checked.items():
         log.info("allocation candidate %-16s %.3f bits/weight, predicted KL %.4f, measured %s%s", n, c["avg_bits"],
                  c["predicted_kl"], f"{c['measured_kl']:.4f}" if "measured_kl" in c else "-",

@@ -339,15 +339,48 @@ def test_measured_check_is_the_assembled_models_kl(tiny_dir, text_file, tokenize
 
 
 def test_allocation_keeps_the_measured_best_candidate(tiny_dir, text_file, tmp_path):
-    """--avg-bits with the check on: the report lists every candidate with predicted and measured KL, and the
-    kept one has the lowest measured KL; --no-alloc-check keeps the proxy optimum and measures nothing."""
+    """--avg-bits with the check on: the report lists every candidate with predicted and measured KL -- the
+    proxy's, every uniform grid (the calibration points, fitting or not) and the corrected proxy's -- the
+    per-grid correction is measured / predicted of the uniform points, and the kept candidate has the
+    lowest measured KL of those that fit; --no-alloc-check keeps the proxy optimum and measures nothing."""
     rep = quantize_to_checkpoint(str(tiny_dir), tmp_path / "a", _cfg(text_file, avg_bits=3.0), device="cpu",
                                  progress=False)["allocation"]
     c = rep["candidates"]
     assert len(c) > 1 and "proxy optimum" in c and all("measured_kl" in v for v in c.values())
-    assert rep["kept_candidate"] == min(c, key=lambda n: c[n]["measured_kl"])
-    assert all(v["avg_bits"] <= 3.0 for v in c.values())
+    fits = [n for n, v in c.items() if v["fits_budget"]]
+    assert all(c[n]["avg_bits"] <= 3.0 for n in fits) and all(c[n]["avg_bits"] > 3.0 for n in c if n not in fits)
+    assert rep["kept_candidate"] == min(fits, key=lambda n: c[n]["measured_kl"])
+    assert set(rep["correction"]) == {"2g32", "3g32", "4g32"}
+    for g, f in rep["correction"].items():
+        v = c[f["candidate"]]
+        assert f["factor"] == pytest.approx(v["measured_kl"] / v["predicted_kl"])
+    assert c["uniform 4g32"]["avg_bits"] > 3.0 and not c["uniform 4g32"]["fits_budget"]
     rep = quantize_to_checkpoint(str(tiny_dir), tmp_path / "b", _cfg(text_file, avg_bits=3.0, alloc_check=False),
                                  device="cpu", progress=False)["allocation"]
     assert rep["kept_candidate"] == "proxy optimum"
     assert not any("measured_kl" in v for v in rep["candidates"].values())
+
+
+def test_calibrated_candidates_correct_the_proxy_per_grid():
+    """The corrected proxy scales every unit's predicted error on grid ``c`` by ``f_c^γ``: with all factors 1
+    it is the proxy's own candidates; when the check measured W2 100× worse than predicted (its uniform point),
+    the corrected optimum at γ = 1 gives W2 up while staying within budget, and a larger γ is no more W2-heavy."""
+    from rcsr_deploy.allocate import CALIBRATION_STRENGTHS, calibrated_candidates, candidate_allocations
+
+    units = _units(8, seed=3)
+    for u in units:  # W2 looks cheap to the proxy
+        u.errors[(2, 32)] = u.errors[(4, 32)] * 2
+    budget = int(sum(u.nbytes((3, 32), True) for u in units))
+    base = {n: a for n, a in candidate_allocations(units, W(2, 3, 4), budget, True).items()
+            if not n.startswith("uniform")}
+    same = calibrated_candidates(units, W(2, 3, 4), budget, True, {c: 1.0 for c in W(2, 3, 4)})
+    for g in CALIBRATION_STRENGTHS:
+        for n, a in base.items():
+            assert same[f"{n}, corrected^{g:g}"] == a
+    assert any(c == (2, 32) for c in base["proxy optimum"].values()), "precondition: the proxy takes W2"
+    fixed = calibrated_candidates(units, W(2, 3, 4), budget, True, {(2, 32): 100.0, (3, 32): 1.0, (4, 32): 1.0})
+    n2 = {g: sum(c == (2, 32) for c in fixed[f"proxy optimum, corrected^{g:g}"].values()) for g in CALIBRATION_STRENGTHS}
+    assert n2[1.0] < sum(c == (2, 32) for c in base["proxy optimum"].values())
+    assert n2[2.0] <= n2[1.0] <= n2[0.5]
+    for a in fixed.values():
+        assert sum(u.nbytes(a[u.name], True) for u in units) <= budget
