@@ -427,8 +427,10 @@ def describe(model_dir: str) -> dict:
             if set(qc.get("quantized_modules") or []) - set(grids):  # modules on the default grid
                 kinds.add((qc.get("bits"), gs))
             kinds = sorted(kinds, key=lambda c: (c[0], c[1] == -1, c[1]))
-            label = ("rcsr mixed" + (f" {avg:g}b" if avg else "") + " ["
-                     + ",".join(f"{b}{'pc' if g == -1 else f'g{g}'}" for b, g in kinds) + f"] ({method})")
+            from rcsr_deploy.allocate import label as grid_label
+
+            label = ("rcsr mixed" + (f" {avg:g}b" if avg else "") + " [" + ",".join(grid_label(c) for c in kinds)
+                     + f"] ({method})")
         else:
             label = f"rcsr W{qc.get('bits')} g{gs if gs != -1 else 'channel'} ({method})"
         label += " + lm_head" if qc.get("lm_head") else ""

@@ -78,6 +78,9 @@ def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_
     from rcsr_cli.bench import (BenchConfig, bench_model, machine_info, machine_line, parse_batch_sizes, ratio_line,
                                    ratios, served_table, table_header, table_rows)
 
+    for e in extra:  # before anything is built or resolved
+        if not (Path(e) / "config.json").is_file():
+            raise click.ClickException(f"--checkpoint {e}: not a checkpoint folder (no config.json)")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     kw = dict(dtype=dtype, batch_sizes=parse_batch_sizes(batch_sizes))
@@ -89,9 +92,6 @@ def main(model, bits, group_size, method, dtype, work, quick, iters, throughput_
         model = str(build_random_llama(work / "random-llama-1b"))
     fp_dir = resolve_model(model)
     ckpts = []
-    for e in extra:
-        if not (Path(e) / "config.json").is_file():
-            raise click.ClickException(f"--checkpoint {e}: not a checkpoint folder (no config.json)")
     heads = {"no": [False], "yes": [True], "both": [False, True]}[lm_head]
     for b in [int(x) for x in bits.split(",") if x.strip()]:
         for head in heads:
