@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -201,7 +202,8 @@ def _default_config(tw, m: int, n: int, k: int, group_size: int, uneven: bool) -
     return tw.default_config(m, n, k, "cpu", **extra)
 
 
-def plan(bits_list, dtypes, branches, syms, configs, shapes, ms, sweep_m, bias) -> list[dict]:
+def plan(bits_list, dtypes, branches, syms, configs, shapes, ms, sweep_m, bias, grouped: int = 0,
+         perm: bool = False) -> list[dict]:
     """Launch descriptions (before deduplication)."""
     from vllm_plugin.kernels import triton_wna16 as tw
     from vllm_plugin.kernels import triton_wna16_jit as J
@@ -232,7 +234,8 @@ def plan(bits_list, dtypes, branches, syms, configs, shapes, ms, sweep_m, bias) 
                     jobs.append(dict(bits=bits, dtype=dtype, branch=kernel_branch(gs, uneven, cfg["BLOCK_K"]),
                                      weight=weight_label(gs, uneven), group_size=gs, uneven_gidx=uneven,
                                      sym=sym == "sym", bias=bias, M=m, N=n, K=k,
-                                     path="skinny" if m <= tw.SKINNY_MAX_M else "tiled", config=cfg, source=source))
+                                     path="skinny" if m <= tw.SKINNY_MAX_M else "tiled", config=cfg, source=source,
+                                     grouped=grouped, perm=perm and grouped > 0))
     return jobs
 
 
@@ -279,15 +282,24 @@ def capture_launch(job: dict):
         group_ids=(torch.arange(k, dtype=torch.int32) // gs) if job["uneven_gidx"] else None)
     x = empty(job["M"], k, dtype=dtype)
     bias = torch.zeros(n, dtype=dtype) if job["bias"] else None
+    n_exp = job.get("grouped", 0)
+    if n_exp:  # MoE: the experts stacked, M rows per expert, one grouped launch
+        gw = tw.stack([dataclasses.replace(pw, perm=torch.arange(k) if job.get("perm") else pw.perm)
+                       for _ in range(n_exp)])
+        x = empty(job["M"] * n_exp, k, dtype=dtype)
+        offsets = torch.arange(n_exp + 1) * job["M"]
     rec = _Recorder()
     saved = tw._jit
     tw._jit = lambda: rec
     try:
-        tw.matmul(x, pw, bias, config=job["config"])
+        if n_exp:
+            tw.grouped_matmul(x, gw, offsets, config=job["config"])
+        else:
+            tw.matmul(x, pw, bias, config=job["config"])
     finally:
         tw._jit = saved
     if len(rec.calls) != 1:
-        raise RuntimeError(f"expected one kernel launch from triton_wna16.matmul, saw {len(rec.calls)}")
+        raise RuntimeError(f"expected one kernel launch from triton_wna16, saw {len(rec.calls)}")
     return rec.calls[0]
 
 
@@ -759,6 +771,10 @@ def _row_order(r: dict):
               help="M used for the SKINNY_CONFIGS and the TILED_CONFIGS compiles (M is specialized: 1 is a constant, "
                    "multiples of 16 get a divisibility hint)")
 @click.option("--bias", is_flag=True, help="compile with a bias (vLLM's Llama linears have none)")
+@click.option("--grouped", "grouped", default=0, show_default=True, type=click.IntRange(0, 1024),
+              help="compile the grouped (MoE) launch of triton_wna16.grouped_matmul for this many experts, "
+                   "--m rows each (0: the dense matmul)")
+@click.option("--perm", is_flag=True, help="with --grouped: every expert with its own act order (HAS_PERM)")
 @click.option("--jobs", "workers", default=2, show_default=True, type=click.IntRange(1, 64), help="compile processes")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Triton cache dir for the compiles (default: a fresh temporary one, so every row is compiled)")
@@ -773,7 +789,8 @@ def _row_order(r: dict):
 @click.option("--quick", is_flag=True,
               help="a handful of compiles (< 60 s): bits 3,4, fp16, one group per tile, sym, default configs of "
                    "4096x4096 at M 1 and 64")
-def main(arch, bits_text, dtype_text, branch_text, sym_text, configs, shapes_text, m_text, sweep_m_text, bias, workers,
+def main(arch, bits_text, dtype_text, branch_text, sym_text, configs, shapes_text, m_text, sweep_m_text, bias, grouped,
+         perm, workers,
          cache_dir, json_path, show_table, from_json, recompile, quick):
     arch = int(arch)
     if from_json:
@@ -831,9 +848,14 @@ def main(arch, bits_text, dtype_text, branch_text, sym_text, configs, shapes_tex
             sys.exit(2)
         fields = ("bits", "dtype", "branch", "weight", "group_size", "uneven_gidx", "sym", "bias", "M", "N", "K", "path",
                   "config")
-        jobs = [{**{f: r[f] for f in fields}, "source": src} for r in data["rows"] if r["flags"] for src in r["uses"]]
+        jobs = [{**{f: r[f] for f in fields}, "grouped": r.get("grouped", 0), "perm": r.get("perm", False),
+                 "source": src} for r in data["rows"] if r["flags"] for src in r["uses"]]
     else:
-        jobs = plan(bits_list, dtypes, branches, syms, configs, shapes, ms, sweep_m, bias)
+        if grouped and bias:
+            click.echo("error: bad option (--grouped takes no --bias: the experts' biases are added in PyTorch)",
+                       err=True)
+            sys.exit(2)
+        jobs = plan(bits_list, dtypes, branches, syms, configs, shapes, ms, sweep_m, bias, grouped, perm)
     tmp = None
     if cache_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="triton-aot-")

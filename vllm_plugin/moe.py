@@ -34,8 +34,9 @@ weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default ord
 * ``vllm_cpu`` (default on CPU): dequantizes every expert once at load into the activation dtype and
   runs vLLM's own unquantized CPU grouped MoE op -- same numerics as vLLM on the dequantized reference;
   memory holds DENSE experts (2 or 4 bytes per weight).
-* ``triton`` (default on CUDA): the Triton WNA16 kernel per expert that received tokens, codes packed
-  at their bit width on the GPU (:class:`TritonExperts`); interpreter-tested on CPU.
+* ``triton`` (default on CUDA): the Triton WNA16 kernel in its grouped form, one launch per matrix for
+  all experts, codes packed at their bit width on the GPU, no host sync (:class:`TritonExperts`);
+  interpreter-tested and compiled for sm_90a on CPU.
 * ``dequant`` (``RCSR_MOE_KERNEL=dequant``; any device/dtype): keeps each expert as a
   ``vllm_plugin.kernels.dequant.DequantKernel`` (``q - z`` unpacked as int8: 1 byte per weight, not the
   packed codes) and per call dequantizes only the experts that received tokens into the shared scratch
@@ -388,10 +389,12 @@ class NativeExperts(ExpertsKernel):
 
 
 class TritonExperts(ExpertsKernel):
-    """CUDA (2/3/4/8 bits): the project's Triton WNA16 kernel (``vllm_plugin.kernels.triton_wna16``) per
-    expert that received tokens -- one launch for gate+up (two when their act orders differ) and one for
-    down, on the (token, slot) pairs sorted by expert.  The codes stay packed at their bit width on the
-    GPU.  Tested under the Triton interpreter on CPU (``TRITON_INTERPRET=1``), like the dense kernel."""
+    """CUDA (2/3/4/8 bits): the project's Triton WNA16 kernel (``vllm_plugin.kernels.triton_wna16``) in its
+    grouped form -- ONE launch for gate+up of every expert (two when some expert's gate and up act orders
+    differ) and one for down, on the (token, slot) pairs sorted by expert, with each expert's act order
+    gathered in the kernel's activation load.  No host sync (the tile map is computed on the device), so
+    the layer can be captured in a CUDA graph.  The codes stay packed at their bit width on the GPU.
+    Tested under the Triton interpreter on CPU (``TRITON_INTERPRET=1``), like the dense kernel."""
 
     name = "triton"
 
@@ -431,24 +434,47 @@ class TritonExperts(ExpertsKernel):
             return mod.prepare(q.contiguous(), s_.contiguous(), None if spec.sym else z.contiguous(), g,
                                spec.bits, spec.group_size, spec.sym)
 
-        self.w13 = []
-        for w in w13:
-            if w.group_index is None or bool((w.group_index[0] == w.group_index[1]).all()):
-                self.w13.append([prep(w, None, None)])
-            else:  # gate and up with their own column orders: one prepared weight each
-                self.w13.append([prep(w, slice(0, inter), 0), prep(w, slice(inter, 2 * inter), 1)])
-        self.w2 = [prep(w, None, None) for w in w2]
+        same = all(w.group_index is None or bool((w.group_index[0] == w.group_index[1]).all()) for w in w13)
+        if same:
+            self.w13 = [mod.stack([prep(w, None, None) for w in w13])]
+        else:  # some expert's gate and up have their own column orders: a stack (and a launch) each
+            self.w13 = [mod.stack([prep(w, slice(0, inter), 0) for w in w13]),
+                        mod.stack([prep(w, slice(inter, 2 * inter), 1) for w in w13])]
+        self.w2 = mod.stack([prep(w, None, None) for w in w2])
 
     def nbytes(self) -> int:
-        return sum(pw.nbytes() for ws in self.w13 for pw in ws) + sum(pw.nbytes() for pw in self.w2)
+        return sum(gw.nbytes() for gw in self.w13) + self.w2.nbytes()
 
     def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
-        def up(e, xe):
-            parts = [self.mod.matmul(xe, pw) for pw in self.w13[e]]
-            return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-        return self.per_expert(x, topk_weights, topk_ids, activation, apply_router_weight_on_input, up,
-                               lambda e, h: self.mod.matmul(h, self.w2[e]))
+        gated = _GATES[activation]
+        inter, n_exp = self.spec13.shard_sizes[0], self.num_experts
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)          # (token, slot) pairs sorted by expert
+        # counts by scatter (bincount would size its output on the host); id E = another rank's expert
+        counts = torch.zeros(n_exp + 1, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_ids.clamp(max=n_exp), torch.ones_like(flat_ids))
+        offsets = torch.zeros(n_exp + 1, dtype=torch.int64, device=x.device)
+        torch.cumsum(counts[:n_exp], 0, out=offsets[1:])
+        sorted_ids = flat_ids[order]
+        valid = (sorted_ids < n_exp).unsqueeze(1)            # rows past offsets[E] come back zero
+        eids = sorted_ids.clamp(max=n_exp - 1)
+        tok = order // topk_ids.shape[1]
+        w = topk_weights.reshape(-1)[order].to(torch.float32).unsqueeze(1)
+        xs = x.index_select(0, tok)
+        if apply_router_weight_on_input:
+            xs = (xs.float() * w).to(x.dtype)
+        parts = [self.mod.grouped_matmul(xs, gw, offsets) for gw in self.w13]
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        if self.b13 is not None:
+            h = (h.float() + self.b13.index_select(0, eids)).to(h.dtype)
+        h = gated(h[:, :inter], h[:, inter:]).contiguous()
+        y = self.mod.grouped_matmul(h, self.w2, offsets).float()
+        if self.b2 is not None:
+            y = y + self.b2.index_select(0, eids)
+        y = torch.where(valid, y if apply_router_weight_on_input else y * w, 0.0)
+        out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)
+        out.index_add_(0, tok, y)
+        return out.to(x.dtype)
 
 
 def _stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:

@@ -311,6 +311,65 @@ def test_bench_without_cuda_exits_2(monkeypatch):
     assert result.stderr.strip().startswith("error: no CUDA device") and len(result.stderr.strip().splitlines()) == 1
 
 
+GROUPED_CASES = [(4, 64, True, "static", None), (3, 32, False, "dynamic", dict(BLOCK_M=16, BLOCK_N=32,
+                  BLOCK_K=32, SPLIT_K=2)), (2, -1, False, "static", dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)),
+                 (8, 32, True, "uneven", dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=2))]
+
+
+@pytest.mark.parametrize("bits,group_size,sym,act,cfg", GROUPED_CASES)
+def test_grouped_matches_per_expert_reference(bits, group_size, sym, act, cfg):
+    """One grouped launch for 5 experts (rows sorted by expert: counts 3, 0, 21, 1, 7 -- an empty expert,
+    tiles that straddle no expert boundary, tails -- then 2 rows of "another rank" past offsets[E]) equals
+    each expert's fp32 dequantized reference on its rows; the rows past the end are zero.  Per-expert act
+    orders (gathered in the kernel's activation load), uneven groups, split-K and GROUP_M ordering."""
+    in_f, out_f, n_exp = IN_FOR_GROUP[group_size], 72, 5
+    layers = [make_layer(bits, group_size, sym, act if e % 2 else "static", out_f, in_f, seed=10 * e + bits)
+              for e in range(n_exp)]
+    pws = [tw.prepare(q, s, z, g, bits, group_size, sym) for q, s, z, g, _ in layers]
+    gw = tw.stack(pws)
+    assert (gw.perm is not None) == (act != "static" and group_size != -1)
+    counts = [3, 0, 21, 1, 7]
+    offsets = dev(torch.tensor([0] + list(np.cumsum(counts)), dtype=torch.int64))
+    gen = torch.Generator().manual_seed(bits)
+    x = dev(torch.randn(sum(counts) + 2, in_f, generator=gen))
+    y = tw.grouped_matmul(x, gw, offsets, config=cfg)
+    assert y.shape == (x.shape[0], out_f) and y.dtype == x.dtype
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            check(y[start:start + c], x[start:start + c], layers[e][4])
+        start += c
+    assert bool((y[start:] == 0).all())
+
+
+def test_tile_map_has_no_host_sync_and_covers_every_row():
+    """The tile map is computed on the device from the offsets alone; its size depends only on (rows,
+    experts, BLOCK_M); valid tiles cover each expert's rows exactly once and the rest are marked -1."""
+    offsets = torch.tensor([0, 3, 3, 24, 25, 32])
+    te, tr, n = tw.tile_map(offsets, 34, 16)
+    assert n == 3 + 5 and te.shape == tr.shape == (n,)
+    covered = []
+    for e, r in zip(te.tolist(), tr.tolist()):
+        if e >= 0:
+            covered += [(e, i) for i in range(r, min(r + 16, int(offsets[e + 1])))]
+    assert sorted(covered) == [(e, i) for e in range(5) for i in range(int(offsets[e]), int(offsets[e + 1]))]
+    assert te.tolist().count(-1) == n - 5  # tiles: 1 + 0 + 2 + 1 + 1
+
+
+def test_grouped_rejects():
+    q, s, z, g, _ = make_layer(4, 64, True, "static", 40, 128)
+    pw = tw.prepare(q, s, z, g, 4, 64, True)
+    gw = tw.stack([pw, pw])
+    with pytest.raises(RcsrError, match="offsets must be integer"):
+        tw.grouped_matmul(dev(torch.zeros(3, 128)), gw, dev(torch.tensor([0, 3])))
+    with pytest.raises(RcsrError, match=r"activation must be \[rows, 128\]"):
+        tw.grouped_matmul(dev(torch.zeros(3, 64)), gw, dev(torch.tensor([0, 1, 3])))
+    q2, s2, z2, g2, _ = make_layer(4, 32, True, "static", 40, 128)
+    with pytest.raises(RcsrError, match="must share shape"):
+        tw.stack([pw, tw.prepare(q2, s2, z2, g2, 4, 32, True)])
+    assert tw.grouped_matmul(dev(torch.zeros(0, 128)), gw, dev(torch.tensor([0, 0, 0]))).shape == (0, 40)
+
+
 # --------------------------------------------------------------------------------------------------
 # MoE: vllm_plugin.moe.TritonExperts (the CUDA experts kernel) against transformers' experts
 # --------------------------------------------------------------------------------------------------
@@ -336,9 +395,9 @@ def _experts_weights(ck, layer: int, n_exp: int):
 @pytest.mark.parametrize("family,bits,gs,sym,act", [("qwen3_moe", 3, 32, False, "dynamic"),
                                                     ("gpt_oss", 2, -1, True, "static")])
 def test_triton_experts_match_transformers(family, bits, gs, sym, act, tmp_path, monkeypatch):
-    """fp32, 9 tokens top-2 over 4 experts (one unused): the Triton experts kernel equals transformers'
-    experts on the fake-quant weights (Qwen3-MoE with per-expert dynamic orders; GPT-OSS with biases and
-    its clamped SwiGLU)."""
+    """fp32, 9 tokens top-2 over 4 experts (one unused): the Triton experts kernel (one grouped launch per
+    matrix) equals transformers' experts on the fake-quant weights (Qwen3-MoE with per-expert dynamic
+    orders; GPT-OSS with biases and its clamped SwiGLU); slots of another rank's expert (id E) add nothing."""
     from factories import tiny_moe, write_moe_checkpoint
 
     from rcsr_deploy.checkpoint import load_fake_quant_model
@@ -367,3 +426,11 @@ def test_triton_experts_match_transformers(family, bits, gs, sym, act, tmp_path,
     with torch.no_grad():
         want = ref(x, ids, w)
     torch.testing.assert_close(kern.apply(x, w, ids.int(), activation=activation), want, rtol=1e-4, atol=1e-5)
+    # expert parallelism: slots routed to another rank's expert (id E) contribute nothing
+    other = ids.clone()
+    other[[0, 4, 7], [1, 0, 1]] = 4
+    w0 = w.clone()
+    w0[[0, 4, 7], [1, 0, 1]] = 0
+    with torch.no_grad():
+        want = ref(x, ids, w0)
+    torch.testing.assert_close(kern.apply(x, w, other.int(), activation=activation), want, rtol=1e-4, atol=1e-5)

@@ -288,9 +288,14 @@ def _check_config(cfg: dict) -> dict:
 _TUNED_KEYS: set = set()
 
 
-def _launch_meta(pw: PreparedWeight, has_bias: bool) -> dict:
+def _launch_meta(pw: PreparedWeight, has_bias: bool, grouped: bool = False, has_perm: bool = False) -> dict:
     return dict(BITS=pw.bits, PLANE_BITS=pw.plane_bits, GROUP_SIZE=0 if pw.group_size == -1 else pw.group_size,
-                HAS_ZEROS=pw.zeros is not None, HAS_GIDX=pw.group_ids is not None, HAS_BIAS=has_bias)
+                HAS_ZEROS=pw.zeros is not None, HAS_GIDX=pw.group_ids is not None, HAS_BIAS=has_bias,
+                GROUPED=grouped, HAS_PERM=has_perm)
+
+
+#: the grouped launch's arguments in a dense launch: tile map, ends, perm, NUM_TILES, expert strides
+_DENSE_ONLY = (None, None, None, None, 0, 0, 0, 0)
 
 
 def matmul(x: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | None = None, *,
@@ -358,7 +363,8 @@ def _matmul_2d(jit, x2: torch.Tensor, pw: PreparedWeight, bias: torch.Tensor | N
            else torch.empty(m, n, dtype=x2.dtype, device=x2.device))
     args = (x2, pw.qweight, pw.qweight_hi, pw.scales, pw.zeros, pw.group_ids, bias, out,
             m, n, k, pw.out_pad, x2.stride(0), out.stride(0), pw.qweight.stride(0),
-            0 if pw.qweight_hi is None else pw.qweight_hi.stride(0), bucket)
+            0 if pw.qweight_hi is None else pw.qweight_hi.stride(0), bucket,
+            *_DENSE_ONLY)
 
     def grid(meta_):
         return (-(-m // meta_["BLOCK_M"]) * -(-n // meta_["BLOCK_N"]), meta_["SPLIT_K"])
@@ -387,3 +393,133 @@ def warmup(pw: PreparedWeight, dtype: torch.dtype = torch.float16, *, bias: bool
     b = torch.zeros(pw.out_features, dtype=dtype, device=pw.device) if bias else None
     for m in m_values:
         matmul(torch.zeros(m, pw.in_features, dtype=dtype, device=pw.device), pw, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped (MoE): every expert of a layer in one launch
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class GroupedWeight:
+    """The experts of one MoE layer, each prepared by :func:`prepare` and stacked along a leading expert
+    dimension (same shape and grid for all): ``qweight [E, in, words]``, ``qweight_hi [E, in, out_pad/32]``
+    (3-bit), ``scales``/``zeros [E, n_groups, out_pad]``; ``perm [E, in]`` int32 (an expert without an act
+    order gets the identity) and ``group_ids [E, in]`` int32 (uneven act-order groups; the others get
+    ``k // group_size``) when any expert needs them."""
+
+    num_experts: int
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    sym: bool
+    out_pad: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qweight_hi: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+
+    plane_bits = PreparedWeight.plane_bits
+    tensors = PreparedWeight.tensors
+    device = PreparedWeight.device
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device) -> "GroupedWeight":
+        return replace(self, **{n: t.to(device) for n, t in self.tensors().items()})
+
+
+def stack(pws: list[PreparedWeight]) -> GroupedWeight:
+    """One :class:`GroupedWeight` from the per-expert prepared weights of a layer."""
+    if not pws:
+        _fail("stack() needs at least one expert")
+    p0 = pws[0]
+    key = lambda p: (p.in_features, p.out_features, p.bits, p.group_size, p.sym, p.out_pad)  # noqa: E731
+    if any(key(p) != key(p0) for p in pws):
+        _fail("the experts of one layer must share shape, bits, group size and symmetry")
+    k, dev = p0.in_features, p0.device
+    ident = torch.arange(k, device=dev)
+    perm = group_ids = None
+    if any(p.perm is not None for p in pws):
+        perm = torch.stack([ident if p.perm is None else p.perm for p in pws]).to(torch.int32)
+    if any(p.group_ids is not None for p in pws):
+        even = (ident // (k if p0.group_size == -1 else p0.group_size)).to(torch.int32)
+        group_ids = torch.stack([even if p.group_ids is None else p.group_ids for p in pws])
+
+    def cat(name):
+        ts = [getattr(p, name) for p in pws]
+        return None if ts[0] is None else torch.stack(ts).contiguous()
+
+    return GroupedWeight(len(pws), k, p0.out_features, p0.bits, p0.group_size, p0.sym, p0.out_pad,
+                         cat("qweight"), cat("scales"), cat("qweight_hi"), cat("zeros"), perm, group_ids)
+
+
+def tile_map(offsets: torch.Tensor, num_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Row tiles of a grouped launch, computed on the device without a host sync (so the launch can be
+    captured in a CUDA graph): expert ``e``'s rows ``offsets[e]:offsets[e+1]`` are cut into
+    ``ceil(n_e / block_m)`` tiles; the grid has the fixed upper bound ``ceil(num_rows / block_m) +
+    min(E, num_rows)`` tiles and the unused ones get expert ``-1``.  Returns ``(tile_expert, tile_row0,
+    n_tiles)`` (int32)."""
+    e = offsets.numel() - 1
+    counts = (offsets[1:] - offsets[:-1]).to(torch.int64)
+    tiles = (counts + block_m - 1) // block_m
+    cum = torch.cumsum(tiles, 0)
+    n_tiles = -(-num_rows // block_m) + min(e, num_rows)
+    t = torch.arange(n_tiles, device=offsets.device)
+    ex = torch.searchsorted(cum, t, right=True)
+    valid = ex < e
+    ec = ex.clamp(max=e - 1)
+    row0 = offsets[ec].to(torch.int64) + (t - (cum[ec] - tiles[ec])) * block_m
+    return (torch.where(valid, ec, -1).to(torch.int32), torch.where(valid, row0, 0).to(torch.int32), n_tiles)
+
+
+def grouped_matmul(x: torch.Tensor, gw: GroupedWeight, offsets: torch.Tensor, *,
+                   config: dict | None = None) -> torch.Tensor:
+    """``out[r] = x[r] @ W_e^T`` for the rows ``offsets[e]:offsets[e+1]`` of ``x [M, in]`` (sorted by expert),
+    every expert in ONE launch; rows past ``offsets[E]`` (e.g. another rank's experts) are zero.  Returns
+    ``[M, out]`` in ``x.dtype``, fp32 accumulation.  ``config`` as in :func:`matmul`; by default the heuristic
+    for the mean rows per expert that can have tokens, ``ceil(M / min(E, M))``."""
+    if not isinstance(gw, GroupedWeight):
+        raise TypeError(f"gw must be a GroupedWeight (from stack()), got {type(gw).__name__}")
+    k, n = gw.in_features, gw.out_features
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != k:
+        _fail(f"activation must be [rows, {k}], got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        _fail(f"activation dtype {x.dtype} is not supported (float16, bfloat16 or float32)")
+    if x.device != gw.device or offsets.device != gw.device:
+        _fail(f"activation ({x.device}) and offsets ({offsets.device}) must be on the weight's device ({gw.device})")
+    if offsets.dim() != 1 or offsets.numel() != gw.num_experts + 1 or offsets.dtype.is_floating_point:
+        _fail(f"offsets must be integer [{gw.num_experts + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    jit = _jit()
+    if x.device.type != "cuda" and not jit.INTERPRET:
+        _fail("the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 for CPU tests)")
+    m = x.shape[0]
+    if m == 0:
+        return x.new_zeros(0, n)
+    if m * max(x.stride(0), n) > _INT32_LIMIT:
+        _fail(f"{m} rows exceed the kernel's int32 offsets; split the call")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    if config is None:
+        per = -(-m // min(gw.num_experts, m))
+        config = default_config(per, n, k, x.device, group_size=gw.group_size,
+                                uneven_groups=gw.group_ids is not None)
+    cfg = _check_config(config)
+    tile_e, tile_r, n_tiles = tile_map(offsets, m, cfg["BLOCK_M"])
+    ends = offsets[1:].to(torch.int32)
+    atomic = cfg["SPLIT_K"] > 1
+    out = torch.zeros(m, n, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    meta = _launch_meta(gw, False, grouped=True, has_perm=gw.perm is not None)
+    args = (x, gw.qweight, gw.qweight_hi, gw.scales, gw.zeros, gw.group_ids, None, out,
+            m, n, k, gw.out_pad, x.stride(0), out.stride(0), gw.qweight.stride(1),
+            0 if gw.qweight_hi is None else gw.qweight_hi.stride(1), m_bucket(m),
+            tile_e, tile_r, ends, gw.perm, n_tiles,
+            gw.qweight.stride(0), 0 if gw.qweight_hi is None else gw.qweight_hi.stride(0), gw.scales.stride(0))
+
+    def grid(meta_):
+        return (n_tiles * -(-n // meta_["BLOCK_N"]), meta_["SPLIT_K"])
+
+    launch = {kk: cfg[kk] for kk in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUP_M")}
+    jit.wna16_gemm_kernel[grid](*args, **meta, **launch, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -58,12 +58,22 @@ def wna16_gemm_kernel(
     M, N, K, N_PAD,
     stride_xm, stride_om, stride_qw, stride_qh,
     M_BUCKET,
+    tile_e_ptr, tile_r_ptr, ends_ptr, perm_ptr, NUM_TILES,
+    stride_eqw, stride_eqh, stride_es,
     BITS: tl.constexpr, PLANE_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     HAS_ZEROS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    GROUPED: tl.constexpr, HAS_PERM: tl.constexpr,
 ):
     """out[M, N] (+)= x[M, K] @ dequant(W)[K, N].
+
+    ``GROUPED`` (MoE, one launch for all experts of a layer): ``x`` rows are sorted by expert and the
+    weights are stacked per expert (expert strides ``stride_eqw``/``stride_eqh`` in words, ``stride_es``
+    in scale/zero elements; group ids and permutations ``[E, K]``).  Row tile ``t`` of the launch belongs
+    to expert ``tile_e[t]`` (``-1``: a padding tile, which exits at once) and covers rows
+    ``tile_r[t] .. min(tile_r[t] + BLOCK_M, ends[e])``.  ``HAS_PERM``: row ``k`` of expert ``e``'s weight
+    reads activation column ``perm[e, k]`` (each expert's act order; gathered in the load).
 
     Weights are K-major and packed along N: word ``qw[k, j]`` holds the codes of output channels
     ``j*PPW .. j*PPW+PPW-1`` at input ``k`` (slot ``t`` in bits ``[t*PLANE_BITS, (t+1)*PLANE_BITS)``,
@@ -73,7 +83,10 @@ def wna16_gemm_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    if GROUPED:
+        num_pid_m = NUM_TILES
+    else:
+        num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped launch order: GROUP_M row-tiles share each weight tile while it is in L2.
     num_pid_in_group = GROUP_M * num_pid_n
@@ -95,9 +108,28 @@ def wna16_gemm_kernel(
     if BITS == 3:
         stride_qh = (stride_qh // 4) * 4
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if GROUPED:
+        expert = tl.load(tile_e_ptr + pid_m)
+        if expert < 0:
+            return
+        row0 = tl.load(tile_r_ptr + pid_m)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < tl.load(ends_ptr + expert)
+        e64 = expert.to(tl.int64)
+        qw_ptr += e64 * stride_eqw
+        s_ptr += e64 * stride_es
+        if BITS == 3:
+            qh_ptr += e64 * stride_eqh
+        if HAS_ZEROS:
+            z_ptr += e64 * stride_es
+        if HAS_GIDX:
+            gidx_ptr += e64 * K
+        if HAS_PERM:
+            perm_ptr += e64 * K
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_np = offs_n < N_PAD
     offs_w = tl.max_contiguous(tl.multiple_of(pid_n * WPT + tl.arange(0, WPT), WPT), WPT)
     # N_PAD is a multiple of 128 (triton_wna16.N_ALIGN).  The weight-plane masks are written so that
@@ -127,8 +159,13 @@ def wna16_gemm_kernel(
         k0 = kt * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_PERM:
+            cols = tl.load(perm_ptr + offs_k, mask=mask_k, other=0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(qw_ptr + offs_k[:, None] * stride_qw + offs_w[None, :],
                     mask=mask_k[:, None] & mask_w[None, :], other=0)
         q = (_spread(w, PPW) >> shift) & LOW_MASK
