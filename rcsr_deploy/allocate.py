@@ -36,6 +36,16 @@ budget/50 000, each choice's bytes rounded *up* so the result never exceeds the 
 uniform allocation (one width for all unpinned units) that fits the budget in exact bytes is compared with
 the knapsack's answer and wins when predicted no worse (bucket rounding can drop a uniform width that fits
 to the byte, e.g. ``--avg-bits 3.25`` = uniform W3 g64 sym).  ``--bits-rule REGEX=BITS`` pins matching units.
+
+**Check and correction (``--alloc-check``, default on).**  The proxy's candidates (its optimum, the same
+without the narrowest widths, the best uniform grid) and every uniform allocation are assembled and their
+end-to-end KL measured on held-back calibration windows (``measure_candidates``).  The uniform points
+calibrate the proxy per grid: ``f_c`` = measured / predicted KL of uniform ``c`` (on SmolLM2-135M: 0.89 for
+W4 g64, 1.27 for W3 g64, 1.46 for W3 per channel, 6.1 for W2 g64 -- the second-order proxy underrates the
+large perturbations most).  The knapsack is solved again on ``e(u, c) · f_c^γ`` for a few ``γ``
+(``calibrated_candidates``), those allocations are measured too, and the kept allocation is the one with
+the lowest measured KL among all that fit the budget.  The probe keeps its quantized weights
+(``CACHE_BYTES``), so each measured candidate costs one forward pass of the calibration windows.
 """
 from __future__ import annotations
 

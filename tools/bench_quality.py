@@ -41,7 +41,8 @@ SETTINGS = {
     "avg3.0g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.0, widths=(2, 3, 4)),
     "avg3.25g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.25, widths=(2, 3, 4)),
     "avg3.5g64": dict(bits=3, group_size=64, sym=True, avg_bits=3.5, widths=(2, 3, 4)),
-    "rule2+1g64": dict(bits=2, group_size=64, sym=True, rule_up=1),
+    "rule2+1g64": dict(bits=2, group_size=64, sym=True, rule_up=1),   # 2.55 bits/weight on SmolLM2-135M
+    "rule3+1g64": dict(bits=3, group_size=64, sym=True, rule_up=1),   # 3.55
     # ... choosing the group size per layer too (g64 or per channel): W3 pc = 3.03 bits, W4 pc = 4.03
     "avg2.5mix": dict(bits=3, group_size=64, sym=True, avg_bits=2.5, widths=(2, 3, 4), group_sizes=(64, -1)),
     "avg3.5mix": dict(bits=3, group_size=64, sym=True, avg_bits=3.5, widths=(2, 3, 4), group_sizes=(64, -1)),
