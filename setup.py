@@ -13,7 +13,7 @@ import time
 from setuptools import setup
 
 SOURCES = [f"csrc/cpu/{name}.cpp" for name in ("ops", "kernel_scalar", "kernel_avx2", "kernel_avx512",
-                                                 "kernel_avx512bf16")]
+                                                 "kernel_avx512bf16", "kernel_avx512vnni")]
 
 
 def _warn(msg: str) -> None:

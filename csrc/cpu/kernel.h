@@ -29,7 +29,8 @@ struct GemmArgs {
   // rows never alias in the L1 cache): fp32, or bf16 for the bf16 kernel; row m of this call is at
   // x + m*32, block kb at + kb*x_block_stride
   const void* x;
-  const float* xsum;     // [M][n_groups]: sum of x over each group
+  const float* xsum;     // [M][n_groups]: sum of x over each group (int8 kernel: of the int8 activations)
+  const float* xscale;   // [M][n_groups]: int8 kernel only, the activation scale of each group (else nullptr)
   const int32_t* packed; // [n_tiles][k_blocks][bits][16]
   const uint16_t* scales;  // fp16 bits [n_tiles][n_groups][16]
   const uint8_t* zeros;  // [n_tiles][n_groups][16] or nullptr (symmetric)
@@ -61,6 +62,7 @@ void gemm_scalar(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1);  // bits <= 4, bf16 x
+void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/4/8, int8 x (opt-in)
 
 void dequant_scalar(const DequantArgs& a, int64_t t0, int64_t t1);
 void dequant_avx2(const DequantArgs& a, int64_t t0, int64_t t1);

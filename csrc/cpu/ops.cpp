@@ -10,12 +10,16 @@
 // Two code paths: rows < large_m run the ISA kernel on the packed codes (the weight is read once
 // per 8 rows); rows >= large_m dequantize column chunks of W^T (fp32, in cache) and hand each to
 // ATen's GEMM (oneDNN) in the activation dtype.  isa: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16
-// (bf16 activations, bits <= 4; other layers of a bf16 model use AVX-512).
+// (bf16 activations, bits <= 4; other layers of a bf16 model use AVX-512), 4 AVX-512 VNNI with int8
+// activations (opt-in only, never the default: it quantizes the activations per row and weight group;
+// bits 2/4/8, other layers fall back to 3 or 2; no large-M path, so a row's numerics do not depend on
+// the batch).
 #include <ATen/Parallel.h>
 #include <cpuid.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -24,7 +28,7 @@
 namespace rcsr_cpu {
 namespace {
 
-enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512VnniA8 = 4 };
 
 bool has_f16c() {
   unsigned a, b, c, d;
@@ -41,25 +45,27 @@ bool isa_probe(int64_t isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && has_f16c();
     case kAvx512Bf16: return isa_probe(kAvx512) && __builtin_cpu_supports("avx512bf16");
+    case kAvx512VnniA8: return isa_probe(kAvx512) && __builtin_cpu_supports("avx512vnni");
     default: return false;
   }
 }
 
 // the CPU's answer, asked once (cpuid on every GEMM call showed in decode profiles)
 bool isa_supported(int64_t isa) {
-  static const bool known[4] = {isa_probe(kScalar), isa_probe(kAvx2), isa_probe(kAvx512), isa_probe(kAvx512Bf16)};
-  return isa >= kScalar && isa <= kAvx512Bf16 && known[isa];
+  static const bool known[5] = {isa_probe(kScalar), isa_probe(kAvx2), isa_probe(kAvx512), isa_probe(kAvx512Bf16),
+                                isa_probe(kAvx512VnniA8)};
+  return isa >= kScalar && isa <= kAvx512VnniA8 && known[isa];
 }
 
-int64_t best_isa() {
+int64_t best_isa() {  // of the exact (A16) kernels: the int8-activation kernel is opt-in only
   for (int64_t i = kAvx512Bf16; i > kScalar; --i)
     if (isa_supported(i)) return i;
   return kScalar;
 }
 
 const char* isa_name(int64_t isa) {
-  static const char* names[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
-  return isa >= 0 && isa <= 3 ? names[isa] : "?";
+  static const char* names[] = {"scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni_a8"};
+  return isa >= 0 && isa <= 4 ? names[isa] : "?";
 }
 
 // how many threads an at::parallel_for of this library really uses (0 .. n): a build without OpenMP
@@ -154,6 +160,7 @@ GemmFn gemm_fn(int64_t isa) {
     case kAvx2: return gemm_avx2;
     case kAvx512: return gemm_avx512;
     case kAvx512Bf16: return gemm_avx512bf16;
+    case kAvx512VnniA8: return gemm_avx512vnni;
     default: return gemm_scalar;
   }
 }
@@ -162,7 +169,8 @@ DequantFn dequant_fn(int64_t isa) {
   switch (isa) {
     case kAvx2: return dequant_avx2;
     case kAvx512:
-    case kAvx512Bf16: return dequant_avx512;
+    case kAvx512Bf16:
+    case kAvx512VnniA8: return dequant_avx512;
     default: return dequant_scalar;
   }
 }
@@ -185,7 +193,7 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& packed, const at::T
   TORCH_CHECK(x.dim() == 2, "rcsr_cpu.gemm: x must be 2-D [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
-  TORCH_CHECK(isa >= kScalar && isa <= kAvx512Bf16, "rcsr_cpu.gemm: unknown isa ", isa);
+  TORCH_CHECK(isa >= kScalar && isa <= kAvx512VnniA8, "rcsr_cpu.gemm: unknown isa ", isa);
   TORCH_CHECK(isa_supported(isa), "rcsr_cpu.gemm: this CPU cannot run the ", isa_name(isa), " kernel");
   Problem p;
   p.bits = bits;
@@ -215,6 +223,8 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& packed, const at::T
     TORCH_CHECK(perm->dim() == 1 && perm->size(0) == p.k && perm->scalar_type() == at::kLong,
                 "rcsr_cpu.gemm: perm must be int64 [K]");
   // the bf16 kernel takes bf16 activations and codes of at most 4 bits; other layers use AVX-512
+  // the int8-activation kernel takes 2/4/8-bit codes; other layers run the exact kernels
+  if (isa == kAvx512VnniA8 && bits == 3) isa = isa_supported(kAvx512Bf16) ? kAvx512Bf16 : kAvx512;
   if (isa == kAvx512Bf16 && (x.scalar_type() != at::kBFloat16 || bits > 4)) isa = kAvx512;
   p.isa = isa;
   return p;
@@ -247,11 +257,67 @@ void block_rows(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, bool
   }
 }
 
+// The int8 kernel's input: per row and weight group, scale = max|x| / 127 (1 where the group is all
+// zero), x_q = round-half-even(x * (127 / max|x|)) in [-127, 127]; blocked [k_blocks][M][32] like the
+// others, each plane word's 4-byte steps in the order the kernel unpacks the codes (kernel_avx512vnni.cpp):
+// within every run of per = 32/p columns, step j holds columns (2j, per/2+2j, 2j+1, per/2+2j+1).
+// xsum = the group sums of x_q (integers, exact in fp32), xscale = the scales.
+template <typename T>
+void block_rows_int8(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits, int8_t* xk, float* xsum,
+                     float* xscale) {
+  const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / bits;
+  std::vector<int8_t> q(kpad);
+  for (int64_t r = 0; r < m; ++r) {
+    const T* row = x + r * k;
+    std::fill(q.begin(), q.end(), int8_t(0));
+    for (int64_t g = 0; g < ng; ++g) {
+      float amax = 0.f;
+      for (int64_t c = g * gl; c < (g + 1) * gl; ++c) amax = std::max(amax, std::abs(static_cast<float>(row[c])));
+      const float inv = amax > 0.f ? 127.f / amax : 0.f;
+      int64_t s = 0;
+      for (int64_t c = g * gl; c < (g + 1) * gl; ++c) {
+        const float v = std::nearbyint(static_cast<float>(row[c]) * inv);
+        const int qi = (int)std::max(-127.f, std::min(127.f, v));
+        q[c] = (int8_t)qi;
+        s += qi;
+      }
+      xsum[r * ng + g] = (float)s;
+      xscale[r * ng + g] = amax > 0.f ? amax / 127.f : 1.f;
+    }
+    for (int64_t kb = 0; kb < kb_n; ++kb) {
+      int8_t* d = xk + (kb * m + r) * KB;
+      const int8_t* src = q.data() + kb * KB;
+      for (int64_t w0 = 0; w0 < KB; w0 += per)
+        for (int64_t j = 0; j < per / 4; ++j) {
+          d[w0 + 4 * j + 0] = src[w0 + 2 * j];
+          d[w0 + 4 * j + 1] = src[w0 + per / 2 + 2 * j];
+          d[w0 + 4 * j + 2] = src[w0 + 2 * j + 1];
+          d[w0 + 4 * j + 3] = src[w0 + per / 2 + 2 * j + 1];
+        }
+    }
+  }
+}
+
 // x (permuted, contiguous) in the kernel's input form, in one pass: fp32, or bf16 for the bf16
 // kernel, zero-padded to k_blocks*32 columns and blocked [k_blocks][M][32]; and the group sums of x
-// [M][n_groups] (fp32, summed in double).
-void kernel_inputs(const at::Tensor& xp, const Problem& p, at::Tensor* xk, at::Tensor* xsum) {
+// [M][n_groups] (fp32, summed in double).  The int8 kernel: block_rows_int8, and xscale.
+void kernel_inputs(const at::Tensor& xp, const Problem& p, at::Tensor* xk, at::Tensor* xsum, at::Tensor* xscale) {
   const int64_t m = xp.size(0), kpad = p.k_blocks * KB;
+  if (p.isa == kAvx512VnniA8) {
+    *xk = at::empty({p.k_blocks, m, KB}, xp.options().dtype(at::kChar));
+    *xsum = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
+    *xscale = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
+    int8_t* d = xk->data_ptr<int8_t>();
+    float *xs = xsum->data_ptr<float>(), *sc = xscale->data_ptr<float>();
+    const int b = (int)p.bits;
+    switch (xp.scalar_type()) {
+      case at::kFloat: block_rows_int8(xp.data_ptr<float>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
+      case at::kBFloat16: block_rows_int8(xp.data_ptr<at::BFloat16>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
+      case at::kHalf: block_rows_int8(xp.data_ptr<at::Half>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
+      default: TORCH_CHECK(false, "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
+    }
+    return;
+  }
   const bool bf16 = p.isa == kAvx512Bf16;
   *xk = at::empty({p.k_blocks, m, KB}, xp.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   *xsum = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
@@ -271,11 +337,12 @@ int64_t tile_grain(const Problem& p, int64_t m) {
   return std::max<int64_t>(1, (1 << 18) / work);
 }
 
-GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, const at::Tensor& xsum, float* out,
-                   int64_t out_stride) {
+GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, const at::Tensor& xsum,
+                   const at::Tensor& xscale, float* out, int64_t out_stride) {
   GemmArgs a;
   a.x = xk.data_ptr();
   a.xsum = xsum.data_ptr<float>();
+  a.xscale = xscale.defined() ? xscale.data_ptr<float>() : nullptr;
   a.packed = w.packed;
   a.scales = w.scales;
   a.zeros = w.zeros;
@@ -335,16 +402,17 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   if (m == 0 || n == 0) return out;
   const auto xp = (perm.has_value() ? x.index_select(1, *perm) : x).contiguous();
   const Weight w = weight_of(packed, scales, zeros, 0, p);
+  if (p.isa == kAvx512VnniA8) large_m = 0;  // one numerics for every batch size
   if (large_m > 0 && m >= large_m) {
     gemm_large(p, w, xp, out);
     return out;
   }
-  at::Tensor xk, xsum;
-  kernel_inputs(xp, p, &xk, &xsum);
+  at::Tensor xk, xsum, xscale;
+  kernel_inputs(xp, p, &xk, &xsum, &xscale);
   // fp32 output whose width is whole tiles: the kernel writes it directly
   const bool direct = x.scalar_type() == at::kFloat && n == p.n_tiles * NT;
   auto acc = direct ? out : at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
-  const GemmArgs a = make_args(p, w, xk, xsum, acc.data_ptr<float>(), acc.size(1));
+  const GemmArgs a = make_args(p, w, xk, xsum, xscale, acc.data_ptr<float>(), acc.size(1));
   const GemmFn fn = gemm_fn(p.isa);
   at::parallel_for(0, p.n_tiles, tile_grain(p, m), [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   if (!direct) out.copy_(acc.narrow(1, 0, n));
@@ -368,16 +436,17 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& packed, const at:
   auto out = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return out;
   const auto xp = (perm.has_value() ? x.index_select(1, *perm) : x).contiguous();
+  if (p.isa == kAvx512VnniA8) large_m = 0;  // one numerics for every batch size
   // experts with many rows: the large-M path, one after the other
   std::vector<GemmArgs> small;
-  at::Tensor xk, xsum, acc;
+  at::Tensor xk, xsum, xscale, acc;
   bool any_small = false;
   for (int64_t i = 0; i < e; ++i) {
     const int64_t rows = o[i + 1] - o[i];
     if (rows > 0 && !(large_m > 0 && rows >= large_m)) any_small = true;
   }
   if (any_small) {
-    kernel_inputs(xp, p, &xk, &xsum);
+    kernel_inputs(xp, p, &xk, &xsum, &xscale);
     acc = at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
   }
   for (int64_t i = 0; i < e; ++i) {
@@ -388,10 +457,11 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& packed, const at:
       gemm_large(p, w, xp.narrow(0, o[i], rows), out.narrow(0, o[i], rows));
       continue;
     }
-    GemmArgs a = make_args(p, w, xk, xsum, acc.data_ptr<float>() + o[i] * acc.size(1), acc.size(1));
+    GemmArgs a = make_args(p, w, xk, xsum, xscale, acc.data_ptr<float>() + o[i] * acc.size(1), acc.size(1));
     a.M = rows;
     a.x = static_cast<const char*>(xk.data_ptr()) + o[i] * KB * xk.element_size();
     a.xsum = xsum.data_ptr<float>() + o[i] * p.n_groups;
+    if (a.xscale) a.xscale = xscale.data_ptr<float>() + o[i] * p.n_groups;
     small.push_back(a);
   }
   if (!small.empty()) {
@@ -437,8 +507,9 @@ TORCH_LIBRARY_IMPL(rcsr_cpu, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rcsr-deploy native CPU low-bit GEMM (ops under torch.ops.rcsr_cpu)";
-  m.def("isa_supported", &rcsr_cpu::isa_supported, "whether this CPU can run ISA level i (0 scalar .. 3 avx512_bf16)");
-  m.def("best_isa", &rcsr_cpu::best_isa, "the fastest ISA level this CPU runs");
+  m.def("isa_supported", &rcsr_cpu::isa_supported,
+        "whether this CPU can run ISA level i (0 scalar .. 3 avx512_bf16, 4 avx512_vnni_a8)");
+  m.def("best_isa", &rcsr_cpu::best_isa, "the fastest exact (A16) ISA level this CPU runs");
   m.def("parallel_threads", &rcsr_cpu::parallel_threads, "threads an at::parallel_for over n items uses here");
-  m.attr("ISA_NAMES") = pybind11::make_tuple("scalar", "avx2", "avx512", "avx512_bf16");
+  m.attr("ISA_NAMES") = pybind11::make_tuple("scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni_a8");
 }

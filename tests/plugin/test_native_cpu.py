@@ -171,6 +171,95 @@ def test_grouped_gemm_matches_per_expert(bits, gs, sym):
         pw.grouped(torch.randn(4, k), torch.tensor([0, 1, 2, 3, 4, 9]), 0)
 
 
+def _int8_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                    bits: int, gs: int) -> torch.Tensor:
+    """What the int8-activation kernel computes, in float64: per row and weight group (columns in the
+    kernel's order), x_q = round-half-even(x * (127 / max|x|)) and scale max|x| / 127, then
+    sum_g s_w * s_x * sum_k x_q (q - z)."""
+    m, k = x.shape
+    n = codes.shape[0]
+    g = 1 if gs == -1 else k // gs
+    xr = x.float().reshape(m, g, k // g)
+    amax = xr.abs().amax(-1, keepdim=True)
+    c127 = torch.full_like(amax, 127.0)  # tensor / tensor: IEEE division (a Python scalar divides by reciprocal)
+    xq = torch.round(xr * torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))).clamp(-127, 127)
+    sx = torch.where(amax > 0, amax / c127, torch.ones_like(amax))
+    z = torch.full((n, g), float(1 << (bits - 1))) if zeros is None else zeros.float()
+    wq = codes.double().reshape(n, g, k // g) - z.double()[..., None]
+    part = torch.einsum("mgk,ngk->mgn", xq.double(), wq)
+    return (part * sx.double() * scales.double().t()[None]).sum(1)
+
+
+INT8_CASES = list(itertools.product((2, 4, 8), (32, 64, -1), (True, False), (False, True)))
+
+
+@pytest.mark.parametrize("bits,gs,sym,with_perm", INT8_CASES,
+                         ids=[f"w{b}-g{g}-{'sym' if s else 'asym'}-{'perm' if p else 'static'}"
+                              for b, g, s, p in INT8_CASES])
+def test_int8_activation_kernel_matches_its_reference(bits, gs, sym, with_perm):
+    """``RCSR_CPU_ISA=avx512_vnni_a8`` (opt-in): equals the int8-activation reference (per-row, per-group
+    symmetric int8 activations, integer products, fp32 scaling) to fp32 rounding, for fp32/bf16/fp16
+    activations, M from 1 to 300 (the 4-tile and 2-tile x 8-row register blockings and their remainders),
+    N = 83 / 99, a stored input permutation; large_m is ignored (one numerics for every batch); and it
+    stays within a few percent of the exact fp32 result."""
+    if not nc.int8_supported():
+        pytest.skip("this CPU has no AVX512_VNNI")
+    k = 3 * gs if gs != -1 else 224
+    g = torch.Generator().manual_seed(bits * 7 + gs)
+    for n in (83, 99):
+        codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+        ng = 1 if gs == -1 else k // gs
+        scales = (torch.rand(n, ng, generator=g) * 0.05 + 1e-3).half()
+        zeros = None if sym else torch.randint(0, 1 << bits, (n, ng), generator=g, dtype=torch.uint8)
+        perm = torch.randperm(k, generator=g) if with_perm else None
+        pw = nc.PackedWeight.from_codes(codes, scales, zeros, bits, gs, perm)
+        z = torch.full((n, ng), float(1 << (bits - 1))) if sym else zeros.float()
+        exact_w = (codes.float() - z.repeat_interleave(k // ng, 1)) * scales.float().repeat_interleave(k // ng, 1)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for m in MS:
+                x = torch.randn(m, k, generator=g).to(dtype)
+                xp = x if perm is None else x[:, perm]
+                want = _int8_reference(xp, codes, scales, zeros, bits, gs)
+                y = pw.matmul(x, nc.INT8_ACT, large_m=0)
+                assert y.dtype == dtype and y.shape == (m, n)
+                scale = float(want.abs().max())
+                err = float((y.double() - want).abs().max()) / scale
+                assert err <= {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], (n, dtype, m, err)
+                assert torch.equal(pw.matmul(x, nc.INT8_ACT, large_m=1), y)  # no large-M path
+                if dtype == torch.float32 and m >= 16:  # the price of int8 activations, for scale
+                    exact = xp.double() @ exact_w.double().t()
+                    assert float((want - exact).norm() / exact.norm()) < 0.03
+
+
+def test_int8_activation_opt_in_dispatch():
+    """3-bit layers keep the exact kernels under the int8 opt-in (bit for bit the bf16 / AVX-512 result);
+    the grouped op runs the int8 kernel per expert; the default never picks it."""
+    if not nc.int8_supported():
+        pytest.skip("this CPU has no AVX512_VNNI")
+    assert nc.best_isa() != nc.INT8_ACT and "avx512_vnni_a8" not in ISAS
+    w, _ = make_layer(48, 128, 3, 32, True, False)
+    from rcsr_deploy.packing import unpack_codes
+
+    pw3 = nc.PackedWeight.from_codes(unpack_codes(w.qweight, 3, 128), w.scales, None, 3, 32)
+    x = torch.randn(9, 128).to(torch.bfloat16)
+    fallback = nc.effective_isa(nc.INT8_ACT, torch.bfloat16, 3)
+    assert fallback in (2, 3) and nc.effective_isa(nc.INT8_ACT, torch.float32, 3) == 2
+    assert torch.equal(pw3.matmul(x, nc.INT8_ACT, 0), pw3.matmul(x, fallback, 0))
+    E, n, k = 4, 40, 128
+    layers = [make_layer(n, k, 4, 64, False, False, seed=e) for e in range(E)]
+    codes = torch.stack([unpack_codes(lw.qweight, 4, k) for lw, _ in layers])
+    pw = nc.PackedWeight.from_codes(codes, torch.stack([lw.scales for lw, _ in layers]),
+                                    torch.stack([lw.zeros for lw, _ in layers]), 4, 64)
+    offsets = torch.tensor([0, 5, 5, 22, 23])
+    x = torch.randn(23, k)
+    y = pw.grouped(x, offsets, nc.INT8_ACT, 8)
+    for e in range(E):
+        a, b = int(offsets[e]), int(offsets[e + 1])
+        if b > a:
+            one = nc.PackedWeight(pw.packed[e], pw.scales[e], pw.zeros[e], None, 4, 64, n, k)
+            assert torch.equal(y[a:b], one.matmul(x[a:b], nc.INT8_ACT, 0)), e
+
+
 def test_torch_compile_keeps_the_op_opaque():
     w, ref = make_layer(64, 128, 3, 32, False, False)
     kern = nc.NativeCpuKernel(spec_of(64, 128, 3, 32, False, False, torch.float32))
@@ -193,9 +282,10 @@ def test_isa_selection(monkeypatch):
         nc.resolve_isa()
     monkeypatch.setenv(nc.ENV_ISA, "auto")
     assert nc.ISA_NAMES[nc.resolve_isa()] == ISAS[-1]
+    runnable = ISAS + (["avx512_vnni_a8"] if nc.int8_supported() else [])
     for name in nc.ISA_NAMES:
         monkeypatch.setenv(nc.ENV_ISA, name)
-        if name in ISAS:
+        if name in runnable:
             assert nc.resolve_isa() == nc.ISA_NAMES.index(name)
         else:
             with pytest.raises(RcsrPluginError, match="this CPU cannot run it"):

@@ -12,6 +12,12 @@ ISA (``RCSR_CPU_ISA`` forces one: ``avx512_bf16``, ``avx512``, ``avx2``, ``scala
 the CPU runs).  ``avx512_bf16`` multiplies bf16 activations with the exact bf16 numbers ``128 + q``
 (``vdpbf16ps``) for codes of up to 4 bits; other layers of that model run the AVX-512 fp32 kernel.
 
+``RCSR_CPU_ISA=avx512_vnni_a8`` is an **opt-in** that changes numerics (never chosen by default): each
+row's activations are quantized to int8 per weight group (symmetric, scale ``max|x| / 127``) and
+``vpdpbusd`` multiplies them with the codes, 64 MACs per instruction instead of ``vdpbf16ps``' 32 --
+the lever for compute-bound batches (decode at batch 16, prefill).  2/4/8-bit layers; 3-bit layers keep
+the exact kernels; no large-M path, so a row's result does not depend on the batch it is in.
+
 Two code paths per call, switched at ``large_m`` rows (``RCSR_CPU_LARGE_M`` overrides
 :func:`large_m_for`): below it the kernel reads the packed codes once per 8 (AVX2: 3) rows; from it
 on, column chunks of ``W^T`` are dequantized into cache and multiplied by ATen's GEMM (oneDNN).
@@ -32,7 +38,10 @@ from .base import Kernel, LayerSpec, QuantWeights, flatten_x, group_permutation,
 
 ENV_ISA = "RCSR_CPU_ISA"
 ENV_LARGE_M = "RCSR_CPU_LARGE_M"
-ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16")
+ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni_a8")
+EXACT_ISAS = 4  #: ISA levels below this keep the activations in their dtype (A16); level 4 quantizes them
+INT8_ACT = 4    #: ``avx512_vnni_a8``: int8 activations, opt-in only
+INT8_BITS = (2, 4, 8)
 NT, KB = 16, 32  # output channels per tile, input columns per block (csrc/cpu/kernel.h)
 
 _EXT = None
@@ -99,12 +108,25 @@ def resolve_isa(name: str | None = None) -> int:
 
 
 def supported_isas() -> list[str]:
+    """The exact (A16) ISA paths this CPU runs, slowest first (the int8-activation opt-in is not one)."""
     ext = extension()
-    return [] if ext is None else [n for i, n in enumerate(ISA_NAMES) if ext.isa_supported(i)]
+    return [] if ext is None else [n for i, n in enumerate(ISA_NAMES[:EXACT_ISAS]) if ext.isa_supported(i)]
+
+
+def int8_supported() -> bool:
+    ext = extension()
+    return ext is not None and bool(ext.isa_supported(INT8_ACT))
 
 
 def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
-    """The kernel a call really runs (the bf16 kernel takes bf16 activations and <= 4 bits)."""
+    """The kernel a call really runs (as ``csrc/cpu/ops.cpp`` decides): the int8 kernel takes 2/4/8-bit
+    codes (3-bit layers run the bf16 kernel where the CPU has it, else AVX-512); the bf16 kernel takes bf16
+    activations and <= 4 bits."""
+    if isa == INT8_ACT:
+        if bits in INT8_BITS:
+            return isa
+        ext = extension()
+        isa = 3 if ext is not None and ext.isa_supported(3) else 2
     if isa == 3 and (dtype != torch.bfloat16 or bits > 4):
         return 2
     return isa
@@ -120,7 +142,7 @@ def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
             return max(0, int(env))
         except ValueError:
             raise RcsrPluginError(f"{ENV_LARGE_M}={env!r} is not an integer") from None
-    if effective_isa(isa, dtype, bits) == 3:
+    if effective_isa(isa, dtype, bits) in (3, INT8_ACT):
         return 0
     return 32
 

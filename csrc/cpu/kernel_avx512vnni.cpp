@@ -1,0 +1,122 @@
+// rcsr_cpu: AVX-512 VNNI kernel with int8 activations (opt-in, RCSR_CPU_ISA=avx512_vnni_a8) for 2/4/8-bit codes.
+//
+// This is the one kernel that changes numerics: each row's activations are quantized per weight group
+// to int8 (symmetric, scale = max|x| / 127 over the group's columns; ops.cpp, kernel_inputs), and
+// vpdpbusd multiplies the unsigned codes q (u8) with the int8 activations, four products per 32-bit lane
+// (64 MACs per instruction, twice vdpbf16ps).  Per group the integer sums give, exactly,
+//   sum_k xq_k (q_k - z) = acc - z * sum_k xq_k,
+// which is scaled by the weight scale s and the activation scale sx in fp32.  The packed layout is the
+// A16 kernels' (kernel.h): a p-bit plane word holds its even codes in the low half and its odd codes in
+// the high half, so (word >> p*j) & mask gives in its four bytes the codes (2j, per/2+2j, 2j+1,
+// per/2+2j+1) of the word's per = 32/p; ops.cpp writes the activation bytes in that order.
+// Compiled for AVX-512 VNNI via the pragma below, called only after the run-time CPU check (ops.cpp).
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
+#include <immintrin.h>
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in its own intrinsics
+
+#include "kernel.h"
+
+#define RCSR_INLINE __attribute__((always_inline)) inline
+
+namespace rcsr_cpu {
+namespace {
+
+// Output tiles t .. t+TL-1, rows m0 .. m0+MB-1 (the structure of the bf16 kernel: each broadcast
+// activation word feeds TL dot products, the group's int32 sums stay in registers).
+template <int BITS, int MB, int TL>
+void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
+  constexpr int S = 8 / BITS;  // 4-code steps per plane word
+  const int8_t* x = static_cast<const int8_t*>(a.x);
+  alignas(64) float acc[TL][MB][NT];
+  for (int i = 0; i < TL; ++i)
+    for (int m = 0; m < MB; ++m) _mm512_store_ps(acc[i][m], _mm512_setzero_ps());
+  const int32_t* wt[TL];
+  for (int i = 0; i < TL; ++i) wt[i] = a.packed + (t + i) * a.k_blocks * BITS * NT;
+  const __m512i bmask = _mm512_set1_epi32(BITS == 8 ? -1 : ((1 << BITS) - 1) * 0x01010101);
+  const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    __m512i accq[TL][MB];
+    for (int i = 0; i < TL; ++i)
+      for (int m = 0; m < MB; ++m) accq[i][m] = _mm512_setzero_si512();
+    int64_t kb1 = (g + 1) * a.group_blocks;
+    if (kb1 > a.k_blocks) kb1 = a.k_blocks;
+    for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
+      const int32_t* xr[MB];
+      for (int m = 0; m < MB; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride + (m0 + m) * KB);
+#pragma GCC unroll 8
+      for (int wi = 0; wi < BITS; ++wi) {
+        __m512i v[TL];
+        for (int i = 0; i < TL; ++i) v[i] = _mm512_loadu_si512(wt[i] + (kb * BITS + wi) * NT);
+#pragma GCC unroll 4
+        for (int j = 0; j < S; ++j) {
+          __m512i w[TL];
+          for (int i = 0; i < TL; ++i)
+            w[i] = BITS == 8 ? v[i] : _mm512_and_si512(_mm512_srli_epi32(v[i], BITS * j), bmask);
+#pragma GCC unroll 8
+          for (int m = 0; m < MB; ++m) {
+            const __m512i xb = _mm512_set1_epi32(xr[m][wi * S + j]);
+            for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbusd_epi32(accq[i][m], w[i], xb);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < TL; ++i) {
+      const int64_t sg = ((t + i) * a.n_groups + g) * NT;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
+      const __m512 z = a.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg))))
+                               : zsym;
+      for (int m = 0; m < MB; ++m) {
+        const int64_t mg = (m0 + m) * a.n_groups + g;
+        const __m512 xs = _mm512_set1_ps(a.xsum[mg]);
+        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(a.xscale[mg]));
+        const __m512 q = _mm512_fnmadd_ps(z, xs, _mm512_cvtepi32_ps(accq[i][m]));
+        _mm512_store_ps(acc[i][m], _mm512_fmadd_ps(sx, q, _mm512_load_ps(acc[i][m])));
+      }
+    }
+  }
+  for (int i = 0; i < TL; ++i)
+    for (int m = 0; m < MB; ++m)
+      _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + (t + i) * NT, _mm512_load_ps(acc[i][m]));
+}
+
+template <int BITS, int TL, int R>
+RCSR_INLINE void rest_rows(const GemmArgs& a, int64_t t, int64_t m0, int64_t r) {
+  if constexpr (R > 0) {
+    if (r == R) {
+      tile_rows<BITS, R, TL>(a, t, m0);
+    } else {
+      rest_rows<BITS, TL, R - 1>(a, t, m0, r);
+    }
+  }
+}
+
+template <int BITS, int TL, int MB>
+void rows_of(const GemmArgs& a, int64_t t) {
+  int64_t m0 = 0;
+  for (; m0 + MB <= a.M; m0 += MB) tile_rows<BITS, MB, TL>(a, t, m0);
+  rest_rows<BITS, TL, MB - 1>(a, t, m0, a.M - m0);
+}
+
+// tiles in fours for M < 4 (one row's sums are a dependent chain of vpdpbusd), else pairs x 8 rows
+template <int BITS>
+void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
+  int64_t t = t0;
+  if (a.M < 4)
+    for (; t + 4 <= t1; t += 4) rows_of<BITS, 4, 4>(a, t);
+  for (; t + 2 <= t1; t += 2) rows_of<BITS, 2, 8>(a, t);
+  for (; t < t1; ++t) rows_of<BITS, 1, 8>(a, t);
+}
+
+}  // namespace
+
+void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1) {
+  switch (a.bits) {
+    case 2: gemm_bits<2>(a, t0, t1); break;
+    case 4: gemm_bits<4>(a, t0, t1); break;
+    case 8: gemm_bits<8>(a, t0, t1); break;
+    default: break;
+  }
+}
+
+}  // namespace rcsr_cpu
