@@ -2,7 +2,7 @@
 
     python -m vllm_plugin.kernels.bench [--threads 1] [--bits 4] [--group 64] [--m 1,16]
                                         [--dtypes bfloat16,float32] [--shapes default|llm|576x576,...]
-                                        [--ratios-of native_cpu]
+                                        [--ratios-of native_cpu] [--int8-act]
 
 Shapes are ``out x in``: ``default`` = the default model's SmolLM2-135M layers, unfused and
 vLLM-fused; ``llm`` = 4096x4096, 11008x4096, 4096x11008, 14336x4096 (Llama-2-7B / Mistral-7B); ``1b`` = the
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-native", action="store_true",
                     help="time native_cpu's two paths separately (packed-code kernel 'nc:small', dequantize + "
                          "ATen GEMM 'nc:large') to place the switch-over")
+    ap.add_argument("--int8-act", action="store_true",
+                    help="add native_cpu with the opt-in int8-activation kernel ('nc:a8', RCSR_CPU_ISA=avx512_vnni_a8; "
+                         "changes numerics) next to the exact one")
     ap.add_argument("--split-int4", action="store_true",
                     help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
     args = ap.parse_args(argv)
@@ -154,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_int4 and "torch_int4" in names:
         i = names.index("torch_int4")
         names[i:i + 1] = ["i4:mm", "i4:dense"]
+    if args.int8_act and "native_cpu" in names:
+        from .native_cpu import int8_supported
+
+        if int8_supported():
+            names.insert(names.index("native_cpu") + 1, "nc:a8")
+        else:
+            print("# --int8-act: this CPU has no AVX512_VNNI; column left out")
     if args.split_native and "native_cpu" in names:
         i = names.index("native_cpu")
         names[i:i + 1] = ["nc:small", "nc:large"]
@@ -183,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                             k.large_m = 0
                         elif n == "nc:large":
                             k.large_m = 1
+                        elif n == "nc:a8":
+                            from .native_cpu import INT8_ACT
+
+                            k.isa, k.large_m = INT8_ACT, 0
                         kernels[n] = k
                 dense = torch.randn(out_f, in_f).to(dt)
                 vd = vllm_dense_linear(dense) if args.vllm_dense else None
