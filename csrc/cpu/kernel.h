@@ -24,6 +24,22 @@ namespace rcsr_cpu {
 constexpr int NT = 16;  // output channels per tile
 constexpr int KB = 32;  // input columns per block
 
+// Software prefetch of a tile's packed codes RCSR_PF_BLOCKS k-blocks ahead of the block being read
+// (one cache line per plane word).  A decode GEMM streams its weights from DRAM once; with one
+// thread the hardware prefetchers alone kept the W4 kernel at ~60 % of the read bandwidth on the
+// 1.1B model's layers (docs/CPU_KERNELS.md).  A macro, not a function: see the note above.  Used by
+// the SIMD translation units, which include <immintrin.h> first.
+#ifndef RCSR_PF_BLOCKS
+#define RCSR_PF_BLOCKS 8
+#endif
+#define RCSR_PREFETCH_BLOCK(blk, BITS)                                                             \
+  do {                                                                                            \
+    if (RCSR_PF_BLOCKS > 0)                                                                       \
+      for (int pf_line = 0; pf_line < (BITS); ++pf_line)                                          \
+        _mm_prefetch(reinterpret_cast<const char*>((blk) + (RCSR_PF_BLOCKS * (BITS) + pf_line) * NT), \
+                     _MM_HINT_T0);                                                                \
+  } while (0)
+
 struct GemmArgs {
   // activations blocked as [k_blocks][rows][32] (the rows' 32 columns of one block are adjacent, so
   // rows never alias in the L1 cache): fp32, or bf16 for the bf16 kernel; row m of this call is at

@@ -94,6 +94,7 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
       const float* xr[MB];
       for (int m = 0; m < MB; ++m) xr[m] = x + kb * a.x_block_stride + (m0 + m) * KB;
+      RCSR_PREFETCH_BLOCK(wt + kb * BITS * NT, BITS);
       unpack_block<BITS>(wt + kb * BITS * NT, [&](I16 q, int kk) {
         const __m256 q0 = _mm256_cvtepi32_ps(q.h[0]), q1 = _mm256_cvtepi32_ps(q.h[1]);
         const int c = kk % S;

@@ -17,6 +17,9 @@
 #ifndef RCSR_BF16_TL
 #define RCSR_BF16_TL 2  // output tiles per pass from M = 4 on
 #endif
+#ifndef RCSR_BF16_S1
+#define RCSR_BF16_S1 2
+#endif
 #ifndef RCSR_BF16_MB
 #define RCSR_BF16_MB 8  // rows per pass over a pair of tiles (16 zmm sums); 12 spilled and ran 2x slower at M = 16
 #endif
@@ -79,6 +82,7 @@ RCSR_INLINE void unpack_pairs(const int32_t* const* blk, F&& f) {
 // (TL*MB of them) and are scaled into an fp32 accumulator in L1 at the end of each group.
 template <int BITS, int MB, int TL>
 void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
+  constexpr int S = MB == 1 ? RCSR_BF16_S1 : 1;  // independent chains per sum
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
   alignas(64) float acc[TL][MB][NT];
   for (int i = 0; i < TL; ++i)
@@ -88,9 +92,10 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
   const __m512 bias = _mm512_set1_ps(128.0f);
   const __m512 zsym = _mm512_set1_ps((float)(128 + (1 << (BITS - 1))));
   for (int64_t g = 0; g < a.n_groups; ++g) {
-    __m512 accq[TL][MB];
-    for (int i = 0; i < TL; ++i)
-      for (int m = 0; m < MB; ++m) accq[i][m] = _mm512_setzero_ps();
+    __m512 accq[S][TL][MB];
+    for (int c = 0; c < S; ++c)
+      for (int i = 0; i < TL; ++i)
+        for (int m = 0; m < MB; ++m) accq[c][i][m] = _mm512_setzero_ps();
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
@@ -98,14 +103,19 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
       for (int m = 0; m < MB; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride + (m0 + m) * KB);
       const int32_t* blk[TL];
       for (int i = 0; i < TL; ++i) blk[i] = wt[i] + kb * BITS * NT;
+      for (int i = 0; i < TL; ++i) RCSR_PREFETCH_BLOCK(blk[i], BITS);
       unpack_pairs<BITS, TL>(blk, [&](const __m512i* w, int kk) {
+        const int c = (kk >> 1) % S;
 #pragma GCC unroll 8
         for (int m = 0; m < MB; ++m) {
           const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[m][kk >> 1]);
-          for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbf16_ps(accq[i][m], (__m512bh)w[i], xb);
+          for (int i = 0; i < TL; ++i) accq[c][i][m] = _mm512_dpbf16_ps(accq[c][i][m], (__m512bh)w[i], xb);
         }
       });
     }
+    for (int c = 1; c < S; ++c)
+      for (int i = 0; i < TL; ++i)
+        for (int m = 0; m < MB; ++m) accq[0][i][m] = _mm512_add_ps(accq[0][i][m], accq[c][i][m]);
     for (int i = 0; i < TL; ++i) {
       const int64_t sg = ((t + i) * a.n_groups + g) * NT;
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
@@ -115,7 +125,7 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
                                : zsym;
       for (int m = 0; m < MB; ++m) {
         const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.n_groups + g]);
-        _mm512_store_ps(acc[i][m], _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[i][m]), _mm512_load_ps(acc[i][m])));
+        _mm512_store_ps(acc[i][m], _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, accq[0][i][m]), _mm512_load_ps(acc[i][m])));
       }
     }
   }

@@ -50,6 +50,7 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
       const int32_t* xr[MB];
       for (int m = 0; m < MB; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride + (m0 + m) * KB);
+      for (int i = 0; i < TL; ++i) RCSR_PREFETCH_BLOCK(wt[i] + kb * BITS * NT, BITS);
 #pragma GCC unroll 8
       for (int wi = 0; wi < BITS; ++wi) {
         __m512i v[TL];
