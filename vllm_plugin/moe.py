@@ -37,6 +37,9 @@ weights) is always vLLM's own, passed to ``apply``.  Kernels, in the default ord
 * ``triton`` (default on CUDA): the Triton WNA16 kernel in its grouped form, one launch per matrix for
   all experts, codes packed at their bit width on the GPU, no host sync (:class:`TritonExperts`);
   interpreter-tested and compiled for sm_90a on CPU.
+* ``marlin`` (``RCSR_MOE_KERNEL=marlin``, CUDA, 4/8-bit static groups): vLLM's own Marlin-MoE kernel on
+  weights converted by vLLM's own Marlin processing (:class:`MarlinExperts`); opt-in until a GPU run
+  validates it (none has been available), so ``triton`` stays the CUDA default.
 * ``dequant`` (``RCSR_MOE_KERNEL=dequant``; any device/dtype): keeps each expert as a
   ``vllm_plugin.kernels.dequant.DequantKernel`` (``q - z`` unpacked as int8: 1 byte per weight, not the
   packed codes) and per call dequantizes only the experts that received tokens into the shared scratch
@@ -58,12 +61,12 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from rcsr_deploy.moe_format import PROJ_NAMES, SHARD_IDS, vllm_expert_modules
 from rcsr_deploy.format import QuantSpec, tensor_table
+from rcsr_deploy.packing import pack_lsb_words
 
 from .errors import RcsrPluginError
-from .kernels.base import LayerSpec, QuantWeights, can_permute, group_permutation
+from .kernels.base import LayerSpec, QuantWeights, can_permute, group_permutation, unpack
 from .kernels.dequant import DequantKernel
 from .kernels.native_cpu import NativeCpuKernel, PackedWeight, resolve_isa
-from .kernels.base import unpack
 
 logger = logging.getLogger("vllm.rcsr_plugin.moe")
 ENV_MOE_KERNEL = "RCSR_MOE_KERNEL"
@@ -477,6 +480,113 @@ class TritonExperts(ExpertsKernel):
         return out.to(x.dtype)
 
 
+class MarlinExperts(ExpertsKernel):
+    """CUDA, 4/8-bit static groups: vLLM's own Marlin-MoE kernel (``fused_marlin_moe``), fed through vLLM's own
+    weight post-processing for it (``convert_to_wna16_moe_kernel_format`` with the MARLIN backend: the
+    ``gptq_marlin_moe_repack`` of the codes, the scale and zero-point permutations, the tile padding of the
+    intermediate size).  The canonical tensors are handed over in the compressed-tensors ``pack-quantized``
+    layout vLLM's compressed-tensors MoE path gives it (:meth:`canonical`): codes packed along the input,
+    least significant first, ``[E, N, K*bits/32]``; scales ``[E, N, G]`` in the activation dtype; asymmetric
+    zero points packed along the output ``[E, N*bits/32, G]``.  Symmetric grids use the types' bias
+    (``uint4b8`` / ``uint8b128``: our constant zero point ``2**(bits-1)``); asymmetric 4-bit uses ``uint4`` with
+    zero points (Marlin has no 8-bit type with zero points).  Marlin-MoE takes static groups only (no
+    per-expert act order) and gated ``silu`` / ``gelu`` experts without biases here.
+
+    Opt-in (``RCSR_MOE_KERNEL=marlin``) until it has run on a GPU: no GPU has been available to this project,
+    so only the layout handed to vLLM (checked against vLLM's and compressed-tensors' own dequantizers) and the
+    call into ``fused_marlin_moe`` (checked with the CUDA ops replaced by a reference) are tested."""
+
+    name = "marlin"
+    supports_bias = False
+    _ACTIVATIONS = ("silu", "gelu")
+
+    @staticmethod
+    def _ops_reason() -> str | None:
+        try:
+            from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe  # noqa: F401
+            from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (  # noqa: F401
+                WNA16MoEBackend,
+                convert_to_wna16_moe_kernel_format,
+            )
+        except Exception as e:  # noqa: BLE001 - a vLLM without this API cannot run the kernel
+            return f"vLLM's Marlin-MoE API is not importable ({type(e).__name__})"
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, spec13, spec2, activation) -> str | None:
+        if activation not in cls._ACTIVATIONS:
+            return f"activation {activation!r} (supported: {', '.join(cls._ACTIVATIONS)})"
+        if spec13.bits not in (4, 8):
+            return f"{spec13.bits}-bit codes (Marlin-MoE takes 4 and 8 bits)"
+        if spec13.bits == 8 and not spec13.sym:
+            return "asymmetric 8-bit (Marlin-MoE has no 8-bit type with zero points)"
+        if spec13.dynamic:
+            return "dynamic act order (Marlin-MoE takes static groups only)"
+        if spec13.act_dtype not in (torch.float16, torch.bfloat16):
+            return f"activation dtype {spec13.act_dtype} (Marlin takes fp16/bf16)"
+        if spec13.group_size not in (32, 64, 128, -1):
+            return f"group {spec13.group_size}"
+        hidden, inter = spec13.in_features, spec2.in_features
+        if hidden % 128 or (spec13.group_size > 0 and inter % spec13.group_size):
+            return f"hidden size {hidden} (needs a multiple of 128) or intermediate size {inter}"
+        if spec13.device.type != "cuda":
+            return "CUDA only"
+        return cls._ops_reason()
+
+    def canonical(self, w13, w2) -> dict[str, torch.Tensor | None]:
+        """The experts in compressed-tensors' N-first layout (the input of vLLM's Marlin-MoE processing)."""
+        bits, dt = self.spec13.bits, self.spec13.act_dtype
+        out = {}
+        for stem, ws, spec in (("w13", w13, self.spec13), ("w2", w2, self.spec2)):
+            out[f"{stem}_qweight"] = torch.stack([pack_lsb_words(unpack(w, spec), bits, dim=1) for w in ws])
+            out[f"{stem}_scales"] = torch.stack([w.scales for w in ws]).to(dt).contiguous()
+            out[f"{stem}_qzeros"] = (None if spec.sym else
+                                     torch.stack([pack_lsb_words(w.zeros, bits, dim=0) for w in ws]))
+        return out
+
+    def quant_args(self):
+        from compressed_tensors.quantization import QuantizationArgs
+
+        gs = self.spec13.group_size
+        return QuantizationArgs(num_bits=self.spec13.bits, type="int", symmetric=self.spec13.sym,
+                                strategy="channel" if gs == -1 else "group", group_size=None if gs == -1 else gs)
+
+    def prepare(self, w13, w2) -> None:
+        import types
+
+        from vllm.model_executor.layers.fused_moe.oracle.int_wna16 import (
+            WNA16MoEBackend,
+            convert_to_wna16_moe_kernel_format,
+        )
+
+        from .kernels.vllm_mp import weight_type
+
+        c = self.canonical(w13, w2)
+        inter = self.spec13.shard_sizes[0]
+        layer = types.SimpleNamespace(intermediate_size_per_partition=inter,
+                                      num_groups_w13=self.spec13.n_groups, num_groups_w2=self.spec2.n_groups)
+        (self.w13, self.w2, self.s13, self.s2, self.z13, self.z2, *_rest) = convert_to_wna16_moe_kernel_format(
+            WNA16MoEBackend.MARLIN, layer, self.quant_args(), None, c["w13_qweight"], c["w2_qweight"],
+            c["w13_scales"], c["w2_scales"], c["w13_qzeros"], c["w2_qzeros"])
+        self.quant_type_id = weight_type(self.spec13.bits, self.spec13.sym).id
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2, self.s13, self.s2, self.z13, self.z2)
+                   if t is not None)
+
+    def apply(self, x, topk_weights, topk_ids, *, activation, apply_router_weight_on_input=False):
+        from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+        from vllm.model_executor.layers.fused_moe.experts.marlin_moe import fused_marlin_moe
+
+        other = topk_ids >= self.num_experts   # another rank's expert (expert parallelism): weight 0 on expert 0
+        topk_weights = topk_weights.float().masked_fill(other, 0)
+        topk_ids = topk_ids.masked_fill(other, 0)
+        return fused_marlin_moe(x.contiguous(), self.w13, self.w2, None, None, self.s13, self.s2, topk_weights,
+                                topk_ids, self.quant_type_id, apply_router_weight_on_input=apply_router_weight_on_input,
+                                global_num_experts=self.num_experts, activation=MoEActivation(activation),
+                                w1_zeros=self.z13, w2_zeros=self.z2)
+
+
 def _stack(ws: list[QuantWeights], spec: LayerSpec) -> PackedWeight:
     """Every expert's matrix in one native stack (static groups)."""
     codes = torch.stack([unpack(w, spec) for w in ws])
@@ -509,8 +619,9 @@ def _permute_segments(x: torch.Tensor, offsets: torch.Tensor, perms: torch.Tenso
 
 
 MOE_KERNELS: dict[str, type[ExpertsKernel]] = {
-    k.name: k for k in (NativeExperts, VllmCpuExperts, TritonExperts, DequantExperts)}
+    k.name: k for k in (NativeExperts, VllmCpuExperts, TritonExperts, MarlinExperts, DequantExperts)}
 #: first that can run the layer wins (CPU: native_cpu, vllm_cpu; CUDA: triton); ``RCSR_MOE_KERNEL`` forces one
+#: (``marlin`` is opt-in until it has run on a GPU)
 DEFAULT_MOE_ORDER = ("native_cpu", "vllm_cpu", "triton", "dequant")
 
 
