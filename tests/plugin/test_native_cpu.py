@@ -296,3 +296,22 @@ def test_isa_selection(monkeypatch):
     with pytest.raises(RuntimeError, match="group size 16"):
         torch.ops.rcsr_cpu.gemm(torch.randn(1, 64), torch.zeros(1, 2, 4, 16, dtype=torch.int32),
                                 torch.zeros(1, 4, 16, dtype=torch.float16), None, None, 4, 16, 16, 0, 0)
+
+
+@pytest.mark.parametrize("stream", [0, 2])
+def test_kernel_bench_runs(capsys, stream):
+    """The microbenchmark (``python -m vllm_plugin.kernels.bench``) on tiny shapes: one cache-resident layer per
+    shape, and ``--stream N`` (one pass over N blocks of layers with their own weights): a row per bits x M with a
+    positive time for every kernel that can take the layer and the native kernel's ratios."""
+    from vllm_plugin.kernels import bench
+
+    args = ["--bits", "4,3", "--m", "1,5", "--dtypes", "float32", "--shapes", "64x128,96x64", "--group", "32",
+            "--kernels", "native_cpu,dequant", "--min-time", "0.01"] + (["--stream", str(stream)] if stream else [])
+    assert bench.main(args) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith(("#", "bits"))]
+    per_shape = 1 if stream else 2
+    assert len(rows) == 2 * 2 * per_shape
+    for r in rows:
+        times = r[3:6] if stream else r[4:7]          # dense, native_cpu, dequant
+        assert all(float(v) > 0 for v in times), r
+        assert float(r[-1]) > 0 and float(r[-2]) > 0, r     # % of bandwidth, GB/s

@@ -2,7 +2,7 @@
 
     python -m vllm_plugin.kernels.bench [--threads 1] [--bits 4] [--group 64] [--m 1,16]
                                         [--dtypes bfloat16,float32] [--shapes default|llm|576x576,...]
-                                        [--ratios-of native_cpu] [--int8-act]
+                                        [--ratios-of native_cpu] [--int8-act] [--stream N]
 
 Shapes are ``out x in``: ``default`` = the default model's SmolLM2-135M layers, unfused and
 vLLM-fused; ``llm`` = 4096x4096, 11008x4096, 4096x11008, 14336x4096 (Llama-2-7B / Mistral-7B); ``1b`` = the
@@ -121,6 +121,77 @@ def make_layer(out_f: int, in_f: int, bits: int, group: int, sym: bool, seed: in
     return QuantWeights(pack_codes(codes, bits), scales, zeros, None)
 
 
+def _prepared(name: str, spec: LayerSpec, w: QuantWeights):
+    """Kernel ``name`` (a bench column: ``nc:a8`` etc.) prepared on ``w``, or None when it cannot take ``spec``."""
+    base = {"i4": "torch_int4", "nc": "native_cpu"}.get(name.split(":")[0], name)
+    if KERNELS[base].unsupported_reason(spec) is not None:
+        return None
+    k = KERNELS[base](spec)
+    k.prepare(w)
+    if name == "i4:mm":
+        k.dense_min_m = 1 << 62
+    elif name == "i4:dense":
+        k.dense_min_m = 0
+    elif name == "nc:small":
+        k.large_m = 0
+    elif name == "nc:large":
+        k.large_m = 1
+    elif name == "nc:a8":
+        from .native_cpu import INT8_ACT
+
+        k.isa, k.large_m = INT8_ACT, 0
+    return k
+
+
+def stream(args, shapes: str, names: list[str], ms: list[int], bw: float) -> int:
+    """``--stream N``: milliseconds per pass over N blocks of layers of all the shapes (distinct weights)."""
+    dims = [tuple(int(v) for v in shape.split("x")) for shape in shapes.split(",")]
+    print(f"# one pass = {args.stream} blocks x ({shapes}), each layer its own weights; ms per pass (best of 5)")
+    cols = ["dense"] + (["vllm_dense"] if args.vllm_dense else []) + names
+    print(f"{'bits':>4} {'dtype':>8} {'M':>4} " + " ".join(f"{c:>11}" for c in cols)
+          + f" {'x dense':>8} {'x vllm':>7} {'GB/s':>6} {'%bw':>4}")
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for dname in args.dtypes.split(","):
+            dt = getattr(torch, dname)
+            layers: dict[str, list] = {c: [] for c in cols}
+            for blk in range(args.stream):
+                for out_f, in_f in dims:
+                    w = make_layer(out_f, in_f, bits, args.group, not args.asym, seed=blk)
+                    spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
+                    dense = torch.randn(out_f, in_f).to(dt)
+                    layers["dense"].append((in_f, lambda x, d=dense: F.linear(x, d)))
+                    if args.vllm_dense:
+                        vd = vllm_dense_linear(dense)
+                        layers["vllm_dense"].append((in_f, vd) if vd is not None else None)
+                    for n in names:
+                        k = _prepared(n, spec, w)
+                        layers[n].append(None if k is None else (in_f, k, k.apply))
+            nbytes = {n: sum(e[1].nbytes() for e in layers[n] if e is not None) for n in names}
+            for m in ms:
+                xs = {in_f: torch.randn(m, in_f).to(dt) for _, in_f in dims}
+                t = {}
+                for c in cols:
+                    if any(e is None for e in layers[c]):
+                        continue
+                    fns = [(e[0], e[-1]) for e in layers[c]]
+                    best = float("inf")
+                    for _ in range(5):
+                        t0 = time.perf_counter()
+                        for in_f, fn in fns:
+                            fn(xs[in_f])
+                        best = min(best, time.perf_counter() - t0)
+                    t[c] = best * 1e3
+                rk = args.ratios_of
+                extra = ""
+                if rk in t:
+                    gbs = nbytes[rk] / (t[rk] * 1e-3) / 1e9
+                    vx = f"{t['vllm_dense'] / t[rk]:7.2f}" if "vllm_dense" in t else f"{'-':>7}"
+                    extra = f" {t['dense'] / t[rk]:8.2f} {vx} {gbs:6.1f} {100 * gbs / bw:4.0f}"
+                print(f"{bits:>4} {dname[:8]:>8} {m:>4} " + " ".join(f"{t[c]:11.2f}" if c in t else f"{'-':>11}"
+                                                                   for c in cols) + extra, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -145,13 +216,16 @@ def main(argv: list[str] | None = None) -> int:
                          "changes numerics) next to the exact one")
     ap.add_argument("--split-int4", action="store_true",
                     help="time torch_int4's two paths separately (int4 GEMM 'i4:mm', dequant + dense 'i4:dense')")
+    ap.add_argument("--stream", type=int, default=0, metavar="N",
+                    help="time one pass over N blocks of all --shapes, each layer with its own weights, so that the "
+                         "weights stream from memory as in a decode step (--shapes 1b --stream 22: the 1.1B model's "
+                         "decoder); milliseconds per pass")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES, "1b": ONE_B_SHAPES}.get(args.shapes, args.shapes)
     bw = read_bandwidth_gbs()
     print(f"# {cpu_features()}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cpus; measured read bandwidth {bw:.1f} GB/s")
-    print("# microseconds per call; 'dense' = F.linear on a dense weight of the activation dtype")
     ms = [int(m) for m in args.m.split(",")]
     names = [k for k in args.kernels.split(",") if k]
     if args.split_int4 and "torch_int4" in names:
@@ -167,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_native and "native_cpu" in names:
         i = names.index("native_cpu")
         names[i:i + 1] = ["nc:small", "nc:large"]
+    if args.stream:
+        return stream(args, shapes, names, ms, bw)
+    print("# microseconds per call; 'dense' = F.linear on a dense weight of the activation dtype")
     rk = args.ratios_of
     header = (f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)
               + (f" {'x dense':>8} {'GB/s':>6} {'%bw':>4}" if rk in names else "")
@@ -179,25 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_f, in_f = (int(v) for v in shape.split("x"))
                 w = make_layer(out_f, in_f, bits, args.group, not args.asym)
                 spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
-                kernels = {}
-                for n in names:
-                    base = {"i4": "torch_int4", "nc": "native_cpu"}.get(n.split(":")[0], n)
-                    if KERNELS[base].unsupported_reason(spec) is None:
-                        k = KERNELS[base](spec)
-                        k.prepare(w)
-                        if n == "i4:mm":
-                            k.dense_min_m = 1 << 62
-                        elif n == "i4:dense":
-                            k.dense_min_m = 0
-                        elif n == "nc:small":
-                            k.large_m = 0
-                        elif n == "nc:large":
-                            k.large_m = 1
-                        elif n == "nc:a8":
-                            from .native_cpu import INT8_ACT
-
-                            k.isa, k.large_m = INT8_ACT, 0
-                        kernels[n] = k
+                kernels = {n: k for n in names if (k := _prepared(n, spec, w)) is not None}
                 dense = torch.randn(out_f, in_f).to(dt)
                 vd = vllm_dense_linear(dense) if args.vllm_dense else None
                 for m in ms:
