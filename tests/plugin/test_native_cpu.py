@@ -290,6 +290,11 @@ def test_isa_selection(monkeypatch):
         else:
             with pytest.raises(RcsrPluginError, match="this CPU cannot run it"):
                 nc.resolve_isa()
+    # switch-over to dequantize + ATen GEMM: bf16 kernel from 512 rows, fp32-FMA from 32, int8 never
+    assert nc.large_m_for(3, torch.bfloat16, 4) == 512 and nc.large_m_for(3, torch.float32, 4) == 32
+    assert nc.large_m_for(3, torch.bfloat16, 8) == 32 and nc.large_m_for(nc.INT8_ACT, torch.bfloat16, 4) == 0
+    monkeypatch.setenv(nc.ENV_LARGE_M, "7")
+    assert nc.large_m_for(3, torch.bfloat16, 4) == 7
     monkeypatch.setenv(nc.ENV_LARGE_M, "x")
     with pytest.raises(RcsrPluginError, match="RCSR_CPU_LARGE_M='x' is not an integer"):
         nc.large_m_for(2, torch.float32, 4)

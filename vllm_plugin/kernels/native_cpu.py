@@ -134,17 +134,20 @@ def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
 
 def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
     """Rows from which the dequantize + ATen GEMM path runs (0: never).  Measured with
-    ``tools/bench_native_cpu.py`` (docs/RESULTS-serving.md): the bf16 dot-product kernel beats
-    dequantize + oneDNN up to at least 256 rows; the fp32-FMA kernels lose to it from ~32 rows."""
+    ``python -m vllm_plugin.kernels.bench --split-native`` (docs/CPU_KERNELS.md): the bf16 dot-product
+    kernel beats dequantize + oneDNN up to ~384 rows and loses from 512 on (prefill chunks); the
+    fp32-FMA kernels lose to it from ~32 rows.  The int8-activation kernel never switches (its numerics
+    stay independent of the batch)."""
     env = os.environ.get(ENV_LARGE_M, "").strip()
     if env:
         try:
             return max(0, int(env))
         except ValueError:
             raise RcsrPluginError(f"{ENV_LARGE_M}={env!r} is not an integer") from None
-    if effective_isa(isa, dtype, bits) in (3, INT8_ACT):
+    eff = effective_isa(isa, dtype, bits)
+    if eff == INT8_ACT:
         return 0
-    return 32
+    return 512 if eff == 3 else 32
 
 
 def tile_rows(t: torch.Tensor) -> torch.Tensor:
