@@ -80,6 +80,10 @@ void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1);  // bits <= 4, bf16 x
 void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/4/8, int8 x (opt-in)
 
+// the int8 kernel's activations from fp32 rows [m][k] (kernel_avx512vnni.cpp explains the format)
+void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
+                              int8_t* xk, float* xsum, float* xscale);
+
 void dequant_scalar(const DequantArgs& a, int64_t t0, int64_t t1);
 void dequant_avx2(const DequantArgs& a, int64_t t0, int64_t t1);
 void dequant_avx512(const DequantArgs& a, int64_t t0, int64_t t1);

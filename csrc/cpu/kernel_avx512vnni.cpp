@@ -127,4 +127,58 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
+
+// The int8 kernel's input (was scalar code in ops.cpp, whose per-element nearbyint call cost as much as
+// the GEMM of a 576-wide layer at M = 16): per row and weight group, scale = max|x| / 127 (1 where the
+// group is all zero), x_q = round-half-even(x * (127 / max|x|)) clamped to [-127, 127] (cvtps2dq under
+// the default rounding mode, as nearbyint); blocked [k_blocks][M][32], each plane word's 4-byte steps in
+// the order tile_rows unpacks the codes: within every run of per = 32/p columns, step j holds columns
+// (2j, per/2+2j, 2j+1, per/2+2j+1).  A run (4, 8 or 16 columns) never crosses a 16-byte lane, so one
+// in-lane byte shuffle per block does the reordering.  xsum = the group sums of x_q (exact in fp32).
+void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
+                              int8_t* xk, float* xsum, float* xscale) {
+  const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / bits;
+  alignas(32) int8_t ctrl[KB];
+  for (int64_t w0 = 0; w0 < KB; w0 += per)
+    for (int64_t j = 0; j < per / 4; ++j) {
+      const int64_t lane = (w0 / 16) * 16;
+      ctrl[w0 + 4 * j + 0] = (int8_t)(w0 + 2 * j - lane);
+      ctrl[w0 + 4 * j + 1] = (int8_t)(w0 + per / 2 + 2 * j - lane);
+      ctrl[w0 + 4 * j + 2] = (int8_t)(w0 + 2 * j + 1 - lane);
+      ctrl[w0 + 4 * j + 3] = (int8_t)(w0 + per / 2 + 2 * j + 1 - lane);
+    }
+  const __m256i shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl));
+  const __m512 sign = _mm512_set1_ps(-0.0f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  int8_t* q = new int8_t[kpad];
+  for (int64_t r = 0; r < m; ++r) {
+    const float* row = x + r * k;
+    for (int64_t c = k; c < kpad; ++c) q[c] = 0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t c0 = g * gl, c1 = c0 + gl;
+      __m512 vmax = _mm512_setzero_ps();
+      for (int64_t c = c0; c < c1; c += 16) {
+        const __mmask16 mk = c1 - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
+        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, row + c)));
+      }
+      const float amax = _mm512_reduce_max_ps(vmax);
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      __m512i vsum = _mm512_setzero_si512();
+      for (int64_t c = c0; c < c1; c += 16) {
+        const __mmask16 mk = c1 - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
+        const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + c), inv)));
+        const __m512i qi = _mm512_maskz_mov_epi32(mk, _mm512_cvtps_epi32(v));
+        vsum = _mm512_add_epi32(vsum, qi);
+        _mm512_mask_cvtsepi32_storeu_epi8(q + c, mk, qi);
+      }
+      xsum[r * ng + g] = (float)_mm512_reduce_add_epi32(vsum);
+      xscale[r * ng + g] = amax > 0.f ? amax / 127.f : 1.f;
+    }
+    for (int64_t kb = 0; kb < kb_n; ++kb) {
+      const __m256i src = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kb * KB));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xk + (kb * m + r) * KB), _mm256_shuffle_epi8(src, shuf));
+    }
+  }
+  delete[] q;
+}
+
 }  // namespace rcsr_cpu

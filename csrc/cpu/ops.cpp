@@ -257,65 +257,20 @@ void block_rows(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, bool
   }
 }
 
-// The int8 kernel's input: per row and weight group, scale = max|x| / 127 (1 where the group is all
-// zero), x_q = round-half-even(x * (127 / max|x|)) in [-127, 127]; blocked [k_blocks][M][32] like the
-// others, each plane word's 4-byte steps in the order the kernel unpacks the codes (kernel_avx512vnni.cpp):
-// within every run of per = 32/p columns, step j holds columns (2j, per/2+2j, 2j+1, per/2+2j+1).
-// xsum = the group sums of x_q (integers, exact in fp32), xscale = the scales.
-template <typename T>
-void block_rows_int8(const T* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits, int8_t* xk, float* xsum,
-                     float* xscale) {
-  const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / bits;
-  std::vector<int8_t> q(kpad);
-  for (int64_t r = 0; r < m; ++r) {
-    const T* row = x + r * k;
-    std::fill(q.begin(), q.end(), int8_t(0));
-    for (int64_t g = 0; g < ng; ++g) {
-      float amax = 0.f;
-      for (int64_t c = g * gl; c < (g + 1) * gl; ++c) amax = std::max(amax, std::abs(static_cast<float>(row[c])));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int64_t s = 0;
-      for (int64_t c = g * gl; c < (g + 1) * gl; ++c) {
-        const float v = std::nearbyint(static_cast<float>(row[c]) * inv);
-        const int qi = (int)std::max(-127.f, std::min(127.f, v));
-        q[c] = (int8_t)qi;
-        s += qi;
-      }
-      xsum[r * ng + g] = (float)s;
-      xscale[r * ng + g] = amax > 0.f ? amax / 127.f : 1.f;
-    }
-    for (int64_t kb = 0; kb < kb_n; ++kb) {
-      int8_t* d = xk + (kb * m + r) * KB;
-      const int8_t* src = q.data() + kb * KB;
-      for (int64_t w0 = 0; w0 < KB; w0 += per)
-        for (int64_t j = 0; j < per / 4; ++j) {
-          d[w0 + 4 * j + 0] = src[w0 + 2 * j];
-          d[w0 + 4 * j + 1] = src[w0 + per / 2 + 2 * j];
-          d[w0 + 4 * j + 2] = src[w0 + 2 * j + 1];
-          d[w0 + 4 * j + 3] = src[w0 + per / 2 + 2 * j + 1];
-        }
-    }
-  }
-}
-
 // x (permuted, contiguous) in the kernel's input form, in one pass: fp32, or bf16 for the bf16
 // kernel, zero-padded to k_blocks*32 columns and blocked [k_blocks][M][32]; and the group sums of x
-// [M][n_groups] (fp32, summed in double).  The int8 kernel: block_rows_int8, and xscale.
+// [M][n_groups] (fp32, summed in double).  The int8 kernel: quantize_rows_avx512vnni, and xscale.
 void kernel_inputs(const at::Tensor& xp, const Problem& p, at::Tensor* xk, at::Tensor* xsum, at::Tensor* xscale) {
   const int64_t m = xp.size(0), kpad = p.k_blocks * KB;
   if (p.isa == kAvx512VnniA8) {
     *xk = at::empty({p.k_blocks, m, KB}, xp.options().dtype(at::kChar));
     *xsum = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
     *xscale = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
-    int8_t* d = xk->data_ptr<int8_t>();
-    float *xs = xsum->data_ptr<float>(), *sc = xscale->data_ptr<float>();
-    const int b = (int)p.bits;
-    switch (xp.scalar_type()) {
-      case at::kFloat: block_rows_int8(xp.data_ptr<float>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
-      case at::kBFloat16: block_rows_int8(xp.data_ptr<at::BFloat16>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
-      case at::kHalf: block_rows_int8(xp.data_ptr<at::Half>(), m, p.k, kpad, p.n_groups, b, d, xs, sc); break;
-      default: TORCH_CHECK(false, "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
-    }
+    TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kBFloat16 || xp.scalar_type() == at::kHalf,
+                "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
+    const at::Tensor xf = xp.scalar_type() == at::kFloat ? xp : xp.to(at::kFloat);  // exact
+    quantize_rows_avx512vnni(xf.data_ptr<float>(), m, p.k, kpad, p.n_groups, (int)p.bits, xk->data_ptr<int8_t>(),
+                             xsum->data_ptr<float>(), xscale->data_ptr<float>());
     return;
   }
   const bool bf16 = p.isa == kAvx512Bf16;
