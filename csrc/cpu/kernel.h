@@ -24,19 +24,23 @@ namespace rcsr_cpu {
 constexpr int NT = 16;  // output channels per tile
 constexpr int KB = 32;  // input columns per block
 
-// Software prefetch of a tile's packed codes RCSR_PF_BLOCKS k-blocks ahead of the block being read
-// (one cache line per plane word).  A decode GEMM streams its weights from DRAM once; with one
-// thread the hardware prefetchers alone kept the W4 kernel at ~60 % of the read bandwidth on the
-// 1.1B model's layers (docs/CPU_KERNELS.md).  A macro, not a function: see the note above.  Used by
-// the SIMD translation units, which include <immintrin.h> first.
-#ifndef RCSR_PF_BLOCKS
-#define RCSR_PF_BLOCKS 8
+// Software prefetch of a tile's packed codes a few k-blocks ahead of the block being read (one cache
+// line per plane word).  A decode GEMM streams its weights from DRAM once; with one thread the hardware
+// prefetchers alone kept the W4 kernel at ~60 % of the read bandwidth on the 1.1B model's layers
+// (docs/CPU_KERNELS.md).  Distance: 8 blocks for 4 and 8 bits, 12 for 2 and 3 bits (a block of
+// narrower codes is read faster; measured on the 1.1B model's decoder, sessions 17-18);
+// -DRCSR_PF_BLOCKS=N forces N blocks for every width, 0 turns it off.  A macro, not a function: see the note above.  Used by the
+// SIMD translation units, which include <immintrin.h> first.
+#ifdef RCSR_PF_BLOCKS
+#define RCSR_PF_BLOCKS_FOR(BITS) (RCSR_PF_BLOCKS)
+#else
+#define RCSR_PF_BLOCKS_FOR(BITS) ((BITS) < 4 ? 12 : 8)
 #endif
 #define RCSR_PREFETCH_BLOCK(blk, BITS)                                                             \
   do {                                                                                            \
-    if (RCSR_PF_BLOCKS > 0)                                                                       \
+    if (RCSR_PF_BLOCKS_FOR(BITS) > 0)                                                             \
       for (int pf_line = 0; pf_line < (BITS); ++pf_line)                                          \
-        _mm_prefetch(reinterpret_cast<const char*>((blk) + (RCSR_PF_BLOCKS * (BITS) + pf_line) * NT), \
+        _mm_prefetch(reinterpret_cast<const char*>((blk) + (RCSR_PF_BLOCKS_FOR(BITS) * (BITS) + pf_line) * NT), \
                      _MM_HINT_T0);                                                                \
   } while (0)
 

@@ -20,6 +20,9 @@
 #ifndef RCSR_BF16_S1
 #define RCSR_BF16_S1 2
 #endif
+#ifndef RCSR_BF16_M1
+#define RCSR_BF16_M1 1  // 2/3 bits at M = 1: the shift-saving kernel (tile_row_m1); 0 = the generic one
+#endif
 #ifndef RCSR_BF16_MB
 #define RCSR_BF16_MB 8  // rows per pass over a pair of tiles (16 zmm sums); 12 spilled and ran 2x slower at M = 16
 #endif
@@ -154,11 +157,105 @@ void rows_of(const GemmArgs& a, int64_t t) {
   rest_rows<BITS, TL, MB - 1>(a, t, m0, a.M - m0);
 }
 
+// One row (M = 1) of 2- or 3-bit tiles t .. t+TL-1 with fewer shifts.  The generic path shifts every
+// code pair down to bit 0 before its ternary-logic and vdpbf16ps.  Here the 2-bit low-plane codes stay
+// where they are: a mask at bits 2r..2r+1 of each half (r = 0, 1, 2) gives the bf16 number
+// 0x4300 | (q << 2r) = 128 + 4^r q, exact, because q << 2r stays inside the 7-bit mantissa.  So one
+// low-plane word (8 pairs, pair j at bits 2j) takes two shifts (by 6 and 12) instead of seven, and pair
+// j feeds the sum of its offset r = j mod 3 (pairs 6, 7: offsets 0, 1).  3 bits: the high-plane bit of
+// pair j is shifted once to bit 2r + 2 and or-ed in (128 + 4^r (l + 4 h) <= 128 + 16 * 7, still exact):
+// one shift less per pair.  Per group, with acc_r = sum x (128 + 4^r q) over the pairs of offset r,
+//   sum_k x_k (q_k - z) = acc_0 + acc_1 / 4 + acc_2 / 16 - C - z sum_k x_k,   C = 128 sum_r 4^-r X_r,
+// X_r the sum of the activations of the pairs of offset r: one vdpbf16ps per block with the constant
+// pair weights 128 * 4^-r (bf16 128 / 32 / 8, exact) gives C for all tiles.  The three sums are also
+// three independent chains per tile (12 in flight with four tiles), which a lone row needs (see below).
+template <int BITS, int TL>
+void tile_row_m1(const GemmArgs& a, int64_t t) {
+  static_assert(BITS == 2 || BITS == 3, "2 or 3 bits");
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  alignas(64) float acc[TL][NT];
+  for (int i = 0; i < TL; ++i) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+  const int32_t* wt[TL];
+  for (int i = 0; i < TL; ++i) wt[i] = a.packed + (t + i) * a.k_blocks * BITS * NT;
+  const __m512i bias = _mm512_set1_epi32(0x43004300);
+  const __m512i ml[3] = {_mm512_set1_epi32(0x00030003), _mm512_set1_epi32(0x000C000C),
+                         _mm512_set1_epi32(0x00300030)};
+  const __m512i mh[3] = {_mm512_set1_epi32(0x00040004), _mm512_set1_epi32(0x00100010),
+                         _mm512_set1_epi32(0x00400040)};
+  // lane p = pair p of a block (low-plane word p / 8, pair j = p % 8): both halves 128 * 4^-(j mod 3)
+  const __m512i wc = _mm512_setr_epi32(0x43004300, 0x42004200, 0x41004100, 0x43004300, 0x42004200, 0x41004100,
+                                       0x43004300, 0x42004200, 0x43004300, 0x42004200, 0x41004100, 0x43004300,
+                                       0x42004200, 0x41004100, 0x43004300, 0x42004200);
+  const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    __m512 accq[3][TL];
+    for (int r = 0; r < 3; ++r)
+      for (int i = 0; i < TL; ++i) accq[r][i] = _mm512_setzero_ps();
+    __m512 cacc = _mm512_setzero_ps();
+    int64_t kb1 = (g + 1) * a.group_blocks;
+    if (kb1 > a.k_blocks) kb1 = a.k_blocks;
+    for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride);
+      cacc = _mm512_dpbf16_ps(cacc, (__m512bh)wc, (__m512bh)_mm512_loadu_si512(xr));
+      const int32_t* blk[TL];
+      for (int i = 0; i < TL; ++i) blk[i] = wt[i] + kb * BITS * NT;
+      for (int i = 0; i < TL; ++i) RCSR_PREFETCH_BLOCK(blk[i], BITS);
+      __m512i hw[TL];
+      if constexpr (BITS == 3)
+        for (int i = 0; i < TL; ++i) hw[i] = _mm512_loadu_si512(blk[i] + 2 * NT);
+#pragma GCC unroll 2
+      for (int wi = 0; wi < 2; ++wi) {
+        __m512i v[TL];
+        for (int i = 0; i < TL; ++i) v[i] = _mm512_loadu_si512(blk[i] + wi * NT);
+#pragma GCC unroll 3
+        for (int s = 0; s < 3; ++s) {  // pairs 3s .. 3s+2 (the last shift holds pairs 6, 7)
+          __m512i u[TL];
+          for (int i = 0; i < TL; ++i) u[i] = s == 0 ? v[i] : _mm512_srli_epi32(v[i], 6 * s);
+#pragma GCC unroll 3
+          for (int r = 0; r < 3; ++r) {
+            const int j = 3 * s + r;
+            if (j >= 8) break;
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(xr[wi * 8 + j]);
+            for (int i = 0; i < TL; ++i) {
+              __m512i w;
+              if constexpr (BITS == 3) {
+                const int sh = wi * 8 + j - (2 * r + 2);  // high bit of pair wi*8+j (bit wi*8+j) to bit 2r+2
+                const __m512i h = sh > 0 ? _mm512_srli_epi32(hw[i], sh) : sh < 0 ? _mm512_slli_epi32(hw[i], -sh) : hw[i];
+                w = _mm512_ternarylogic_epi32(u[i], ml[r], _mm512_ternarylogic_epi32(h, mh[r], bias, TL_AND_OR), TL_AND_OR);
+              } else {
+                w = _mm512_ternarylogic_epi32(u[i], ml[r], bias, TL_AND_OR);
+              }
+              accq[r][i] = _mm512_dpbf16_ps(accq[r][i], (__m512bh)w, xb);
+            }
+          }
+        }
+      }
+    }
+    const __m512 c = _mm512_set1_ps(_mm512_reduce_add_ps(cacc));
+    const __m512 xs = _mm512_set1_ps(a.xsum[g]);
+    for (int i = 0; i < TL; ++i) {
+      const int64_t sg = ((t + i) * a.n_groups + g) * NT;
+      const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
+      const __m512 z = a.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg))))
+                               : zsym;
+      __m512 q = _mm512_fmadd_ps(accq[2][i], _mm512_set1_ps(0.0625f), accq[0][i]);
+      q = _mm512_fmadd_ps(accq[1][i], _mm512_set1_ps(0.25f), q);
+      q = _mm512_sub_ps(q, _mm512_fmadd_ps(z, xs, c));
+      _mm512_store_ps(acc[i], _mm512_fmadd_ps(sc, q, _mm512_load_ps(acc[i])));
+    }
+  }
+  for (int i = 0; i < TL; ++i) _mm512_storeu_ps(a.out + (t + i) * NT, _mm512_load_ps(acc[i]));
+}
+
 // Tiles in pairs, or in fours for M < 4 (decode): each tile's sums of one row form a dependent chain of
 // vdpbf16ps, so a lone row needs several tiles in flight to cover the instruction's latency.
 template <int BITS>
 void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
   int64_t t = t0;
+  if constexpr (BITS <= 3)
+    if (RCSR_BF16_M1 && a.M == 1)
+      for (; t + 4 <= t1; t += 4) tile_row_m1<BITS, 4>(a, t);
   if (a.M < 4)
     for (; t + 4 <= t1; t += 4) rows_of<BITS, 4, 4>(a, t);
   for (; t + RCSR_BF16_TL <= t1; t += RCSR_BF16_TL) rows_of<BITS, RCSR_BF16_TL, RCSR_BF16_MB>(a, t);

@@ -128,19 +128,21 @@ def test_fused_shards_and_dynamic_orders():
     assert "different group_index" in nc.NativeCpuKernel.unsupported_reason(spec2)
 
 
-def test_bf16_kernel_is_exact_on_integers():
-    """The AVX-512 BF16 path multiplies with the exact numbers 128 + q: integer activations and
-    power-of-two scales give the exact integer result."""
+@pytest.mark.parametrize("bits,sym", [(2, False), (2, True), (3, False), (3, True), (4, False)])
+def test_bf16_kernel_is_exact_on_integers(bits, sym):
+    """The AVX-512 BF16 path multiplies with the exact numbers 128 + q (2/3 bits at M = 1: 128 + 4^r q,
+    then scaled by 4^-r): integer activations and power-of-two scales give the exact integer result."""
     if "avx512_bf16" not in ISAS:
         pytest.skip("this CPU has no AVX512_BF16")  # the generic test above still ran every other ISA
-    n, k = 32, 256
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-    zeros = torch.randint(0, 16, (n, k // 64), generator=g, dtype=torch.uint8)
+    n, k = 80, 256  # 5 tiles: four take the M = 1 path of 2/3 bits, the fifth the generic one
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    zeros = None if sym else torch.randint(0, 1 << bits, (n, k // 64), generator=g, dtype=torch.uint8)
+    z = torch.full((n, k // 64), float(1 << (bits - 1))) if sym else zeros.float()
     scales = torch.full((n, k // 64), 0.25, dtype=torch.float16)
-    pw = nc.PackedWeight.from_codes(codes, scales, zeros, 4, 64)
-    wref = (codes.float() - zeros.float().repeat_interleave(64, 1)) * 0.25
-    for m in (3, 40):  # a partial register block, and 5 full blocks of 8 rows
+    pw = nc.PackedWeight.from_codes(codes, scales, zeros, bits, 64)
+    wref = (codes.float() - z.repeat_interleave(64, 1)) * 0.25
+    for m in (1, 3, 40):  # the M = 1 path, a partial register block, 5 full blocks of 8 rows
         x = torch.randint(-4, 5, (m, k), generator=g).to(torch.bfloat16)
         y = pw.matmul(x, isa=3, large_m=0)
         assert torch.equal(y.float(), (x.float() @ wref.t()).bfloat16().float()), m
