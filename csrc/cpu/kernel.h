@@ -29,8 +29,8 @@ constexpr int KB = 32;  // input columns per block
 // prefetchers alone kept the W4 kernel at ~60 % of the read bandwidth on the 1.1B model's layers
 // (docs/CPU_KERNELS.md).  Distance: 8 blocks for 4 and 8 bits, 12 for 2 and 3 bits (a block of
 // narrower codes is read faster; measured on the 1.1B model's decoder, sessions 17-18);
-// -DRCSR_PF_BLOCKS=N forces N blocks for every width, 0 turns it off.  A macro, not a function: see the note above.  Used by the
-// SIMD translation units, which include <immintrin.h> first.
+// -DRCSR_PF_BLOCKS=N forces N blocks for every width, 0 turns it off.  A macro, not a function: see
+// the note above.  Used by the SIMD translation units, which include <immintrin.h> first.
 #ifdef RCSR_PF_BLOCKS
 #define RCSR_PF_BLOCKS_FOR(BITS) (RCSR_PF_BLOCKS)
 #else
