@@ -9,7 +9,7 @@
 //
 // Two code paths: rows < large_m run the ISA kernel on the packed codes (the weight is read once
 // per 8 rows); rows >= large_m dequantize column chunks of W^T (fp32, in cache) and hand each to
-// ATen's GEMM (oneDNN) in the activation dtype.  isa: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16
+// ATen's GEMM in the activation dtype (fp16: in fp32).  isa: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16
 // (bf16 activations, bits <= 4; other layers of a bf16 model use AVX-512), 4 AVX-512 VNNI with int8
 // activations (opt-in only, never the default: it quantizes the activations per row and weight group;
 // bits 2/4/8, other layers fall back to 3 or 2; no large-M path, so a row's numerics do not depend on
@@ -327,14 +327,17 @@ void gemm_large(const Problem& p, const Weight& w, const at::Tensor& xp, at::Ten
   d.group_blocks = p.group_blocks;
   d.bits = (int)p.bits;
   const DequantFn fn = dequant_fn(p.isa);
+  // fp16 activations multiply in fp32: ATen's fp16 CPU GEMM has no fast path without AVX512-FP16 (50-100x
+  // slower than fp32 on Zen 5, docs/CPU_KERNELS.md), and the fp32 product is the more exact one
+  const at::Tensor xa = xp.scalar_type() == at::kHalf ? xp.to(at::kFloat) : xp;
   for (int64_t c0 = 0; c0 < p.n_tiles; c0 += chunk_tiles) {
     const int64_t c1 = std::min(p.n_tiles, c0 + chunk_tiles);
     d.tile0 = c0;
     at::parallel_for(c0, c1, 1, [&](int64_t t0, int64_t t1) { fn(d, t0, t1); });
     const int64_t cols = std::min(p.n, c1 * NT) - c0 * NT;
     auto wc = wt.narrow(0, 0, p.k).narrow(1, 0, cols);
-    if (xp.scalar_type() != at::kFloat) wc = wc.to(xp.scalar_type());
-    out.narrow(1, c0 * NT, cols).copy_(at::mm(xp, wc));
+    if (xa.scalar_type() != at::kFloat) wc = wc.to(xa.scalar_type());
+    out.narrow(1, c0 * NT, cols).copy_(at::mm(xa, wc));
   }
 }
 

@@ -20,11 +20,12 @@ the exact kernels; no large-M path, so a row's result does not depend on the bat
 
 Two code paths per call, switched at ``large_m`` rows (``RCSR_CPU_LARGE_M`` overrides
 :func:`large_m_for`): below it the kernel reads the packed codes once per 8 (AVX2: 3) rows; from it
-on, column chunks of ``W^T`` are dequantized into cache and multiplied by ATen's GEMM (oneDNN).
+on, column chunks of ``W^T`` are dequantized into cache and multiplied by ATen's GEMM (oneDNN for bf16,
+MKL for fp32; fp16 activations are multiplied in fp32).
 
 Numerics: fp32 accumulation of ``x * (q - z)``, one multiply by the fp32 scale per group; the result
 matches the fp32 dequantized reference to the activation dtype's rounding.  The large-M path rounds
-the dequantized weight to the activation dtype (like ``dequant``).
+the dequantized weight to bf16 for bf16 activations (like ``dequant``) and keeps it in fp32 otherwise.
 """
 from __future__ import annotations
 
@@ -132,12 +133,22 @@ def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
     return isa
 
 
+#: rows from which dequantize + ATen GEMM beats the packed-code kernel, by kernel level (as
+#: :func:`effective_isa` gives it) and activation dtype; 0 = never.  Measured on Zen 5 (AVX-512 + BF16, no AMX)
+#: with ``python -m vllm_plugin.kernels.bench --split-native`` (docs/CPU_KERNELS.md, "Two code paths"); the
+#: AVX2 row with that level forced on the same machine.  ``RCSR_CPU_LARGE_M`` overrides it on others.
+LARGE_M = {
+    0: {torch.bfloat16: 2, torch.float16: 2, torch.float32: 2},  # scalar: its M = 1 costs one dequantization
+    1: {torch.bfloat16: 16, torch.float16: 64, torch.float32: 64},  # AVX2 fp32 FMA
+    2: {torch.bfloat16: 64, torch.float16: 0, torch.float32: 0},  # AVX-512 fp32 FMA: faster than MKL's sgemm
+    3: {torch.bfloat16: 512},  # AVX-512 BF16 vdpbf16ps: beats oneDNN up to ~384 rows
+}
+
+
 def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
-    """Rows from which the dequantize + ATen GEMM path runs (0: never).  Measured with
-    ``python -m vllm_plugin.kernels.bench --split-native`` (docs/CPU_KERNELS.md): the bf16 dot-product
-    kernel beats dequantize + oneDNN up to ~384 rows and loses from 512 on (prefill chunks); the
-    fp32-FMA kernels lose to it from ~32 rows.  The int8-activation kernel never switches (its numerics
-    stay independent of the batch)."""
+    """Rows from which the dequantize + ATen GEMM path runs (0: never): ``RCSR_CPU_LARGE_M``, else
+    :data:`LARGE_M`.  The int8-activation kernel never switches (its numerics stay independent of the
+    batch)."""
     env = os.environ.get(ENV_LARGE_M, "").strip()
     if env:
         try:
@@ -147,7 +158,7 @@ def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
     eff = effective_isa(isa, dtype, bits)
     if eff == INT8_ACT:
         return 0
-    return 512 if eff == 3 else 32
+    return LARGE_M[eff].get(dtype, 0)
 
 
 def tile_rows(t: torch.Tensor) -> torch.Tensor:
