@@ -294,10 +294,10 @@ def test_isa_selection(monkeypatch):
                 nc.resolve_isa()
     # switch-over to dequantize + ATen GEMM (nc.LARGE_M): bf16 kernel from 512 rows; AVX-512 FMA from 64 with
     # bf16 activations, never with fp32/fp16 (the W8 layer of a bf16 model and fp32 layers run that kernel);
-    # AVX2 from 16 / 64; scalar from 2; int8 never
+    # AVX2 from 32 (bf16) / 64; scalar from 2; int8 never
     assert nc.large_m_for(3, torch.bfloat16, 4) == 512 and nc.large_m_for(3, torch.float32, 4) == 0
     assert nc.large_m_for(3, torch.bfloat16, 8) == 64 and nc.large_m_for(2, torch.float16, 4) == 0
-    assert nc.large_m_for(1, torch.bfloat16, 4) == 16 and nc.large_m_for(1, torch.float16, 3) == 64
+    assert nc.large_m_for(1, torch.bfloat16, 4) == 32 and nc.large_m_for(1, torch.float16, 3) == 64
     assert nc.large_m_for(0, torch.float32, 2) == 2 and nc.large_m_for(nc.INT8_ACT, torch.bfloat16, 4) == 0
     monkeypatch.setenv(nc.ENV_LARGE_M, "7")
     assert nc.large_m_for(3, torch.bfloat16, 4) == 7

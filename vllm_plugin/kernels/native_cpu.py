@@ -139,7 +139,7 @@ def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
 #: AVX2 row with that level forced on the same machine.  ``RCSR_CPU_LARGE_M`` overrides it on others.
 LARGE_M = {
     0: {torch.bfloat16: 2, torch.float16: 2, torch.float32: 2},  # scalar: its M = 1 costs one dequantization
-    1: {torch.bfloat16: 16, torch.float16: 64, torch.float32: 64},  # AVX2 fp32 FMA
+    1: {torch.bfloat16: 32, torch.float16: 64, torch.float32: 64},  # AVX2 fp32 FMA
     2: {torch.bfloat16: 64, torch.float16: 0, torch.float32: 0},  # AVX-512 fp32 FMA: faster than MKL's sgemm
     3: {torch.bfloat16: 512},  # AVX-512 BF16 vdpbf16ps: beats oneDNN up to ~384 rows
 }
