@@ -327,7 +327,7 @@ void gemm_large(const Problem& p, const Weight& w, const at::Tensor& xp, at::Ten
   d.group_blocks = p.group_blocks;
   d.bits = (int)p.bits;
   const DequantFn fn = dequant_fn(p.isa);
-  // fp16 activations multiply in fp32: ATen's fp16 CPU GEMM has no fast path without AVX512-FP16 (50-100x
+  // fp16 activations multiply in fp32: ATen's fp16 CPU GEMM has no fast path without AVX512-FP16 (50-80x
   // slower than fp32 on Zen 5, docs/CPU_KERNELS.md), and the fp32 product is the more exact one
   const at::Tensor xa = xp.scalar_type() == at::kHalf ? xp.to(at::kFloat) : xp;
   for (int64_t c0 = 0; c0 < p.n_tiles; c0 += chunk_tiles) {
