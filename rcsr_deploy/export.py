@@ -38,7 +38,8 @@ import torch
 from . import __version__
 from .checkpoint import hf_config_without_quant, read_module
 from .errors import RcsrError
-from .format import CONFIG_NAME, QuantConfig, QuantizedTensor, quantized_tensor_names, read_config_json
+from .format import (CONFIG_NAME, STOCK_GROUP_SIZES, QuantConfig, QuantizedTensor, quantized_tensor_names,
+                     read_config_json)
 from .packing import pack_lsb_words
 from .storage import TensorReader, atomic_dir, natural_key, parse_size, weight_files, write_safetensors
 
@@ -252,6 +253,11 @@ def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, f
     if any(b not in EXPORT_BITS for b in widths):
         raise RcsrError(f"export to {fmt} supports 4 and 8 bits; 2/3-bit checkpoints are served by the "
                         f"rcsr vLLM plugin (this checkpoint has {'/'.join(map(str, widths))}-bit layers)")
+    groups = sorted({qc.spec_for(m).group_size for m in qc.quantized_modules} | {qc.group_size})
+    if any(g not in STOCK_GROUP_SIZES for g in groups):
+        raise RcsrError(f"export to {fmt} supports group sizes 32, 64, 128 and per channel (what vLLM's GPTQ / "
+                        f"compressed-tensors kernels all take); this checkpoint has group "
+                        f"{'/'.join(map(str, groups))}: serve it with the rcsr vLLM plugin")
     if qc.mixed and fmt != "gptq":
         raise RcsrError("a mixed-precision checkpoint exports to gptq only (its per-module \"dynamic\" rules "
                         "carry the widths); compressed-tensors export takes one grid")

@@ -34,7 +34,12 @@ FORMAT_VERSION = 3
 #: 3: adds per-module grids (``module_grids``, mixed precision)
 READ_VERSIONS = (1, 2, 3)
 SCALE_DTYPE = "float16"
-SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
+#: group sizes: -1 (one group per output channel) or any positive multiple of ``GROUP_QUANTUM`` that divides the
+#: layer's in-features -- 32 / 64 / 128 for most models, and 96 / 192 where 128 does not divide the width
+#: (SmolLM2's 576).  Each kernel states which of these it runs (``unsupported_reason``).
+GROUP_QUANTUM = 32
+#: the group sizes stock formats (GPTQ, compressed-tensors) and their vLLM kernels take everywhere
+STOCK_GROUP_SIZES = (-1, 32, 64, 128)
 ACT_ORDERS = ("none", "static", "dynamic")
 #: tensor-name suffixes that replace ``<m>.weight`` of a quantized module
 QUANT_SUFFIXES = ("qweight", "scales", "zeros", "group_index")
@@ -59,9 +64,14 @@ def check_bits(bits: object, where: str = "bits") -> None:
         raise RcsrError(f"{prefix}{bits!r} is not supported (choose 2, 3, 4 or 8)")
 
 
+def supported_group_size(group_size: object) -> bool:
+    return type(group_size) is int and (group_size == -1 or (group_size > 0 and group_size % GROUP_QUANTUM == 0))
+
+
 def check_group_size(group_size: object, where: str = "group size") -> None:
-    if type(group_size) is not int or group_size not in SUPPORTED_GROUP_SIZES:
-        raise RcsrError(f"{where} {group_size!r} is not supported (choose 32, 64, 128 or -1 for per-channel)")
+    if not supported_group_size(group_size):
+        raise RcsrError(f"{where} {group_size!r} is not supported (choose -1 for per-channel or a positive "
+                        f"multiple of {GROUP_QUANTUM}: 32, 64, 96, 128, 192, ...)")
 
 
 def check_act_order(act_order: object, where: str = "act-order") -> None:

@@ -75,9 +75,10 @@ def make_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def make_model(seed: int = 0, vocab_size: int = 512, layers: int = 2, tie: bool = True):
+def make_model(seed: int = 0, vocab_size: int = 512, layers: int = 2, tie: bool = True, hidden: int = 256,
+               intermediate: int = 512):
     """The servable tiny Llama of the vLLM tests (hidden 256, head_dim 64: vLLM's CPU attention needs >= 32)."""
-    return tiny_llama(seed=seed, vocab_size=vocab_size, layers=layers, tie=tie, hidden=256, intermediate=512,
+    return tiny_llama(seed=seed, vocab_size=vocab_size, layers=layers, tie=tie, hidden=hidden, intermediate=intermediate,
                       head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1,
                       initializer_range=0.05)
 
@@ -99,13 +100,14 @@ def rtn(w: torch.Tensor, spec: grid.QuantSpec, dynamic: bool, gen: torch.Generat
 
 def write_checkpoint(root: Path, name: str, *, bits: int, group_size: int, sym: bool, act_order: str,
                      seed: int = 0, layers: int = 2, head: bool = False, tie: bool = True,
-                     grids: dict[str, tuple[int, int]] | None = None) -> tuple[Path, Path]:
+                     grids: dict[str, tuple[int, int]] | None = None, hidden: int = 256,
+                     intermediate: int = 512) -> tuple[Path, Path]:
     """(quantized checkpoint, dequantized fp32 reference) folders under ``root``.
 
     ``head``: quantize the output head too — stored as ``model.embed_tokens`` when tied (one table for
     lookup and logits), as ``lm_head`` when not.  ``grids`` (mixed precision, format version 3): linear
     name (e.g. ``"mlp.down_proj"``) -> (bits, group size) of that linear in every block."""
-    model = make_model(seed, layers=layers, tie=tie)
+    model = make_model(seed, layers=layers, tie=tie, hidden=hidden, intermediate=intermediate)
     spec = grid.QuantSpec(bits, group_size, sym)
     gen = torch.Generator().manual_seed(seed + 1)
     quantized, module_grids = {}, {}

@@ -50,6 +50,13 @@ SETTINGS = {
     "avg3.25mix": dict(bits=3, group_size=64, sym=True, avg_bits=3.25, widths=(2, 3, 4), group_sizes=(64, -1)),
     "avg3.25mix34": dict(bits=3, group_size=64, sym=True, avg_bits=3.25, widths=(3, 4), group_sizes=(64, -1)),
     "w3pc": dict(bits=3, group_size=-1, sym=True),
+    # group sizes between g64 and per channel (multiples of 32 dividing 576): W3 g192 = 3.083 bits, g96 = 3.167
+    "w3g96": dict(bits=3, group_size=96, sym=True),
+    "w3g192": dict(bits=3, group_size=192, sym=True),
+    "avg2.5mixg": dict(bits=3, group_size=64, sym=True, avg_bits=2.5, widths=(2, 3, 4), group_sizes=(64, 96, 192, -1)),
+    "avg3.0mixg": dict(bits=3, group_size=64, sym=True, avg_bits=3.0, widths=(2, 3, 4), group_sizes=(64, 96, 192, -1)),
+    "avg3.25mixg": dict(bits=3, group_size=64, sym=True, avg_bits=3.25, widths=(2, 3, 4),
+                        group_sizes=(64, 96, 192, -1)),
 }
 
 

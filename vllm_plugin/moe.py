@@ -60,7 +60,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from rcsr_deploy.moe_format import PROJ_NAMES, SHARD_IDS, vllm_expert_modules
-from rcsr_deploy.format import QuantSpec, tensor_table
+from rcsr_deploy.format import QuantSpec, supported_group_size, tensor_table
 from rcsr_deploy.packing import pack_lsb_words
 
 from .errors import RcsrPluginError
@@ -419,7 +419,7 @@ class TritonExperts(ExpertsKernel):
             return "Triton is not available"
         if spec13.device.type != "cuda" and not (mod._interpret_env() and os.environ.get(ENV_MOE_KERNEL) == "triton"):
             return "CUDA only (on CPU: TRITON_INTERPRET=1 with RCSR_MOE_KERNEL=triton, for tests)"
-        if spec13.group_size not in (32, 64, 128, -1) or spec13.bits not in (2, 3, 4, 8):
+        if not supported_group_size(spec13.group_size) or spec13.bits not in (2, 3, 4, 8):
             return f"{spec13.bits}-bit, group {spec13.group_size}"
         if spec13.in_features % 32 or spec2.in_features % 32:
             return "hidden and intermediate sizes must be multiples of 32"

@@ -107,6 +107,17 @@ def test_knapsack_over_widths_and_group_sizes(seed):
     assert best_err <= err + 1e-9 and err <= relaxed + 1e-9
 
 
+def test_group_sizes_of_a_576_wide_model():
+    """SmolLM2-135M: 128 divides down_proj's 1536 inputs but not the 576 of the others; 96 and 192 divide both."""
+    grids = [(3, g) for g in (64, 96, 128, 192, -1)]
+    attn = Unit("qkv", ["q", "k", "v"], [(576, 576), (192, 576), (192, 576)], 0)
+    down = Unit("down", ["down"], [(576, 1536)], 0)
+    assert attn.options(grids) == [(3, 64), (3, 96), (3, 192), (3, -1)]
+    assert down.options(grids) == grids
+    # bytes: codes + one fp16 scale per group; W3 g192 = 3 + 16/192 bits per weight
+    assert attn.nbytes((3, 192), True) * 8 / attn.params == pytest.approx(3 + 16 / 192)
+
+
 def test_budget_below_smallest_model_and_rules():
     units = _units(3)
     with pytest.raises(RcsrError, match="below the smallest allowed model"):

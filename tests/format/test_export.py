@@ -54,9 +54,10 @@ def synthetic(out_f: int, in_f: int, spec: QuantSpec, dynamic: bool, gen: torch.
 
 
 def make_ckpt(tmp_path: Path, bits: int, group_size: int, sym: bool, act_order: str, *, bias: bool = False,
-              tie: bool = True, only: str | None = None, name: str = "rcsr", head: bool = False) -> Path:
+              tie: bool = True, only: str | None = None, name: str = "rcsr", head: bool = False,
+              model_kw: dict | None = None) -> Path:
     """A synthetic rcsr checkpoint of a tiny Llama (every decoder linear, or those whose name has ``only``)."""
-    model = tiny_llama(bias=bias, tie=tie)
+    model = tiny_llama(bias=bias, tie=tie, **(model_kw or {}))
     spec = QuantSpec(bits, group_size, sym)
     gen = torch.Generator().manual_seed(1000 * bits + group_size + 7 * sym)
     q = {}
@@ -296,6 +297,16 @@ def test_low_bit_export_refused(tmp_path, bits, fmt):
     src = make_ckpt(tmp_path, bits, 32, True, "static")
     with pytest.raises(RcsrError, match=rf"export to {fmt} supports 4 and 8 bits; 2/3-bit checkpoints are "
                                         r"served by the rcsr vLLM plugin"):
+        export_checkpoint(src, tmp_path / "out", fmt)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_group_outside_stock_kernels_refused(tmp_path, fmt):
+    """g96 is an rcsr grid (576-wide models); stock GPTQ / compressed-tensors kernels take 32 / 64 / 128 / -1."""
+    src = make_ckpt(tmp_path, 4, 96, True, "static", model_kw=dict(hidden=96, intermediate=192))
+    with pytest.raises(RcsrError, match=rf"export to {fmt} supports group sizes 32, 64, 128 and per channel .* "
+                                        r"this checkpoint has group 96: serve it with the rcsr vLLM plugin"):
         export_checkpoint(src, tmp_path / "out", fmt)
     assert not (tmp_path / "out").exists()
 

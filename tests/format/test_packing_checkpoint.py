@@ -613,8 +613,10 @@ def test_read_quant_config_errors(tmp_path):
         (lambda c: c["quantization_config"].pop("format_version"), "quantization_config.format_version is missing"),
         (lambda c: c["quantization_config"].update(bits=6), "quantization_config.bits 6 is not supported"),
         (lambda c: c["quantization_config"].update(bits=True), "quantization_config.bits True is not supported"),
-        (lambda c: c["quantization_config"].update(group_size=96),
-         "quantization_config.group_size 96 is not supported"),
+        (lambda c: c["quantization_config"].update(group_size=48),
+         "quantization_config.group_size 48 is not supported (choose -1 for per-channel or a positive multiple "
+         "of 32"),
+        (lambda c: c["quantization_config"].update(group_size=0), "quantization_config.group_size 0 is not supported"),
         (lambda c: c["quantization_config"].update(act_order="yes"),
          "quantization_config.act_order 'yes' is not supported"),
         (lambda c: c["quantization_config"].update(sym="true"), "quantization_config.sym must be true or false"),

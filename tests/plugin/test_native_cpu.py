@@ -82,7 +82,7 @@ def test_packed_layout_and_round_trip(bits):
             if bits < 8 else (_ for _ in ()).throw(RuntimeError("does not fit"))
 
 
-CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 128, -1), (True, False), (False, True),
+CASES = list(itertools.product((2, 3, 4, 8), (32, 64, 96, 128, -1), (True, False), (False, True),
                                (torch.float32, torch.bfloat16, torch.float16)))
 
 

@@ -56,6 +56,23 @@ def test_dequant_kernel_is_bit_exact_in_fp32(bits, sym, dynamic, gs):
         assert rel_err(k16.apply(x), F.linear(x.float(), ref)) < 1.5e-2
 
 
+@pytest.mark.parametrize("bits,sym,dynamic,gs", [(2, True, False, 96), (3, False, True, 96), (4, True, False, 192),
+                                                (8, False, False, 192)])
+def test_group_sizes_that_are_not_powers_of_two(bits, sym, dynamic, gs):
+    """g96 / g192 (576-wide models): the dequant fallback is exact; the kernels that take them agree with it and
+    the ones that do not (torch's int4 kernel: 32/64/128/256) say so instead of computing a wrong result."""
+    n, k = 48, 576
+    w, ref = make_layer(n, k, bits, gs, sym, dynamic, seed=bits + gs)
+    spec = spec_of(n, k, bits, gs, sym, dynamic, torch.float32)
+    kern = DequantKernel(spec)
+    kern.prepare(w)
+    assert torch.equal(kern.dequantize(torch.float32), ref)
+    x = torch.randn(5, k)
+    assert torch.equal(kern.apply(x), F.linear(x, ref))
+    if bits <= 4:
+        assert f"group size {gs}" in TorchInt4Kernel.unsupported_reason(spec)
+
+
 def test_dequant_kernel_per_shard_group_index():
     """Fused q/k/v-like layer whose shards have different dynamic group orders."""
     w, ref = make_layer(160, 256, 4, 64, False, True, shard_sizes=(64, 64, 32), same_gidx=False)
@@ -114,6 +131,19 @@ def test_cpu_wna16_kernel(bits, sym, dynamic, gs):
             x = torch.randn(m, 256).to(dt)
             assert rel_err(k.apply(x, bias), F.linear(x.float(), ref, bias.float())) < tol, (dt, m)
     assert CpuWna16Kernel.unsupported_reason(spec_of(out_f, 256, bits, gs, sym, dynamic, torch.float32))
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("sym,gs", [(True, 96), (False, 192)])
+def test_cpu_wna16_kernel_group_96_192(sym, gs):
+    w, ref = make_layer(96, 576, 4, gs, sym, False, seed=gs)
+    spec = spec_of(96, 576, 4, gs, sym, False, torch.bfloat16)
+    assert CpuWna16Kernel.unsupported_reason(spec) is None
+    k = CpuWna16Kernel(spec)
+    k.prepare(w)
+    for m in MS:
+        x = torch.randn(m, 576).bfloat16()
+        assert rel_err(k.apply(x), F.linear(x.float(), ref)) < 2e-2, m
 
 
 @pytest.mark.vllm

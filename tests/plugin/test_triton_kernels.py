@@ -124,6 +124,21 @@ def test_matches_dequantized_reference(bits, group_size, sym, act):
         check(tw.matmul(x, pw, config=cfg), x, w_ref)
 
 
+@pytest.mark.parametrize("bits,group_size,sym,act", [(2, 96, True, "static"), (3, 96, False, "dynamic"),
+                                                     (4, 192, False, "static"), (8, 96, True, "uneven")])
+def test_group_sizes_that_are_not_powers_of_two(bits, group_size, sym, act):
+    """g96 / g192 (what divides a 576-wide model): a K tile of 32 lies in one group, tiles of 64 / 128 straddle
+    two groups (the gathered-scale branch); K = 576 is six g96 groups, three g192 ones."""
+    in_f, out_f = 576, 40
+    qweight, scales, zeros, g_idx, w_ref = make_layer(bits, group_size, sym, act, out_f, in_f, seed=bits)
+    pw = tw.prepare(qweight, scales, zeros, g_idx, bits, group_size, sym)
+    gen = torch.Generator().manual_seed(bits)
+    for m, cfg in ((1, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)), (3, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128)),
+                   (17, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, SPLIT_K=2))):
+        x = dev(torch.randn(m, in_f, generator=gen))
+        check(tw.matmul(x, pw, config=cfg), x, w_ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits,group_size,sym,act", [(4, 128, True, "static"), (3, 32, False, "dynamic"),
                                                      (2, -1, False, "static"), (8, 64, True, "uneven")])

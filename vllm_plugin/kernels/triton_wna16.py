@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from rcsr_deploy.errors import RcsrError
-from rcsr_deploy.format import SUPPORTED_GROUP_SIZES
+from rcsr_deploy.format import supported_group_size
 from rcsr_deploy.packing import SUPPORTED_BITS, pack_lsb_words, unpack_codes
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -149,8 +149,8 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
     """
     if bits not in SUPPORTED_BITS:
         _fail(f"bits={bits} is not supported by the Triton kernels (choose 2, 3, 4 or 8)")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        _fail(f"group size {group_size} is not supported by the Triton kernels (choose 32, 64, 128 or -1)")
+    if not supported_group_size(group_size):
+        _fail(f"group size {group_size} is not supported by the Triton kernels (-1 or a multiple of 32)")
     if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2:
         _fail(f"qweight must be a 2-D int32 tensor, got {getattr(qweight, 'dtype', type(qweight))} "
               f"{tuple(getattr(qweight, 'shape', ()))}")
