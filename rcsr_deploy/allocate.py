@@ -3,8 +3,9 @@
 **Choices.**  A unit's grid is a width from ``--widths`` and, with ``--group-sizes``, a group size from
 that list (default: ``--group-size`` alone).  Group size is a second lever on the same budget: W3 per-channel
 costs 3.03 bits per weight on a 576-wide model against W3 g64's 3.25, and the 0.22 bits it frees pay for W4
-on about a fifth of the weights.  A choice whose group does not divide a unit's in-features is not offered
-to that unit.
+on about a fifth of the weights.  Group sizes are any multiple of 32 (``format.supported_group_size``): on a
+576-wide model 96 and 192 sit between g64 and per channel (W3 g192 = 3.083 bits).  A choice whose group does not
+divide a unit's in-features is not offered to that unit (128 on 576 inputs).
 
 **Units.**  Matrices that vLLM runs as one layer get one width: q/k/v (``qkv_proj``), gate/up
 (``gate_up_proj``), DeepSeek's ``q_a_proj``/``kv_a_proj_with_mqa``, and all experts of one MoE layer;
