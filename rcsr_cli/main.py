@@ -48,8 +48,9 @@ def cli(verbose: int) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output checkpoint folder.")
 @click.option("--method", type=click.Choice(["rtn", "gptq", "gptaq", "snrq", "ksnrq"]), default="snrq", show_default=True)
 @click.option("--bits", type=int, default=4, show_default=True, help="2, 3, 4 or 8.")
-@click.option("--group-size", "group_size", default="128", show_default=True, help="A multiple of 32 dividing the layers' widths (32, 64, 128; 96 or 192 for "
-                   "576-wide models) or 'channel'.")
+@click.option("--group-size", "group_size", default="128", show_default=True,
+              help="A multiple of 32 dividing the layers' widths (32, 64, 128; 96 or 192 for 576-wide models) "
+                   "or 'channel'.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (GPTQ uint-b8 style) or asymmetric grid.")
 @click.option("--beam", type=int, default=None, help="K-SNRQ beams per row (ksnrq only; default 4).")
 @click.option("--alpha", default="auto", show_default=True,

@@ -60,7 +60,7 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from rcsr_deploy.moe_format import PROJ_NAMES, SHARD_IDS, vllm_expert_modules
-from rcsr_deploy.format import QuantSpec, supported_group_size, tensor_table
+from rcsr_deploy.format import STOCK_GROUP_SIZES, QuantSpec, supported_group_size, tensor_table
 from rcsr_deploy.packing import pack_lsb_words
 
 from .errors import RcsrPluginError
@@ -524,7 +524,7 @@ class MarlinExperts(ExpertsKernel):
             return "dynamic act order (Marlin-MoE takes static groups only)"
         if spec13.act_dtype not in (torch.float16, torch.bfloat16):
             return f"activation dtype {spec13.act_dtype} (Marlin takes fp16/bf16)"
-        if spec13.group_size not in (32, 64, 128, -1):
+        if spec13.group_size not in STOCK_GROUP_SIZES:
             return f"group {spec13.group_size}"
         hidden, inter = spec13.in_features, spec2.in_features
         if hidden % 128 or (spec13.group_size > 0 and inter % spec13.group_size):
