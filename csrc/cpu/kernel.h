@@ -88,6 +88,11 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/4/8,
 void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
                               int8_t* xk, float* xsum, float* xscale);
 
+// the bf16 kernel's activations: bf16 rows [m][k] -> blocked [k_blocks][m][32] (zero-padded to kpad) and
+// the group sums in fp32 [m][ng] (each summed in double, as ops.cpp's portable block_rows does)
+void block_rows_avx512bf16(const uint16_t* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, uint16_t* xk,
+                           float* xsum);
+
 void dequant_scalar(const DequantArgs& a, int64_t t0, int64_t t1);
 void dequant_avx2(const DequantArgs& a, int64_t t0, int64_t t1);
 void dequant_avx512(const DequantArgs& a, int64_t t0, int64_t t1);

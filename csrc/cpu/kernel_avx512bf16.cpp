@@ -264,6 +264,39 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
 
 }  // namespace
 
+// One pass over each row: a 64-byte load per k-block (masked at a ragged end) is stored blocked and
+// widened exactly to fp32 and then to double for the group sums.  The portable loop this replaces cost
+// about 0.8 us per 2048-wide row, as much as the GEMM itself for small layers at M = 32 (session 21).
+void block_rows_avx512bf16(const uint16_t* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, uint16_t* xk,
+                           float* xsum) {
+  const int64_t kb_n = kpad / KB, gl = k / ng;
+  for (int64_t r = 0; r < m; ++r) {
+    const uint16_t* row = x + r * k;
+    int64_t g = 0, g_end = gl;  // the current group and its end column
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    for (int64_t kb = 0; kb < kb_n; ++kb) {
+      const int64_t c0 = kb * KB;
+      const int64_t len = k - c0 < KB ? k - c0 : KB;
+      const __mmask32 mk = len == KB ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi16(mk, row + c0);
+      _mm512_storeu_si512(xk + (kb * m + r) * KB, v);
+      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+      s0 = _mm512_add_pd(s0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(lo)),
+                                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1)))));
+      s1 = _mm512_add_pd(s1, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(hi)),
+                                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(hi), 1)))));
+      if (c0 + KB >= g_end) {  // a group ends with this block (groups are whole blocks, or the whole row)
+        xsum[r * ng + g] = static_cast<float>(_mm512_reduce_add_pd(_mm512_add_pd(s0, s1)));
+        s0 = _mm512_setzero_pd();
+        s1 = _mm512_setzero_pd();
+        if (++g == ng) g_end = INT64_MAX;
+        else g_end += gl;
+      }
+    }
+  }
+}
+
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
     case 2: gemm_bits<2>(a, t0, t1); break;

@@ -116,6 +116,27 @@ def test_gemm_matches_fp32_reference(bits, gs, sym, dynamic, dtype, monkeypatch)
     assert kern.apply(x3).shape == (2, 5, n)
 
 
+@pytest.mark.parametrize("k", [200, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_op_per_channel_ragged_k(k, dtype):
+    """The op takes any K for a per-channel grid (checkpoints hold multiples of 32): the last k-block is
+    partial (zero-padded activations, masked loads, a group sum that ends inside the block)."""
+    n = 40
+    g = torch.Generator().manual_seed(k)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 16, (n, 1), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(n, 1, generator=g) / 8 + 0.01).to(torch.float16)
+    pw = nc.PackedWeight.from_codes(codes, scales, zeros, 4, -1)
+    ref = (codes.float() - zeros.float()) * scales.float()
+    for isa in ISAS:
+        for m in (1, 7, 33):
+            x = (torch.randn(m, k, generator=g) + 3).to(dtype)  # a non-zero mean: the zero-point term matters
+            want = x.float() @ ref.t()
+            y = pw.matmul(x, isa=nc.resolve_isa(isa), large_m=0)
+            err = float((y.float() - want).abs().max()) / float(want.abs().max())
+            assert err <= TOL[dtype], (isa, m, err)
+
+
 def test_fused_shards_and_dynamic_orders():
     """q/k/v-like fused layer: shared group_index works; differing ones are refused (dequant takes them)."""
     w, ref = make_layer(160, 256, 4, 64, False, True, shard_sizes=(64, 64, 32))
