@@ -51,10 +51,12 @@ struct GemmArgs {
   const void* x;
   const float* xsum;     // [M][n_groups]: sum of x over each group (int8 kernel: of the int8 activations)
   const float* xscale;   // [M][n_groups]: int8 kernel only, the activation scale of each group (else nullptr)
+  const float* xoff;     // [M][n_groups]: bf16 kernel, symmetric grids: -(128 + 2^(bits-1)) * xsum (else nullptr)
   const int32_t* packed; // [n_tiles][k_blocks][bits][16]
   const uint16_t* scales;  // fp16 bits [n_tiles][n_groups][16]
   const uint8_t* zeros;  // [n_tiles][n_groups][16] or nullptr (symmetric)
   float* out;            // [M][out_stride], columns tile*16 ...
+  uint16_t* out_bf16;    // the bf16 kernel only: when set, the result goes here as bf16 (out is unused)
   int64_t M;
   int64_t x_block_stride;  // elements between consecutive k-blocks
   int64_t out_stride;    // elements

@@ -32,6 +32,23 @@ namespace {
 
 constexpr int TL_AND_OR = 0xEA;  // ternary logic: (a & b) | c
 
+// fp32 -> bf16 bits rounded to nearest even, exactly as ATen converts (c10::BFloat16; NaN stays NaN)
+RCSR_INLINE __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(h);
+}
+
+// row `row`, columns col .. col+15 of the result: bf16 straight into the caller's tensor, or fp32
+RCSR_INLINE void store_out(const GemmArgs& a, int64_t row, int64_t col, __m512 v) {
+  if (a.out_bf16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out_bf16 + row * a.out_stride + col), to_bf16(v));
+  else
+    _mm512_storeu_ps(a.out + row * a.out_stride + col, v);
+}
+
 // Calls f(w, kk) for the 16 column pairs (kk even) of one block of each of the TL tiles blk[0..TL):
 // w[i] = bf16 pairs (128 + q_kk, 128 + q_kk+1) of tile i.
 template <int BITS, int TL, class F>
@@ -99,6 +116,11 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
     for (int c = 0; c < S; ++c)
       for (int i = 0; i < TL; ++i)
         for (int m = 0; m < MB; ++m) accq[c][i][m] = _mm512_setzero_ps();
+    if (a.xoff)  // symmetric: the sums start at the zero-point term, a broadcast load, so the flush is one FMA
+      for (int m = 0; m < MB; ++m) {
+        const __m512 xo = _mm512_set1_ps(a.xoff[(m0 + m) * a.n_groups + g]);
+        for (int i = 0; i < TL; ++i) accq[0][i][m] = xo;
+      }
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
@@ -119,6 +141,15 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
     for (int c = 1; c < S; ++c)
       for (int i = 0; i < TL; ++i)
         for (int m = 0; m < MB; ++m) accq[0][i][m] = _mm512_add_ps(accq[0][i][m], accq[c][i][m]);
+    if (a.xoff) {
+      for (int i = 0; i < TL; ++i) {
+        const int64_t sg = ((t + i) * a.n_groups + g) * NT;
+        const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
+        for (int m = 0; m < MB; ++m)
+          _mm512_store_ps(acc[i][m], _mm512_fmadd_ps(s, accq[0][i][m], _mm512_load_ps(acc[i][m])));
+      }
+      continue;
+    }
     for (int i = 0; i < TL; ++i) {
       const int64_t sg = ((t + i) * a.n_groups + g) * NT;
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
@@ -134,7 +165,7 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
   }
   for (int i = 0; i < TL; ++i)
     for (int m = 0; m < MB; ++m)
-      _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + (t + i) * NT, _mm512_load_ps(acc[i][m]));
+      store_out(a, m0 + m, (t + i) * NT, _mm512_load_ps(acc[i][m]));
 }
 
 // the last r < MB rows of tiles t .. t+TL-1 (R counts down to the remainder's row count)
@@ -245,7 +276,7 @@ void tile_row_m1(const GemmArgs& a, int64_t t) {
       _mm512_store_ps(acc[i], _mm512_fmadd_ps(sc, q, _mm512_load_ps(acc[i])));
     }
   }
-  for (int i = 0; i < TL; ++i) _mm512_storeu_ps(a.out + (t + i) * NT, _mm512_load_ps(acc[i]));
+  for (int i = 0; i < TL; ++i) store_out(a, 0, (t + i) * NT, _mm512_load_ps(acc[i]));
 }
 
 // Tiles in pairs, or in fours for M < 4 (decode): each tile's sums of one row form a dependent chain of

@@ -310,10 +310,12 @@ GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, cons
   a.x = xk.data_ptr();
   a.xsum = xsum.data_ptr<float>();
   a.xscale = xscale.defined() ? xscale.data_ptr<float>() : nullptr;
+  a.xoff = nullptr;
   a.packed = w.packed;
   a.scales = w.scales;
   a.zeros = w.zeros;
   a.out = out;
+  a.out_bf16 = nullptr;
   a.M = xk.size(1);
   a.x_block_stride = xk.size(1) * KB;  // xk is [k_blocks][M][32]
   a.out_stride = out_stride;
@@ -322,6 +324,13 @@ GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, cons
   a.group_blocks = p.group_blocks;
   a.bits = (int)p.bits;
   return a;
+}
+
+// The bf16 kernel on a symmetric grid: each group's sum starts at -(128 + 2^(bits-1)) * sum(x), the
+// zero-point term, which is then a broadcast load instead of an FMA per sum (session 21: ~3 % at g64).
+at::Tensor zero_point_terms(const Problem& p, const at::Tensor& xsum, bool asymmetric) {
+  if (p.isa != kAvx512Bf16 || asymmetric) return at::Tensor();
+  return xsum * static_cast<double>(-(128 + (1 << (p.bits - 1))));
 }
 
 // rows >= large_m: dequantize W^T chunk by chunk (fp32, stays in cache) and let ATen multiply
@@ -379,13 +388,19 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   }
   at::Tensor xk, xsum, xscale;
   kernel_inputs(xp, p, &xk, &xsum, &xscale);
-  // fp32 output whose width is whole tiles: the kernel writes it directly
-  const bool direct = x.scalar_type() == at::kFloat && n == p.n_tiles * NT;
-  auto acc = direct ? out : at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
-  const GemmArgs a = make_args(p, w, xk, xsum, xscale, acc.data_ptr<float>(), acc.size(1));
+  // an output whose width is whole tiles is written by the kernel directly: fp32, or bf16 by the bf16
+  // kernel (rounded as ATen rounds; the separate fp32 buffer and copy cost 3-5 % at M = 32, session 21)
+  const bool whole = n == p.n_tiles * NT;
+  const bool direct = whole && x.scalar_type() == at::kFloat;
+  const bool direct_bf16 = whole && p.isa == kAvx512Bf16;
+  auto acc = direct || direct_bf16 ? out : at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
+  GemmArgs a = make_args(p, w, xk, xsum, xscale, direct_bf16 ? nullptr : acc.data_ptr<float>(), acc.size(1));
+  if (direct_bf16) a.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const at::Tensor xoff = zero_point_terms(p, xsum, zeros.has_value());
+  if (xoff.defined()) a.xoff = xoff.data_ptr<float>();
   const GemmFn fn = gemm_fn(p.isa);
   at::parallel_for(0, p.n_tiles, tile_grain(p, m), [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
-  if (!direct) out.copy_(acc.narrow(1, 0, n));
+  if (!direct && !direct_bf16) out.copy_(acc.narrow(1, 0, n));
   return out;
 }
 
@@ -415,9 +430,11 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& packed, const at:
     const int64_t rows = o[i + 1] - o[i];
     if (rows > 0 && !(large_m > 0 && rows >= large_m)) any_small = true;
   }
+  at::Tensor xoff;
   if (any_small) {
     kernel_inputs(xp, p, &xk, &xsum, &xscale);
     acc = at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
+    xoff = zero_point_terms(p, xsum, zeros.has_value());
   }
   for (int64_t i = 0; i < e; ++i) {
     const int64_t rows = o[i + 1] - o[i];
@@ -432,6 +449,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& packed, const at:
     a.x = static_cast<const char*>(xk.data_ptr()) + o[i] * KB * xk.element_size();
     a.xsum = xsum.data_ptr<float>() + o[i] * p.n_groups;
     if (a.xscale) a.xscale = xscale.data_ptr<float>() + o[i] * p.n_groups;
+    if (xoff.defined()) a.xoff = xoff.data_ptr<float>() + o[i] * p.n_groups;
     small.push_back(a);
   }
   if (!small.empty()) {

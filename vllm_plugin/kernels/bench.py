@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 
@@ -222,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
                          "decoder); milliseconds per pass")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    shapes = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES, "1b": ONE_B_SHAPES}.get(args.shapes, args.shapes)
+    aliases = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES, "1b": ONE_B_SHAPES}
+    shapes = ",".join(aliases.get(s.strip(), s.strip()) for s in args.shapes.split(","))
+    if not re.fullmatch(r"[1-9]\d*x[1-9]\d*(,[1-9]\d*x[1-9]\d*)*", shapes):
+        ap.error(f"--shapes {args.shapes!r}: give OUTxIN shapes and/or the names {', '.join(aliases)}, "
+                 "separated by commas")
     bw = read_bandwidth_gbs()
     print(f"# {cpu_features()}; threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cpus; measured read bandwidth {bw:.1f} GB/s")
