@@ -66,7 +66,7 @@ from rcsr_deploy.packing import pack_lsb_words
 from .errors import RcsrPluginError
 from .kernels.base import LayerSpec, QuantWeights, can_permute, group_permutation, unpack
 from .kernels.dequant import DequantKernel
-from .kernels.native_cpu import NativeCpuKernel, PackedWeight, resolve_isa
+from .kernels.native_cpu import NativeCpuKernel, PackedWeight, resolve_isa, switch_for
 
 logger = logging.getLogger("vllm.rcsr_plugin.moe")
 ENV_MOE_KERNEL = "RCSR_MOE_KERNEL"
@@ -346,7 +346,15 @@ class NativeExperts(ExpertsKernel):
         if not self.spec13.dynamic:
             self.w13 = [(_stack(w13, self.spec13), None)]
             self.w2 = (_stack(w2, self.spec2), None)
-            return
+        else:
+            self._prepare_dynamic(w13, w2, inter)
+        # the switch-over to dequantize + GEMM for an expert's rows (measured on expert 0 where the table
+        # does not apply); every expert of a stack has the same shape and grid
+        dt = self.spec13.act_dtype
+        self.large_m13 = [switch_for(pw.expert(0), self.isa, dt) for pw, _ in self.w13]
+        self.large_m2 = switch_for(self.w2[0].expert(0), self.isa, dt)
+
+    def _prepare_dynamic(self, w13, w2, inter) -> None:
         # dynamic act order: per expert (and per shard) the permutation that makes its groups static
         same = all(bool((w.group_index[0] == w.group_index[1]).all()) for w in w13)
         rows = [slice(0, 2 * inter)] if same else [slice(0, inter), slice(inter, 2 * inter)]
@@ -376,14 +384,15 @@ class NativeExperts(ExpertsKernel):
         xs = x.index_select(0, tok)
         if apply_router_weight_on_input:
             xs = (xs.float() * w).to(x.dtype)
-        parts = [pw.grouped(_permute_segments(xs, offsets, perms), offsets, self.isa) for pw, perms in self.w13]
+        parts = [pw.grouped(_permute_segments(xs, offsets, perms), offsets, self.isa, lm)
+                 for (pw, perms), lm in zip(self.w13, self.large_m13, strict=True)]
         h = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         eids = flat_ids[order] if self.b13 is not None or self.b2 is not None else None
         if self.b13 is not None:
             h = (h.float() + self.b13.index_select(0, eids)).to(h.dtype)
         h = gated(h[:, :inter], h[:, inter:]).contiguous()
         pw2, perms2 = self.w2
-        y = pw2.grouped(_permute_segments(h, offsets, perms2), offsets, self.isa).float()
+        y = pw2.grouped(_permute_segments(h, offsets, perms2), offsets, self.isa, self.large_m2).float()
         if self.b2 is not None:
             y = y + self.b2.index_select(0, eids)
         out = torch.zeros(x.shape[0], self.spec2.out_features, dtype=torch.float32, device=x.device)

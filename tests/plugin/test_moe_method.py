@@ -287,6 +287,31 @@ def test_native_dynamic_act_order_shapes_of_permutation(moe_ckpts, tmp_path, mon
     _check_against_transformers(method, layer, load_fake_quant_model(shared)[0], 1, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_switch_measured_on_one_expert(moe_ckpts, monkeypatch, dtype):
+    """Where the switch-over is measured at load (``RCSR_CPU_LARGE_M=measure``), the experts kernel measures it
+    on one expert's matrix per stack and sends each expert's rows from that count on to dequantize + GEMM
+    (here a fake timer puts it at 8 rows; ~11 rows per expert), still matching the reference."""
+    from vllm_plugin.kernels import native_cpu as nc
+
+    monkeypatch.setenv("RCSR_MOE_KERNEL", "native_cpu")
+    monkeypatch.setenv(nc.ENV_LARGE_M, "measure")
+    monkeypatch.setattr(nc, "_SWITCH_CACHE", {})
+    shapes = []
+
+    def timer(weight, x, isa, large_m):
+        shapes.append((weight.n, weight.k, weight.packed.dim()))
+        return 1.0 if large_m == 0 else 0.5
+
+    monkeypatch.setattr(nc, "time_path", timer)
+    _, ckpts = moe_ckpts
+    method, layer = load_layer(ckpts["w4"], 0, act_dtype=dtype)
+    ex = layer.rcsr_experts
+    assert ex.name == "native_cpu" and ex.large_m13 == [8] and ex.large_m2 == 8
+    assert {s[2] for s in shapes} == {4} and {s[:2] for s in shapes} == {(2 * 96, 64), (64, 96)}  # one expert
+    _check_against_transformers(method, layer, load_fake_quant_model(ckpts["w4"])[0], 0, dtype)
+
+
 def test_native_refuses_uneven_dynamic_groups(moe_ckpts, tmp_path, monkeypatch):
     """group_index whose groups are not all group_size columns (outside the checkpoint contract, which the
     offline reader enforces; the plugin stays liberal): native_cpu says why it cannot, the default order

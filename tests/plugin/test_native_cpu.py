@@ -27,6 +27,13 @@ ISAS = nc.supported_isas()
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
 
 
+@pytest.fixture(autouse=True)
+def _table_switch(monkeypatch):
+    """The tests here set each kernel's switch themselves (or test the measurement): no load-time timing on
+    CPUs where it would be the default."""
+    monkeypatch.setenv(nc.ENV_LARGE_M, "table")
+
+
 def test_extension_is_built_and_dispatched_first():
     assert nc.unavailable_reason() is None, nc.unavailable_reason()
     assert "scalar" in ISAS
@@ -323,11 +330,86 @@ def test_isa_selection(monkeypatch):
     monkeypatch.setenv(nc.ENV_LARGE_M, "7")
     assert nc.large_m_for(3, torch.bfloat16, 4) == 7
     monkeypatch.setenv(nc.ENV_LARGE_M, "x")
-    with pytest.raises(RcsrPluginError, match="RCSR_CPU_LARGE_M='x' is not an integer"):
+    with pytest.raises(RcsrPluginError, match="RCSR_CPU_LARGE_M='x' is not a row count, 'table' or 'measure'"):
         nc.large_m_for(2, torch.float32, 4)
     with pytest.raises(RuntimeError, match="group size 16"):
         torch.ops.rcsr_cpu.gemm(torch.randn(1, 64), torch.zeros(1, 2, 4, 16, dtype=torch.int32),
                                 torch.zeros(1, 4, 16, dtype=torch.float16), None, None, 4, 16, 16, 0, 0)
+
+
+def test_switch_mode(monkeypatch):
+    """``RCSR_CPU_LARGE_M``: unset = the table on the CPU kind it was measured on (AVX-512 BF16, no AMX), the
+    load-time measurement elsewhere; ``table`` / ``measure`` / a row count force one."""
+    monkeypatch.delenv(nc.ENV_LARGE_M, raising=False)
+    expect = "table" if "avx512_bf16" in ISAS and not nc.amx_tiles() else "measure"
+    assert nc.table_applies() == (expect == "table") and nc.switch_mode() == expect
+    for env, mode in (("table", "table"), ("MEASURE", "measure"), (" 96 ", 96), ("-3", 0), ("auto", expect)):
+        monkeypatch.setenv(nc.ENV_LARGE_M, env)
+        assert nc.switch_mode() == mode
+    monkeypatch.setenv(nc.ENV_LARGE_M, "measure")  # a row count or the table never time anything
+    assert nc.large_m_for(3, torch.bfloat16, 4) == 512
+
+
+def test_choose_switch():
+    """The switch is the first measured row count from which dequantize + GEMM wins at every larger one."""
+    t = [(16, 1.0, 2.0), (32, 2.0, 1.0), (64, 4.0, 4.5), (128, 8.0, 5.0), (256, 16.0, 9.0)]
+    assert nc.choose_switch(t, fallback=512, complete=True) == 128  # the win at 32 rows is not kept
+    assert nc.choose_switch(t[:2], fallback=512, complete=False) == 32
+    assert nc.choose_switch([(16, 1.0, 0.99)], fallback=0, complete=True) == 0  # inside the margin: packed codes
+    never = [(16, 1.0, 2.0), (32, 2.0, 3.0)]
+    assert nc.choose_switch(never, fallback=512, complete=True) == 0      # measured everywhere: never
+    assert nc.choose_switch(never, fallback=512, complete=False) == 512   # out of budget: the table beyond
+    assert nc.choose_switch(never, fallback=16, complete=False) == 0      # the table's row was measured: never
+    assert nc.choose_switch([], fallback=64, complete=False) == 64
+
+
+def _fake_timer(crossover: int, calls: list):
+    """Timings with the packed-code kernel at 1 unit per row and dequantize + GEMM at 0.5 per row plus a fixed
+    cost, so that the dequantize path wins (by more than the margin) from ``crossover`` rows on, when
+    ``crossover`` is one of the measured row counts."""
+    def timer(weight, x, isa, large_m):
+        calls.append((x.shape[0], large_m))
+        m = x.shape[0]
+        return m * 1e-6 if large_m == 0 else (0.5 * m + 0.4 * crossover) * 1e-6
+    return timer
+
+
+def test_measured_switch(monkeypatch):
+    """The load-time measurement: stops after two wins of the dequantize path, caches per shape, keeps within
+    its budget; real timing on a small layer gives a candidate row count, and a layer loaded in ``measure``
+    mode uses it."""
+    monkeypatch.setattr(nc, "_SWITCH_CACHE", {})
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (96, 128), generator=g, dtype=torch.uint8)
+    pw = nc.PackedWeight.from_codes(codes, (torch.rand(96, 2, generator=g) / 8 + 0.01).half(), None, 4, 64)
+    calls: list = []
+    assert nc.measured_switch(pw, 2, torch.float32, timer=_fake_timer(64, calls)) == 64
+    assert [m for m, lm in calls if lm == 0] == [8, 16, 32, 64, 128]  # two wins (64, 128), then stop
+    calls.clear()
+    assert nc.measured_switch(pw, 2, torch.float32, timer=_fake_timer(16, calls)) == 64 and not calls  # cached
+    # over budget after the first row count: the table's row count beyond it, or never
+    slow = lambda weight, x, isa, large_m: 1.0 + large_m  # noqa: E731
+    assert nc.measured_switch(pw, 2, torch.bfloat16, fallback=64, timer=slow, budget_s=0.5) == 64
+    assert nc.measured_switch(pw, 1, torch.bfloat16, fallback=0, timer=slow, budget_s=0.5) == 0
+    # real timings of both paths (this CPU's best exact level)
+    isa = nc.ISA_NAMES.index(ISAS[-1])
+    real = nc.measured_switch(pw, isa, torch.bfloat16, rows=(8, 16, 32), budget_s=5.0)
+    assert real in (0, 8, 16, 32)
+    # a layer prepared in measure mode takes the measured row count (fake timer: from 32 rows)
+    monkeypatch.setenv(nc.ENV_LARGE_M, "measure")
+    monkeypatch.setattr(nc, "_SWITCH_CACHE", {})
+    monkeypatch.setattr(nc, "time_path", _fake_timer(32, []))
+    w, ref = make_layer(96, 128, 4, 64, True, False, seed=5)
+    for isa in ISAS:
+        monkeypatch.setenv(nc.ENV_ISA, isa)
+        kern = nc.NativeCpuKernel(spec_of(96, 128, 4, 64, True, False, torch.bfloat16))
+        kern.prepare(w)
+        assert kern.large_m == (2 if isa == "scalar" else 32), isa  # scalar keeps its table row
+        for m in (31, 40):  # either side of the switch
+            x = torch.randn(m, 128, generator=g).bfloat16()
+            want = x.float() @ ref.t()
+            err = float((kern.apply(x).float() - want).abs().max()) / float(want.abs().max())
+            assert err <= TOL[torch.bfloat16], (isa, m, err)
 
 
 @pytest.mark.parametrize("stream", [0, 2])
@@ -347,3 +429,19 @@ def test_kernel_bench_runs(capsys, stream):
         times = r[3:6] if stream else r[4:7]          # dense, native_cpu, dequant
         assert all(float(v) > 0 for v in times), r
         assert float(r[-1]) > 0 and float(r[-2]) > 0, r     # % of bandwidth, GB/s
+
+
+def test_kernel_bench_switch(capsys):
+    """``bench --switch``: per shape the table's and the measured switch-over, and the timings they come from."""
+    from vllm_plugin.kernels import bench
+
+    assert bench.main(["--switch", "--bits", "4,8", "--dtypes", "bfloat16", "--shapes", "64x128",
+                       "--switch-budget", "0.3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line and not line.startswith(("#", "bits"))]
+    assert [r[:3] for r in rows] == [["4", "bfloat16", "64x128"], ["8", "bfloat16", "64x128"]]
+    for r in rows:
+        assert r[3] in nc.ISA_NAMES and r[4] == str(nc.large_m_for(nc.ISA_NAMES.index(r[3]), torch.bfloat16, int(r[0])) or "never")
+        assert r[5] == "never" or int(r[5]) in nc.SWITCH_ROWS or int(r[5]) == int(r[4])
+        timings = " ".join(r[6:]).removesuffix(" (budget)")
+        assert timings.startswith("8: "), timings
+        assert all(float(v) > 0 for p in timings.split(", ") for v in p.split(": ")[1].split("/")), timings

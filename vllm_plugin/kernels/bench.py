@@ -193,6 +193,34 @@ def stream(args, shapes: str, names: list[str], ms: list[int], bw: float) -> int
     return 0
 
 
+def switch(args, shapes: str) -> int:
+    """``--switch``: the row count from which native_cpu dequantizes + calls ATen's GEMM, measured on each shape
+    the way a layer load measures it, next to the table's value."""
+    from . import native_cpu as nc
+
+    budget = args.switch_budget or nc.SWITCH_BUDGET_S
+    print(f"# switch-over to dequantize + ATen GEMM; table applies here: {nc.table_applies()}; budget {budget} s "
+          "per shape; us per call: packed-code / dequantize + GEMM (best of 3)")
+    print(f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'isa':>11} {'table':>5} {'measured':>8}  timings")
+    for bits in [int(b) for b in args.bits.split(",")]:
+        for dname in args.dtypes.split(","):
+            dt = getattr(torch, dname)
+            for shape in shapes.split(","):
+                out_f, in_f = (int(v) for v in shape.split("x"))
+                spec = LayerSpec(bits, args.group, not args.asym, "static", in_f, out_f, dt)
+                k = _prepared("native_cpu", spec, make_layer(out_f, in_f, bits, args.group, not args.asym))
+                if k is None:
+                    continue
+                table = nc.large_m_for(k.isa, dt, bits)
+                timings, complete = nc.measure_paths(k.weight, k.isa, dt, budget_s=budget)
+                measured = nc.choose_switch(timings, table, complete)
+                isa = nc.ISA_NAMES[nc.effective_isa(k.isa, dt, bits)]
+                print(f"{bits:>4} {dname[:8]:>8} {shape:>10} {isa:>11} {table or 'never':>5} {measured or 'never':>8}  "
+                      + ", ".join(f"{m}: {ts * 1e6:.0f}/{tl * 1e6:.0f}" for m, ts, tl in timings)
+                      + ("" if complete else " (budget)"), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -221,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="time one pass over N blocks of all --shapes, each layer with its own weights, so that the "
                          "weights stream from memory as in a decode step (--shapes 1b --stream 22: the 1.1B model's "
                          "decoder); milliseconds per pass")
+    ap.add_argument("--switch", action="store_true",
+                    help="measure native_cpu's switch-over row count per shape as a layer load does "
+                         "(RCSR_CPU_LARGE_M=measure), next to the table's (native_cpu.LARGE_M)")
+    ap.add_argument("--switch-budget", type=float, default=None, metavar="S",
+                    help="seconds per shape for --switch (default: what a layer load allows)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     aliases = {"default": DEFAULT_SHAPES, "llm": LLM_SHAPES, "1b": ONE_B_SHAPES}
@@ -248,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         names[i:i + 1] = ["nc:small", "nc:large"]
     if args.stream:
         return stream(args, shapes, names, ms, bw)
+    if args.switch:
+        return switch(args, shapes)
     print("# microseconds per call; 'dense' = F.linear on a dense weight of the activation dtype")
     rk = args.ratios_of
     header = (f"{'bits':>4} {'dtype':>8} {'out x in':>10} {'M':>4} {'dense':>8} " + " ".join(f"{n:>11}" for n in names)

@@ -18,10 +18,13 @@ row's activations are quantized to int8 per weight group (symmetric, scale ``max
 the lever for compute-bound batches (decode at batch 16, prefill).  2/4/8-bit layers; 3-bit layers keep
 the exact kernels; no large-M path, so a row's result does not depend on the batch it is in.
 
-Two code paths per call, switched at ``large_m`` rows (``RCSR_CPU_LARGE_M`` overrides
-:func:`large_m_for`): below it the kernel reads the packed codes once per 8 (AVX2: 3) rows; from it
-on, column chunks of ``W^T`` are dequantized into cache and multiplied by ATen's GEMM (oneDNN for bf16,
-MKL for fp32; fp16 activations are multiplied in fp32).
+Two code paths per call, switched at ``large_m`` rows: below it the kernel reads the packed codes once
+per 8 (AVX2: 3) rows; from it on, column chunks of ``W^T`` are dequantized into cache and multiplied by
+ATen's GEMM (oneDNN for bf16, MKL for fp32; fp16 activations are multiplied in fp32).  The switch comes
+from a table (:data:`LARGE_M`) on the kind of CPU it was measured on (AVX-512 BF16 without AMX) and is
+measured when a layer is loaded everywhere else (:func:`switch_for`: AMX makes oneDNN's bf16 GEMM several
+times faster, so the table would keep batches on the slower path there); ``RCSR_CPU_LARGE_M`` forces a row
+count, ``table`` or ``measure``.
 
 Numerics: fp32 accumulation of ``x * (q - z)``, one multiply by the fp32 scale per group; the result
 matches the fp32 dequantized reference to the activation dtype's rounding.  The large-M path rounds
@@ -29,7 +32,9 @@ the dequantized weight to bf16 for bf16 activations (like ``dequant``) and keeps
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -145,20 +150,142 @@ LARGE_M = {
 }
 
 
+def amx_tiles() -> bool:
+    """Whether torch (and so oneDNN's bf16 GEMM, the other side of every switch) uses AMX tiles here."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # older torch: no such query
+        return False
+
+
+def table_applies() -> bool:
+    """Whether :data:`LARGE_M` was measured on this kind of CPU: AVX-512 with BF16 and without AMX, where
+    oneDNN's bf16 GEMM runs on ``vdpbf16ps`` like the bf16 kernel.  With AMX tiles oneDNN is several times
+    faster at large M, on CPUs without AVX-512 BF16 it is slower, so the table's rows would be wrong there."""
+    ext = extension()
+    return ext is not None and bool(ext.isa_supported(3)) and not amx_tiles()
+
+
+def switch_mode() -> int | str:
+    """``RCSR_CPU_LARGE_M``: a row count (0 = never), ``table`` (:data:`LARGE_M`) or ``measure`` (time both
+    paths when a layer is loaded, :func:`measured_switch`).  Unset: ``table`` where :func:`table_applies`,
+    ``measure`` elsewhere."""
+    env = os.environ.get(ENV_LARGE_M, "").strip().lower()
+    if env in ("", "auto"):
+        return "table" if table_applies() else "measure"
+    if env in ("table", "measure"):
+        return env
+    try:
+        return max(0, int(env))
+    except ValueError:
+        raise RcsrPluginError(f"{ENV_LARGE_M}={env!r} is not a row count, 'table' or 'measure'") from None
+
+
 def large_m_for(isa: int, dtype: torch.dtype, bits: int) -> int:
-    """Rows from which the dequantize + ATen GEMM path runs (0: never): ``RCSR_CPU_LARGE_M``, else
-    :data:`LARGE_M`.  The int8-activation kernel never switches (its numerics stay independent of the
-    batch)."""
-    env = os.environ.get(ENV_LARGE_M, "").strip()
-    if env:
-        try:
-            return max(0, int(env))
-        except ValueError:
-            raise RcsrPluginError(f"{ENV_LARGE_M}={env!r} is not an integer") from None
+    """Rows from which the dequantize + ATen GEMM path runs (0: never), without timing anything: an
+    integer ``RCSR_CPU_LARGE_M``, else :data:`LARGE_M`.  The int8-activation kernel never switches (its
+    numerics stay independent of the batch).  :func:`switch_for` is what a loaded layer uses."""
+    mode = switch_mode()
+    if isinstance(mode, int):
+        return mode
     eff = effective_isa(isa, dtype, bits)
     if eff == INT8_ACT:
         return 0
     return LARGE_M[eff].get(dtype, 0)
+
+
+#: row counts at which :func:`measured_switch` times both paths (ascending), and its time budget per layer shape
+SWITCH_ROWS = (8, 16, 32, 64, 128, 256, 512, 1024)
+SWITCH_BUDGET_S = 2.0
+SWITCH_MARGIN = 0.97  #: the dequantize path must be this much faster (it rounds the weight to bf16)
+_SWITCH_CACHE: dict[tuple, int] = {}
+logger = logging.getLogger("vllm.rcsr_plugin.native_cpu")
+
+
+def switch_for(weight: "PackedWeight", isa: int, dtype: torch.dtype) -> int:
+    """The switch-over row count for one loaded layer: :func:`large_m_for`, or, in ``measure`` mode (the
+    default on CPUs the table was not measured on), :func:`measured_switch`."""
+    if switch_mode() != "measure":
+        return large_m_for(isa, dtype, weight.bits)
+    eff = effective_isa(isa, dtype, weight.bits)
+    if eff == INT8_ACT:
+        return 0
+    table = LARGE_M[eff].get(dtype, 0)
+    if eff == 0:  # scalar: dequantizing once costs about one M = 1 call on every CPU
+        return table
+    return measured_switch(weight, isa, dtype, fallback=table)
+
+
+def choose_switch(timings: list[tuple[int, float, float]], fallback: int, complete: bool,
+                  margin: float = SWITCH_MARGIN) -> int:
+    """The switch-over from ``(rows, seconds packed-code kernel, seconds dequantize + GEMM)``, ascending rows:
+    the first row count from which the dequantize path is faster (by ``margin``) at every measured one.  When
+    the packed-code kernel still wins at the last one: never (0) if every candidate was measured, else
+    ``fallback`` (the table's value) if that lies beyond what was measured, else never."""
+    switch = 0
+    for rows, t_small, t_large in reversed(timings):
+        if t_large < margin * t_small:
+            switch = rows
+        else:
+            break
+    if switch:
+        return switch
+    last = timings[-1][0] if timings else 0
+    return fallback if not complete and fallback > last else 0
+
+
+def time_path(weight: "PackedWeight", x: torch.Tensor, isa: int, large_m: int, reps: int = 3) -> float:
+    """Seconds of one ``weight.matmul(x, isa, large_m)`` call: best of ``reps`` after a warm-up call."""
+    weight.matmul(x, isa, large_m)  # warm-up: caches, the dequantize path's buffers
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        weight.matmul(x, isa, large_m)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_paths(weight: "PackedWeight", isa: int, dtype: torch.dtype, rows: tuple[int, ...] = SWITCH_ROWS,
+                  budget_s: float = SWITCH_BUDGET_S, timer=None) -> tuple[list[tuple[int, float, float]], bool]:
+    """``[(rows, seconds packed-code kernel, seconds dequantize + GEMM)]`` on this weight at ``rows`` (ascending;
+    :func:`time_path`, this process's thread count), and whether every row count was measured: stops once
+    the dequantize path has won twice in a row, or when the next row count would exceed ``budget_s``.
+    ``timer`` (tests) replaces :func:`time_path`."""
+    timer = timer or time_path
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    timings: list[tuple[int, float, float]] = []
+    with torch.inference_mode():
+        for i, m in enumerate(rows):
+            x = torch.randn(m, weight.k, generator=gen).to(dtype)
+            t_small = timer(weight, x, isa, 0)
+            t_large = timer(weight, x, isa, 1)
+            timings.append((m, t_small, t_large))
+            if len(timings) >= 2 and all(tl < SWITCH_MARGIN * ts for _, ts, tl in timings[-2:]):
+                break
+            # the next row count costs about rows[i + 1] / m times this one's 2 x 4 calls
+            if i + 1 < len(rows) and time.perf_counter() - t0 + 4 * (t_small + t_large) * rows[i + 1] / m > budget_s:
+                return timings, False
+    return timings, True
+
+
+def measured_switch(weight: "PackedWeight", isa: int, dtype: torch.dtype, fallback: int = 0,
+                    rows: tuple[int, ...] = SWITCH_ROWS, budget_s: float = SWITCH_BUDGET_S, timer=None) -> int:
+    """:func:`choose_switch` on :func:`measure_paths`, cached per layer shape, grid, ISA, dtype and thread
+    count (a model's repeated layers are measured once) and logged."""
+    key = (weight.n, weight.k, weight.bits, weight.group_size, weight.zeros is not None, weight.perm is not None,
+           isa, dtype, torch.get_num_threads())
+    if key in _SWITCH_CACHE:
+        return _SWITCH_CACHE[key]
+    t0 = time.perf_counter()
+    timings, complete = measure_paths(weight, isa, dtype, rows, budget_s, timer)
+    switch = choose_switch(timings, fallback, complete)
+    _SWITCH_CACHE[key] = switch
+    logger.info("rcsr native_cpu: %dx%d W%d g%d %s: dequantize + GEMM from %s rows (measured in %.2f s; "
+                "rows: packed-code / dequantize us %s)", weight.n, weight.k, weight.bits, weight.group_size,
+                str(dtype).replace("torch.", ""), switch or "never", time.perf_counter() - t0,
+                ", ".join(f"{m}: {ts * 1e6:.0f} / {tl * 1e6:.0f}" for m, ts, tl in timings))
+    return switch
 
 
 def tile_rows(t: torch.Tensor) -> torch.Tensor:
@@ -214,6 +341,11 @@ class PackedWeight:
         return torch.ops.rcsr_cpu.grouped_gemm(x, self.packed, self.scales, self.zeros, self.perm, offsets,
                                                self.bits, self.group_size, self.n, isa, large_m)
 
+    def expert(self, e: int) -> "PackedWeight":
+        """Expert ``e`` of a stack, as a one-weight view (no copy)."""
+        return PackedWeight(self.packed[e], self.scales[e], None if self.zeros is None else self.zeros[e],
+                            self.perm, self.bits, self.group_size, self.n, self.k)
+
     def unpacked_codes(self) -> torch.Tensor:
         """uint8 ``[N, K]`` (one weight): the inverse of the repacking, for checks."""
         return torch.ops.rcsr_cpu.unpack(self.packed, self.bits, self.n, self.k)
@@ -265,7 +397,7 @@ class NativeCpuKernel(Kernel):
         self.isa = resolve_isa()
         self.weight = PackedWeight.from_codes(codes, w.scales, None if spec.sym else w.zeros, spec.bits,
                                               spec.group_size, perm)
-        self.large_m = large_m_for(self.isa, spec.act_dtype, spec.bits)
+        self.large_m = switch_for(self.weight, self.isa, spec.act_dtype)
 
     def nbytes(self) -> int:
         return self.weight.nbytes()
