@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Interleaved A/B on the default model: offline throughput (64 prompts, 32+128) and batch-16 decode
+# latency (vllm bench latency --batch-size 16, 32+128, 1 warm-up + 3 iters), 3 rounds of
+# FP / W4 exact / W4 int8 opt-in / W4+head int8 opt-in.
+set -u
+cd /work/main
+source .venv/bin/activate
+export RCSR_CACHE=/work/main/.cache VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH=/work/main VLLM_LOGGING_LEVEL=WARNING
+FP=$(python -c 'from rcsr_deploy.assets import default_model_dir; print(default_model_dir())' 2>/dev/null)
+[ -n "$FP" ] || FP=$(ls -d .cache/*/ 2>/dev/null | head -1)
+W4=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64
+W4H=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64-head
+out=runs/s22/ab
+echo "FP=$FP"
+for round in 1 2 3; do
+  for cfg in fp w4 w4a8 w4ha8; do
+    case $cfg in
+      fp) M=$FP; ISA="";;
+      w4) M=$W4; ISA="";;
+      w4a8) M=$W4; ISA=avx512_vnni_a8;;
+      w4ha8) M=$W4H; ISA=avx512_vnni_a8;;
+    esac
+    RCSR_CPU_ISA=$ISA python -m rcsr_cli.vllm_cli bench throughput --model $M --dtype bfloat16 --max-model-len 256 \
+      --dataset-name random --random-input-len 32 --random-output-len 128 --random-prefix-len 0 --num-prompts 64 \
+      --seed 0 --enforce-eager --output-json $out/thr-$cfg-$round.json > $out/thr-$cfg-$round.log 2>&1
+    RCSR_CPU_ISA=$ISA python -m rcsr_cli.vllm_cli bench latency --model $M --dtype bfloat16 --max-model-len 256 \
+      --input-len 32 --output-len 128 --batch-size 16 --num-iters-warmup 1 --num-iters 3 --seed 0 --enforce-eager \
+      --output-json $out/b16-$cfg-$round.json > $out/b16-$cfg-$round.log 2>&1
+    python - "$out" "$cfg" "$round" <<'PY'
+import json, sys
+out, cfg, r = sys.argv[1:]
+t = json.load(open(f"{out}/thr-{cfg}-{r}.json")); l = json.load(open(f"{out}/b16-{cfg}-{r}.json"))
+otok = t.get("total_num_tokens", 0)
+print(f"round {r} {cfg:6s} throughput req/s {t['requests_per_second']:.3f} tok/s {t['tokens_per_second']:.1f}  b16 latency {l['avg_latency']:.3f} s", flush=True)
+PY
+  done
+done
