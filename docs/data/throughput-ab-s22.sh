@@ -3,15 +3,15 @@
 # latency (vllm bench latency --batch-size 16, 32+128, 1 warm-up + 3 iters), 3 rounds of
 # FP / W4 exact / W4 int8 opt-in / W4+head int8 opt-in.
 set -u
-cd /work/main
+cd "$(dirname "$0")/../.."  # the repository root
 source .venv/bin/activate
-export RCSR_CACHE=/work/main/.cache VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH=/work/main VLLM_LOGGING_LEVEL=WARNING
+export RCSR_CACHE="${RCSR_CACHE:-$PWD/.cache}" VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=0 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD" VLLM_LOGGING_LEVEL=WARNING
 FP=$(python -c 'from rcsr_deploy.assets import default_model_dir; print(default_model_dir())' 2>/dev/null)
 [ -n "$FP" ] || FP=$(ls -d .cache/*/ 2>/dev/null | head -1)
 W4=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64
 W4H=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64-head
-out=runs/s22/ab
+out=runs/s22/ab; mkdir -p $out
 echo "FP=$FP"
 for round in 1 2 3; do
   for cfg in fp w4 w4a8 w4ha8; do
