@@ -10,4 +10,5 @@ fi
 # The Triton kernels are tested under TRITON_INTERPRET=1, which Triton reads when a @triton.jit
 # function is created: they get a process of their own, where nothing imported Triton before.
 "$py" -m pytest -q -p no:cacheprovider tests/plugin/test_triton_kernels.py
-exec "$py" -m pytest -q -p no:cacheprovider --ignore=tests/plugin/test_triton_kernels.py
+# --durations: every run records its slowest tests, so CI time stays visible (CI budget ~50 min).
+exec "$py" -m pytest -q -p no:cacheprovider --durations=40 --ignore=tests/plugin/test_triton_kernels.py
