@@ -52,11 +52,12 @@ struct GemmArgs {
   const float* xsum;     // [M][n_groups]: sum of x over each group (int8 kernel: of the int8 activations)
   const float* xscale;   // [M][n_groups]: int8 kernel only, the activation scale of each group (else nullptr)
   const float* xoff;     // [M][n_groups]: bf16 kernel, symmetric grids: -(128 + 2^(bits-1)) * xsum (else nullptr)
+  const int32_t* xoffq;  // [M][n_groups]: int8 kernel, symmetric grids: -2^(bits-1) * xsum, exact (else nullptr)
   const int32_t* packed; // [n_tiles][k_blocks][bits][16]
   const uint16_t* scales;  // fp16 bits [n_tiles][n_groups][16]
   const uint8_t* zeros;  // [n_tiles][n_groups][16] or nullptr (symmetric)
   float* out;            // [M][out_stride], columns tile*16 ...
-  uint16_t* out_bf16;    // the bf16 kernel only: when set, the result goes here as bf16 (out is unused)
+  uint16_t* out_bf16;    // bf16 and int8 kernels: when set, the result goes here as bf16 (out is unused)
   int64_t M;
   int64_t x_block_stride;  // elements between consecutive k-blocks
   int64_t out_stride;    // elements
@@ -86,8 +87,9 @@ void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1);  // bits <= 4, bf16 x
 void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/4/8, int8 x (opt-in)
 
-// the int8 kernel's activations from fp32 rows [m][k] (kernel_avx512vnni.cpp explains the format)
-void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
+// the int8 kernel's activations from rows [m][k] of fp32 (xdtype 0), bf16 (1) or fp16 (2)
+// (kernel_avx512vnni.cpp explains the format)
+void quantize_rows_avx512vnni(const void* x, int xdtype, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
                               int8_t* xk, float* xsum, float* xscale);
 
 // the bf16 kernel's activations: bf16 rows [m][k] -> blocked [k_blocks][m][32] (zero-padded to kpad) and

@@ -12,6 +12,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "kernel.h"
+#include "simd_avx512.h"
 
 #define RCSR_INLINE __attribute__((always_inline)) inline
 #ifndef RCSR_BF16_TL
@@ -32,19 +33,10 @@ namespace {
 
 constexpr int TL_AND_OR = 0xEA;  // ternary logic: (a & b) | c
 
-// fp32 -> bf16 bits rounded to nearest even, exactly as ATen converts (c10::BFloat16; NaN stays NaN)
-RCSR_INLINE __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i h = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  h = _mm512_mask_mov_epi32(h, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(h);
-}
-
 // row `row`, columns col .. col+15 of the result: bf16 straight into the caller's tensor, or fp32
 RCSR_INLINE void store_out(const GemmArgs& a, int64_t row, int64_t col, __m512 v) {
   if (a.out_bf16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out_bf16 + row * a.out_stride + col), to_bf16(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out_bf16 + row * a.out_stride + col), simd_to_bf16(v));
   else
     _mm512_storeu_ps(a.out + row * a.out_stride + col, v);
 }

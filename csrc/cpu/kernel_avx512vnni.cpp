@@ -5,7 +5,9 @@
 // vpdpbusd multiplies the unsigned codes q (u8) with the int8 activations, four products per 32-bit lane
 // (64 MACs per instruction, twice vdpbf16ps).  Per group the integer sums give, exactly,
 //   sum_k xq_k (q_k - z) = acc - z * sum_k xq_k,
-// which is scaled by the weight scale s and the activation scale sx in fp32.  The packed layout is the
+// which is scaled by the weight scale s and the activation scale sx in fp32.  On symmetric grids (z = 2^(b-1)
+// for every column) the int32 sums start at -z * sum_k xq_k (ops.cpp, zero_point_terms), so a flush is
+// three FP instructions per 16 sums instead of four.  The packed layout is the
 // A16 kernels' (kernel.h): a p-bit plane word holds its even codes in the low half and its odd codes in
 // the high half, so (word >> p*j) & mask gives in its four bytes the codes (2j, per/2+2j, 2j+1,
 // per/2+2j+1) of the word's per = 32/p; ops.cpp writes the activation bytes in that order.
@@ -15,6 +17,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive in its own intrinsics
 
 #include "kernel.h"
+#include "simd_avx512.h"
 
 #define RCSR_INLINE __attribute__((always_inline)) inline
 #ifndef RCSR_A8_MB
@@ -43,8 +46,15 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
   const __m512 zsym = _mm512_set1_ps((float)(1 << (BITS - 1)));
   for (int64_t g = 0; g < a.n_groups; ++g) {
     __m512i accq[TL][MB];
-    for (int i = 0; i < TL; ++i)
-      for (int m = 0; m < MB; ++m) accq[i][m] = _mm512_setzero_si512();
+    if (a.xoffq) {  // symmetric: the int32 sums start at the zero-point term -z * sum(x_q), exact
+      for (int m = 0; m < MB; ++m) {
+        const __m512i zo = _mm512_set1_epi32(a.xoffq[(m0 + m) * a.n_groups + g]);
+        for (int i = 0; i < TL; ++i) accq[i][m] = zo;
+      }
+    } else {
+      for (int i = 0; i < TL; ++i)
+        for (int m = 0; m < MB; ++m) accq[i][m] = _mm512_setzero_si512();
+    }
     int64_t kb1 = (g + 1) * a.group_blocks;
     if (kb1 > a.k_blocks) kb1 = a.k_blocks;
     for (int64_t kb = g * a.group_blocks; kb < kb1; ++kb) {
@@ -71,21 +81,33 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
     for (int i = 0; i < TL; ++i) {
       const int64_t sg = ((t + i) * a.n_groups + g) * NT;
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.scales + sg)));
-      const __m512 z = a.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-                                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg))))
-                               : zsym;
-      for (int m = 0; m < MB; ++m) {
-        const int64_t mg = (m0 + m) * a.n_groups + g;
-        const __m512 xs = _mm512_set1_ps(a.xsum[mg]);
-        const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(a.xscale[mg]));
-        const __m512 q = _mm512_fnmadd_ps(z, xs, _mm512_cvtepi32_ps(accq[i][m]));
-        acc[i][m] = _mm512_fmadd_ps(sx, q, acc[i][m]);
+      if (a.xoffq) {  // three FP instructions per 16 sums: convert, scale product, FMA
+        for (int m = 0; m < MB; ++m) {
+          const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(a.xscale[(m0 + m) * a.n_groups + g]));
+          acc[i][m] = _mm512_fmadd_ps(sx, _mm512_cvtepi32_ps(accq[i][m]), acc[i][m]);
+        }
+      } else {
+        const __m512 z = a.zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+                                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.zeros + sg))))
+                                 : zsym;
+        for (int m = 0; m < MB; ++m) {
+          const int64_t mg = (m0 + m) * a.n_groups + g;
+          const __m512 xs = _mm512_set1_ps(a.xsum[mg]);
+          const __m512 sx = _mm512_mul_ps(s, _mm512_set1_ps(a.xscale[mg]));
+          const __m512 q = _mm512_fnmadd_ps(z, xs, _mm512_cvtepi32_ps(accq[i][m]));
+          acc[i][m] = _mm512_fmadd_ps(sx, q, acc[i][m]);
+        }
       }
     }
   }
   for (int i = 0; i < TL; ++i)
-    for (int m = 0; m < MB; ++m)
-      _mm512_storeu_ps(a.out + (m0 + m) * a.out_stride + (t + i) * NT, acc[i][m]);
+    for (int m = 0; m < MB; ++m) {
+      const int64_t o = (m0 + m) * a.out_stride + (t + i) * NT;
+      if (a.out_bf16)  // bf16 straight into the caller's tensor, rounded as ATen rounds
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.out_bf16 + o), simd_to_bf16(acc[i][m]));
+      else
+        _mm512_storeu_ps(a.out + o, acc[i][m]);
+    }
 }
 
 template <int BITS, int TL, int R>
@@ -131,12 +153,23 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1) {
 // The int8 kernel's input (was scalar code in ops.cpp, whose per-element nearbyint call cost as much as
 // the GEMM of a 576-wide layer at M = 16): per row and weight group, scale = max|x| / 127 (1 where the
 // group is all zero), x_q = round-half-even(x * (127 / max|x|)) clamped to [-127, 127] (cvtps2dq under
-// the default rounding mode, as nearbyint); blocked [k_blocks][M][32], each plane word's 4-byte steps in
+// the default rounding mode, as nearbyint), read from fp32, bf16 or fp16 rows (widened exactly); blocked [k_blocks][M][32], each plane word's 4-byte steps in
 // the order tile_rows unpacks the codes: within every run of per = 32/p columns, step j holds columns
 // (2j, per/2+2j, 2j+1, per/2+2j+1).  A run (4, 8 or 16 columns) never crosses a 16-byte lane, so one
 // in-lane byte shuffle per block does the reordering.  xsum = the group sums of x_q (exact in fp32).
-void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
-                              int8_t* xk, float* xsum, float* xscale) {
+namespace {
+
+// 16 activations (mask mk) as fp32, exactly, from fp32, bf16 or fp16 rows
+template <int XT>
+RCSR_INLINE __m512 load_x(const void* row, int64_t c, __mmask16 mk) {
+  if constexpr (XT == 0) return _mm512_maskz_loadu_ps(mk, static_cast<const float*>(row) + c);
+  if constexpr (XT == 1) return simd_load_bf16(static_cast<const uint16_t*>(row) + c, mk);
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(row) + c));
+}
+
+template <int XT>
+void quantize_rows(const void* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits, int8_t* xk, float* xsum,
+                   float* xscale) {
   const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / bits;
   alignas(32) int8_t ctrl[KB];
   for (int64_t w0 = 0; w0 < KB; w0 += per)
@@ -150,22 +183,23 @@ void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad
   const __m256i shuf = _mm256_load_si256(reinterpret_cast<const __m256i*>(ctrl));
   const __m512 sign = _mm512_set1_ps(-0.0f), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
   int8_t* q = new int8_t[kpad];
+  const int64_t xbytes = XT == 0 ? 4 : 2;
   for (int64_t r = 0; r < m; ++r) {
-    const float* row = x + r * k;
+    const void* row = static_cast<const char*>(x) + r * k * xbytes;
     for (int64_t c = k; c < kpad; ++c) q[c] = 0;
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t c0 = g * gl, c1 = c0 + gl;
       __m512 vmax = _mm512_setzero_ps();
       for (int64_t c = c0; c < c1; c += 16) {
         const __mmask16 mk = c1 - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
-        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(mk, row + c)));
+        vmax = _mm512_max_ps(vmax, _mm512_andnot_ps(sign, load_x<XT>(row, c, mk)));
       }
       const float amax = _mm512_reduce_max_ps(vmax);
       const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
       __m512i vsum = _mm512_setzero_si512();
       for (int64_t c = c0; c < c1; c += 16) {
         const __mmask16 mk = c1 - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (c1 - c)) - 1);
-        const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_maskz_loadu_ps(mk, row + c), inv)));
+        const __m512 v = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(load_x<XT>(row, c, mk), inv)));
         const __m512i qi = _mm512_maskz_mov_epi32(mk, _mm512_cvtps_epi32(v));
         vsum = _mm512_add_epi32(vsum, qi);
         _mm512_mask_cvtsepi32_storeu_epi8(q + c, mk, qi);
@@ -179,6 +213,17 @@ void quantize_rows_avx512vnni(const float* x, int64_t m, int64_t k, int64_t kpad
     }
   }
   delete[] q;
+}
+
+}  // namespace
+
+void quantize_rows_avx512vnni(const void* x, int xdtype, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits,
+                              int8_t* xk, float* xsum, float* xscale) {
+  switch (xdtype) {
+    case 0: quantize_rows<0>(x, m, k, kpad, ng, bits, xk, xsum, xscale); break;
+    case 1: quantize_rows<1>(x, m, k, kpad, ng, bits, xk, xsum, xscale); break;
+    default: quantize_rows<2>(x, m, k, kpad, ng, bits, xk, xsum, xscale); break;
+  }
 }
 
 }  // namespace rcsr_cpu

@@ -274,8 +274,8 @@ void kernel_inputs(const at::Tensor& xp, const Problem& p, at::Tensor* xk, at::T
     *xscale = at::empty({m, p.n_groups}, xp.options().dtype(at::kFloat));
     TORCH_CHECK(xp.scalar_type() == at::kFloat || xp.scalar_type() == at::kBFloat16 || xp.scalar_type() == at::kHalf,
                 "rcsr_cpu.gemm: x must be fp32, bf16 or fp16");
-    const at::Tensor xf = xp.scalar_type() == at::kFloat ? xp : xp.to(at::kFloat);  // exact
-    quantize_rows_avx512vnni(xf.data_ptr<float>(), m, p.k, kpad, p.n_groups, (int)p.bits, xk->data_ptr<int8_t>(),
+    const int xdtype = xp.scalar_type() == at::kFloat ? 0 : xp.scalar_type() == at::kBFloat16 ? 1 : 2;
+    quantize_rows_avx512vnni(xp.data_ptr(), xdtype, m, p.k, kpad, p.n_groups, (int)p.bits, xk->data_ptr<int8_t>(),
                              xsum->data_ptr<float>(), xscale->data_ptr<float>());
     return;
   }
@@ -311,6 +311,7 @@ GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, cons
   a.xsum = xsum.data_ptr<float>();
   a.xscale = xscale.defined() ? xscale.data_ptr<float>() : nullptr;
   a.xoff = nullptr;
+  a.xoffq = nullptr;
   a.packed = w.packed;
   a.scales = w.scales;
   a.zeros = w.zeros;
@@ -328,9 +329,22 @@ GemmArgs make_args(const Problem& p, const Weight& w, const at::Tensor& xk, cons
 
 // The bf16 kernel on a symmetric grid: each group's sum starts at -(128 + 2^(bits-1)) * sum(x), the
 // zero-point term, which is then a broadcast load instead of an FMA per sum (session 21: ~3 % at g64).
+// The int8 kernel on a symmetric grid: its int32 sums start at -2^(bits-1) * sum(x_q) (an integer: xsum holds
+// the exact sums of the int8 activations; int32 holds it, |sum| <= 127 * K * 128), one FP instruction less
+// per flush.
 at::Tensor zero_point_terms(const Problem& p, const at::Tensor& xsum, bool asymmetric) {
-  if (p.isa != kAvx512Bf16 || asymmetric) return at::Tensor();
+  if (asymmetric) return at::Tensor();
+  if (p.isa == kAvx512VnniA8) return xsum.to(at::kInt) * static_cast<int64_t>(-(1 << (p.bits - 1)));
+  if (p.isa != kAvx512Bf16) return at::Tensor();
   return xsum * static_cast<double>(-(128 + (1 << (p.bits - 1))));
+}
+
+void set_zero_point_terms(GemmArgs* a, const at::Tensor& xoff, int64_t row0, int64_t n_groups) {
+  if (!xoff.defined()) return;
+  if (xoff.scalar_type() == at::kInt)
+    a->xoffq = xoff.data_ptr<int32_t>() + row0 * n_groups;
+  else
+    a->xoff = xoff.data_ptr<float>() + row0 * n_groups;
 }
 
 // rows >= large_m: dequantize W^T chunk by chunk (fp32, stays in cache) and let ATen multiply
@@ -388,16 +402,16 @@ at::Tensor gemm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   }
   at::Tensor xk, xsum, xscale;
   kernel_inputs(xp, p, &xk, &xsum, &xscale);
-  // an output whose width is whole tiles is written by the kernel directly: fp32, or bf16 by the bf16
-  // kernel (rounded as ATen rounds; the separate fp32 buffer and copy cost 3-5 % at M = 32, session 21)
+  // an output whose width is whole tiles is written by the kernel directly: fp32, or bf16 by the bf16 and
+  // int8 kernels (rounded as ATen rounds; the separate fp32 buffer and copy cost 3-5 % at M = 32, session 21)
   const bool whole = n == p.n_tiles * NT;
   const bool direct = whole && x.scalar_type() == at::kFloat;
-  const bool direct_bf16 = whole && p.isa == kAvx512Bf16;
+  const bool direct_bf16 = whole && (p.isa == kAvx512Bf16 || p.isa == kAvx512VnniA8) && x.scalar_type() == at::kBFloat16;
   auto acc = direct || direct_bf16 ? out : at::empty({m, p.n_tiles * NT}, x.options().dtype(at::kFloat));
   GemmArgs a = make_args(p, w, xk, xsum, xscale, direct_bf16 ? nullptr : acc.data_ptr<float>(), acc.size(1));
   if (direct_bf16) a.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const at::Tensor xoff = zero_point_terms(p, xsum, zeros.has_value());
-  if (xoff.defined()) a.xoff = xoff.data_ptr<float>();
+  set_zero_point_terms(&a, xoff, 0, p.n_groups);
   const GemmFn fn = gemm_fn(p.isa);
   at::parallel_for(0, p.n_tiles, tile_grain(p, m), [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   if (!direct && !direct_bf16) out.copy_(acc.narrow(1, 0, n));
@@ -449,7 +463,7 @@ at::Tensor grouped_gemm(const at::Tensor& x, const at::Tensor& packed, const at:
     a.x = static_cast<const char*>(xk.data_ptr()) + o[i] * KB * xk.element_size();
     a.xsum = xsum.data_ptr<float>() + o[i] * p.n_groups;
     if (a.xscale) a.xscale = xscale.data_ptr<float>() + o[i] * p.n_groups;
-    if (xoff.defined()) a.xoff = xoff.data_ptr<float>() + o[i] * p.n_groups;
+    set_zero_point_terms(&a, xoff, o[i], p.n_groups);
     small.push_back(a);
   }
   if (!small.empty()) {

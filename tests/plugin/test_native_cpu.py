@@ -256,6 +256,8 @@ def test_int8_activation_kernel_matches_its_reference(bits, gs, sym, with_perm):
                 err = float((y.double() - want).abs().max()) / scale
                 assert err <= {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], (n, dtype, m, err)
                 assert torch.equal(pw.matmul(x, nc.INT8_ACT, large_m=1), y)  # no large-M path
+                if dtype != torch.float32:  # bf16 / fp16 rows read as they are, bf16 results rounded as ATen does
+                    assert torch.equal(y, pw.matmul(x.float(), nc.INT8_ACT, large_m=0).to(dtype)), (n, dtype, m)
                 if dtype == torch.float32 and m >= 16:  # the price of int8 activations, for scale
                     exact = xp.double() @ exact_w.double().t()
                     assert float((want - exact).norm() / exact.norm()) < 0.03
@@ -276,18 +278,22 @@ def test_int8_activation_opt_in_dispatch():
     assert fallback in (2, 3) and nc.effective_isa(nc.INT8_ACT, torch.float32, 3) == 2
     assert torch.equal(pw3.matmul(x, nc.INT8_ACT, 0), pw3.matmul(x, fallback, 0))
     E, n, k = 4, 40, 128
-    layers = [make_layer(n, k, 4, 64, False, False, seed=e) for e in range(E)]
-    codes = torch.stack([unpack_codes(lw.qweight, 4, k) for lw, _ in layers])
-    pw = nc.PackedWeight.from_codes(codes, torch.stack([lw.scales for lw, _ in layers]),
-                                    torch.stack([lw.zeros for lw, _ in layers]), 4, 64)
     offsets = torch.tensor([0, 5, 5, 22, 23])
     x = torch.randn(23, k)
-    y = pw.grouped(x, offsets, nc.INT8_ACT, 8)
-    for e in range(E):
-        a, b = int(offsets[e]), int(offsets[e + 1])
-        if b > a:
-            one = nc.PackedWeight(pw.packed[e], pw.scales[e], pw.zeros[e], None, 4, 64, n, k)
-            assert torch.equal(y[a:b], one.matmul(x[a:b], nc.INT8_ACT, 0)), e
+    for sym in (False, True):  # symmetric: the int32 sums start at the zero-point term, per expert's rows
+        layers = [make_layer(n, k, 4, 64, sym, False, seed=e) for e in range(E)]
+        codes = torch.stack([unpack_codes(lw.qweight, 4, k) for lw, _ in layers])
+        zeros = None if sym else torch.stack([lw.zeros for lw, _ in layers])
+        pw = nc.PackedWeight.from_codes(codes, torch.stack([lw.scales for lw, _ in layers]), zeros, 4, 64)
+        y = pw.grouped(x, offsets, nc.INT8_ACT, 8)
+        for e in range(E):
+            a, b = int(offsets[e]), int(offsets[e + 1])
+            if b > a:
+                one = nc.PackedWeight(pw.packed[e], pw.scales[e], None if sym else pw.zeros[e], None, 4, 64, n, k)
+                assert torch.equal(y[a:b], one.matmul(x[a:b], nc.INT8_ACT, 0)), (sym, e)
+                if sym:
+                    want = _int8_reference(x[a:b], codes[e], layers[e][0].scales, None, 4, 64)
+                    assert float((y[a:b].double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 
 def test_torch_compile_keeps_the_op_opaque():
