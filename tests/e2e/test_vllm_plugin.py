@@ -119,6 +119,32 @@ def test_plugin_native_bf16(ckpts, reference):
     assert worst < 0.1, f"measured switch: bf16 prompt logprobs differ from the fp32 reference by {worst}"
 
 
+def test_plugin_int8_activation_opt_in(ckpts, reference):
+    """RCSR_CPU_ISA=avx512_vnni_a8 (the opt-in that quantizes activations to int8 per row and weight group)
+    in a real vLLM worker, bf16: 2/4/8-bit layers on the int8 kernel, 3-bit layers on the exact kernels;
+    teacher-forced prompt logprobs stay close to the fp32 reference."""
+    import vllm_plugin.kernels.native_cpu as nc
+
+    if not nc.int8_supported():
+        pytest.skip("this CPU has no AVX512_VNNI: the opt-in cannot run")
+    keys = ["w4", "w2", "mix"]
+    out, log = generate([(k, ckpts[k][0]) for k in keys],
+                        env={"RCSR_DTYPE": "bfloat16", "RCSR_CPU_ISA": "avx512_vnni_a8"})
+    lines = log.splitlines()
+    assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel native_cpu[avx512_vnni_a8] (4-bit" in log
+    for layer, grid, kernel in (("qkv_proj", "2-bit, group 32", "avx512_vnni_a8"),
+                                ("o_proj", "3-bit, group 64", "avx512_bf16"),
+                                ("gate_up_proj", "4-bit, group 64", "avx512_vnni_a8"),
+                                ("down_proj", "8-bit, group 128", "avx512_vnni_a8")):
+        if kernel == "avx512_bf16" and "avx512_bf16" not in nc.supported_isas():
+            kernel = "avx512"
+        assert any(f"{layer} -> kernel native_cpu[{kernel}] ({grid}, sym" in ln for ln in lines), (layer, kernel)
+    for key in keys:
+        worst = max(abs(a - b) for g, e in zip(out[key], reference[key]) for a, b in zip(g["plp"], e["plp"]))
+        assert worst < 0.1, f"{key}: int8-activation prompt logprobs differ from the fp32 reference by {worst}"
+        print(f"{key} bf16 int8 opt-in: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
+
+
 def test_plugin_on_vllms_own_kernel_selection(ckpts, reference):
     """RCSR_KERNEL=vllm_mp: every 4-bit layer (linears and the tied quantized head) through vLLM's
     choose_mp_linear_kernel -- the path that picks Machete/Marlin on CUDA -- which on CPU is
