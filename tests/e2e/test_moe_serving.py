@@ -3,7 +3,7 @@
 Tiny Qwen3-MoE (hidden 64, 4 experts of intermediate 96, top-2), Qwen2-MoE (shared expert with
 its sigmoid gate, qkv biases), Mixtral (hub names ``block_sparse_moe.experts.<e>.w1/w3/w2``) and GPT-OSS
 (experts transposed, gate/up interleaved, with biases and the clamped SwiGLU; attention sinks) models with the default model's tokenizer; every decoder linear and every routed expert RTN-quantized (format_version 3).
-ONE vLLM process per module (module-scoped fixture) loads, one after another: each checkpoint and
+Two concurrent vLLM processes per module (module-scoped fixture) load, one after another: each checkpoint and
 its dequantized fp32 reference (``export_dequantized``, served by vLLM's own unquantized MoE), in
 fp32 and (Qwen3-MoE) bf16.  Checks: fp32 greedy tokens identical and max |delta logprob| <= 1e-3
 (generated and prompt tokens); bf16 prompt logprobs within 0.1; ``rcsr eval`` finite perplexity; a
@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -25,6 +24,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 from factories import tiny_moe, write_moe_checkpoint
+from vllm_support import results_of, run_scripts
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 MAX_DLOGPROB = 1e-3
@@ -107,13 +107,15 @@ def served(moe_ckpts):
     jobs += [("qwen3tp-tp1", ck, "float32", {}, {}),
              ("qwen3tp-tp2", ck, "float32", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, two),
              ("qwen3tp-ep2", ck, "float32", {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, {**two, "enable_expert_parallel": True})]
+    # two concurrent processes (a vLLM load is mostly single-threaded): the three TP loads (two workers each)
+    # and four single-rank ones in one, the other eight in the other
+    one, tp = [j for j in jobs if not j[0].startswith("qwen3tp")], [j for j in jobs if j[0].startswith("qwen3tp")]
+    groups = [tp + one[:4], one[4:]]
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), json.dumps(jobs), json.dumps(PROMPTS)],
-                       capture_output=True, text=True, timeout=1500, env=_env(), cwd=str(REPO))
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert r.returncode == 0 and lines, f"vLLM run failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-6000:]}"
-    print(f"{len(jobs)} vLLM loads + generation in {time.perf_counter() - t0:.0f}s")
-    return json.loads(lines[-1][len("RESULT "):]), r.stdout + r.stderr
+    procs = run_scripts([(SCRIPT, (json.dumps(g), json.dumps(PROMPTS))) for g in groups], env=_env(), timeout=1500, whole_env=True)
+    out, log = results_of(procs)
+    print(f"{len(jobs)} vLLM loads + generation (2 processes) in {time.perf_counter() - t0:.0f}s")
+    return out, log
 
 
 def _compare(got: list[dict], ref: list[dict], what: str, logprobs: bool = True) -> float:

@@ -20,7 +20,7 @@ import pytest
 
 from factories import write_checkpoint
 from rcsr_cli.server import kill_group
-from vllm_support import GENERATE, MAX_DLOGPROB, REPO, assert_same, run_script
+from vllm_support import GENERATE, MAX_DLOGPROB, REPO, assert_same, generate, run_script
 
 
 def e2e(fn):
@@ -92,14 +92,12 @@ def test_default_model_w4_w3_match_dequantized_reference(smol_ckpts, default_mod
     assert code != GENERATE
     jobs = [(f"{kind}{bits}", str(path)) for bits, pair in smol_ckpts.items() for kind, path in zip(("w", "ref"), pair)]
     t0 = time.perf_counter()
-    proc = run_script(code, json.dumps(jobs), json.dumps(prompts), timeout=900)
-    out = _result(proc, "vLLM on the default-model checkpoints")
-    print(f"4 vLLM loads + generation in {time.perf_counter() - t0:.0f}s")
+    out, log = generate(jobs, code=code, prompts=prompts, timeout=900)
+    print(f"4 vLLM loads + generation (2 processes) in {time.perf_counter() - t0:.0f}s")
     for bits in smol_ckpts:
         worst = assert_same(out[f"w{bits}"], out[f"ref{bits}"], f"default model W{bits} g64 snrq")
         assert worst <= MAX_DLOGPROB
         assert all(len(r["tokens"]) == 16 for r in out[f"w{bits}"])
-    log = proc.stdout + proc.stderr
     lines = log.splitlines()
     assert any("rcsr: layer model.layers.29.mlp.down_proj -> kernel native_cpu[" in ln and
                "(4-bit, group 64, sym, act_order static, float32)" in ln for ln in lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from factories import write_checkpoint
-from vllm_support import GENERATE, PROMPTS, assert_same, generate, run_script
+from vllm_support import GENERATE, PROMPTS, assert_same, generate, run_scripts
 
 pytestmark = [pytest.mark.vllm]
 
@@ -89,13 +89,14 @@ def test_plugin_torch_int4_paths(ckpts, reference):
     """The 4-bit checkpoint on torch's int4 kernel: fp32 (RCSR_KERNEL=torch_int4, its dequantize-from-
     int4pack path) must match like above; bf16 (the default there: int4 GEMM for decode, dense for
     long prefills) must stay close to the fp32 reference on teacher-forced prompt logprobs."""
-    out, log = generate([("w4", ckpts["w4"][0])], env={"RCSR_KERNEL": "torch_int4"})
+    out, log = generate([("w4", ckpts["w4"][0]), ("w4-bf16", ckpts["w4"][0], {"RCSR_DTYPE": "bfloat16"})],
+                        env={"RCSR_KERNEL": "torch_int4"})
     assert_same(out["w4"], reference["w4"], "4-bit torch_int4 fp32")
-    assert "-> kernel torch_int4" in log
-    out16, log16 = generate([("w4", ckpts["w4"][0])], env={"RCSR_KERNEL": "torch_int4", "RCSR_DTYPE": "bfloat16"})
     assert "model.layers.0.self_attn.qkv_proj -> kernel torch_int4 (4-bit, group 64, sym, act_order static, " \
-           "bfloat16)" in log16
-    worst = max(abs(a - b) for g, e in zip(out16["w4"], reference["w4"]) for a, b in zip(g["plp"], e["plp"]))
+           "float32)" in log
+    assert "model.layers.0.self_attn.qkv_proj -> kernel torch_int4 (4-bit, group 64, sym, act_order static, " \
+           "bfloat16)" in log
+    worst = max(abs(a - b) for g, e in zip(out["w4-bf16"], reference["w4"]) for a, b in zip(g["plp"], e["plp"]))
     assert worst < 0.1, f"bf16 prompt logprobs differ from the fp32 reference by {worst}"
     print(f"4-bit bf16 torch_int4: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
 
@@ -105,18 +106,17 @@ def test_plugin_native_bf16(ckpts, reference):
     has it: teacher-forced prompt logprobs close to the fp32 reference of every checkpoint."""
     # (the g96 checkpoint is left to the fp32 test: its bf16 kernel paths are the unit tests' g96 cases)
     keys = [k for k in ckpts if k != "g96"]
-    out, log = generate([(k, ckpts[k][0]) for k in keys], env={"RCSR_DTYPE": "bfloat16"})
+    # + "w4-measure": the switch-over to dequantize + GEMM measured in the worker at load (the default on CPUs
+    # the table was not measured on): one log line per layer shape, and the logprobs stay close
+    measure = ("w4-measure", ckpts["w4"][0], {"RCSR_CPU_LARGE_M": "measure"})
+    out, log = generate([(k, ckpts[k][0]) for k in keys] + [measure], env={"RCSR_DTYPE": "bfloat16"})
     assert "model.layers.0.self_attn.o_proj -> kernel native_cpu[" in log
-    for key in keys:
-        worst = max(abs(a - b) for g, e in zip(out[key], reference[key]) for a, b in zip(g["plp"], e["plp"]))
+    assert "rcsr native_cpu: 256x256 W4 g64 bfloat16: dequantize + GEMM from " in log, log[-3000:]  # o_proj
+    for key in keys + ["w4-measure"]:
+        ref = reference[key.split("-")[0]]
+        worst = max(abs(a - b) for g, e in zip(out[key], ref) for a, b in zip(g["plp"], e["plp"]))
         assert worst < 0.1, f"{key}: bf16 prompt logprobs differ from the fp32 reference by {worst}"
         print(f"{key} bf16 native: max |delta prompt logprob| vs fp32 reference {worst:.2e}")
-    # the switch-over to dequantize + GEMM measured in the worker at load (the default on CPUs the table was
-    # not measured on): one log line per layer shape, and the logprobs stay close
-    out, log = generate([("w4", ckpts["w4"][0])], env={"RCSR_DTYPE": "bfloat16", "RCSR_CPU_LARGE_M": "measure"})
-    assert "rcsr native_cpu: 256x256 W4 g64 bfloat16: dequantize + GEMM from " in log, log[-3000:]  # o_proj
-    worst = max(abs(a - b) for g, e in zip(out["w4"], reference["w4"]) for a, b in zip(g["plp"], e["plp"]))
-    assert worst < 0.1, f"measured switch: bf16 prompt logprobs differ from the fp32 reference by {worst}"
 
 
 def test_plugin_int8_activation_opt_in(ckpts, reference):
@@ -187,9 +187,8 @@ def test_bad_checkpoints_fail_with_one_line_message(tmp_path):
     shutil.copytree(ckpt, table)
     _edit(table, lambda t: t.pop("model.embed_tokens.scales"))
     code = GENERATE.replace("print(\"RESULT \"", "print(\"UNEXPECTED \"")
-    r1 = run_script(code, json.dumps([("x", str(shaped))]), json.dumps(PROMPTS))
-    r2 = run_script(code, json.dumps([("x", str(version))]), json.dumps(PROMPTS))
-    r3 = run_script(code, json.dumps([("x", str(table))]), json.dumps(PROMPTS))
+    r1, r2, r3 = run_scripts([(code, (json.dumps([("x", str(bad))]), json.dumps(PROMPTS)))
+                              for bad in (shaped, version, table)])
     log3 = r3.stdout + r3.stderr
     assert r3.returncode != 0 and "UNEXPECTED" not in r3.stdout
     assert "RcsrPluginError: rcsr: model.embed_tokens.scales is missing from the checkpoint" in log3, log3[-4000:]
