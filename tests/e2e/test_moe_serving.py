@@ -91,7 +91,7 @@ def moe_ckpts(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module")
 def served(moe_ckpts):
-    """({job: per-prompt results}, log): one vLLM process, every checkpoint and reference."""
+    """({job: per-prompt results}, log): two vLLM processes, every checkpoint and reference."""
     jobs = []
     for key, (ck, ref) in moe_ckpts.items():
         if ref is not None:
