@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Interleaved A/B on the default model: offline throughput (64 prompts, 32+128) and batch-16 decode
 # latency (vllm bench latency --batch-size 16, 32+128, 1 warm-up + 3 iters), 3 rounds of
-# FP / W4 exact / W4 int8 opt-in / W4+head int8 opt-in.
+# FP / W4 exact / W4 int8 opt-in / W4+head int8 opt-in.  ROUNDS, CONFIGS and OUT override the session-22 run
+# (session 23: ROUNDS="1 2" CONFIGS="fp w4a8 w4ha8" OUT=runs/s23/ab, on the session-22 checkpoints).
 set -u
 cd "$(dirname "$0")/../.."  # the repository root
 source .venv/bin/activate
@@ -11,10 +12,10 @@ FP=$(python -c 'from rcsr_deploy.assets import default_model_dir; print(default_
 [ -n "$FP" ] || FP=$(ls -d .cache/*/ 2>/dev/null | head -1)
 W4=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64
 W4H=runs/s22/serving-default/smollm2-135m-instruct-rtn-w4g64-head
-out=runs/s22/ab; mkdir -p $out
+out=${OUT:-runs/s22/ab}; mkdir -p $out
 echo "FP=$FP"
-for round in 1 2 3; do
-  for cfg in fp w4 w4a8 w4ha8; do
+for round in ${ROUNDS:-1 2 3}; do
+  for cfg in ${CONFIGS:-fp w4 w4a8 w4ha8}; do
     case $cfg in
       fp) M=$FP; ISA="";;
       w4) M=$W4; ISA="";;
