@@ -153,8 +153,8 @@ void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1) {
 // The int8 kernel's input (was scalar code in ops.cpp, whose per-element nearbyint call cost as much as
 // the GEMM of a 576-wide layer at M = 16): per row and weight group, scale = max|x| / 127 (1 where the
 // group is all zero), x_q = round-half-even(x * (127 / max|x|)) clamped to [-127, 127] (cvtps2dq under
-// the default rounding mode, as nearbyint), read from fp32, bf16 or fp16 rows (widened exactly); blocked [k_blocks][M][32], each plane word's 4-byte steps in
-// the order tile_rows unpacks the codes: within every run of per = 32/p columns, step j holds columns
+// the default rounding mode, as nearbyint), read from fp32, bf16 or fp16 rows (widened exactly); blocked
+// [k_blocks][M][32], each plane word's 4-byte steps in the order tile_rows unpacks the codes: within every run of per = 32/p columns, step j holds columns
 // (2j, per/2+2j, 2j+1, per/2+2j+1).  A run (4, 8 or 16 columns) never crosses a 16-byte lane, so one
 // in-lane byte shuffle per block does the reordering.  xsum = the group sums of x_q (exact in fp32).
 namespace {
