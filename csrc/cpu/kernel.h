@@ -85,7 +85,7 @@ void gemm_scalar(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx2(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512(const GemmArgs& a, int64_t t0, int64_t t1);
 void gemm_avx512bf16(const GemmArgs& a, int64_t t0, int64_t t1);  // bits <= 4, bf16 x
-void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/4/8, int8 x (opt-in)
+void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1);  // bits 2/3/4/8, int8 x (opt-in)
 
 // the int8 kernel's activations from rows [m][k] of fp32 (xdtype 0), bf16 (1) or fp16 (2)
 // (kernel_avx512vnni.cpp explains the format)

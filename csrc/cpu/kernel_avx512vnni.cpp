@@ -1,4 +1,4 @@
-// rcsr_cpu: AVX-512 VNNI kernel with int8 activations (opt-in, RCSR_CPU_ISA=avx512_vnni_a8) for 2/4/8-bit codes.
+// rcsr_cpu: AVX-512 VNNI kernel with int8 activations (opt-in, RCSR_CPU_ISA=avx512_vnni_a8) for 2/3/4/8-bit codes.
 //
 // This is the one kernel that changes numerics: each row's activations are quantized per weight group
 // to int8 (symmetric, scale = max|x| / 127 over the group's columns; ops.cpp, kernel_inputs), and
@@ -10,7 +10,8 @@
 // three FP instructions per 16 sums instead of four.  The packed layout is the
 // A16 kernels' (kernel.h): a p-bit plane word holds its even codes in the low half and its odd codes in
 // the high half, so (word >> p*j) & mask gives in its four bytes the codes (2j, per/2+2j, 2j+1,
-// per/2+2j+1) of the word's per = 32/p; ops.cpp writes the activation bytes in that order.
+// per/2+2j+1) of the word's per = 32/p; quantize_rows writes the activation bytes in that order.  3-bit
+// codes take their bytes from the low 2-bit plane and add the high plane's bit (block3).
 // Compiled for AVX-512 VNNI via the pragma below, called only after the run-time CPU check (ops.cpp).
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,f16c")
 #include <immintrin.h>
@@ -30,6 +31,48 @@
 
 namespace rcsr_cpu {
 namespace {
+
+// 3-bit codes, one k-block of tiles wt[0..TL-1]: the two words of the low (2-bit) plane give four byte
+// steps each, as for 2-bit codes, and the high (1-bit) plane word h adds bit 2 of every byte.  Step j
+// of low word wi holds the word's codes (2j, 8+2j, 2j+1, 9+2j) in its four bytes, whose high bits sit in
+// h at bits 8wi+j, 8wi+4+j, 16+8wi+j, 16+8wi+4+j (code c at bit 16*(c&1) + (c>>1)).  One select per low
+// word gathers them as hp = (bits 8wi..8wi+3 -> byte 0, 8wi+4..8wi+7 -> byte 1, the same +16 -> bytes 2/3),
+// so that bit j of each byte of hp is the high bit of step j's code (bits 4-7 of a byte are left over and
+// never reach bit 2 under the shifts below); step j then shifts bit j to bit 2, masks it, and ors it
+// into the masked low codes: (lo & 0x03) | (hi & 0x04) per byte, the code lo + 4 hi.  The activations
+// are in the 2-bit order (quantize_rows).
+template <int MB, int TL>
+RCSR_INLINE void block3(const int32_t* const* wt, int64_t kb, const int32_t* const* xr, __m512i (*accq)[MB]) {
+  const __m512i m03 = _mm512_set1_epi32(0x03030303), m04 = _mm512_set1_epi32(0x04040404);
+  const __m512i m0f = _mm512_set1_epi32(0x000F000F);
+  __m512i h[TL];
+  for (int i = 0; i < TL; ++i) h[i] = _mm512_loadu_si512(wt[i] + (kb * 3 + 2) * NT);
+#pragma GCC unroll 2
+  for (int wi = 0; wi < 2; ++wi) {
+    __m512i v[TL], hp[TL];
+    for (int i = 0; i < TL; ++i) {
+      v[i] = _mm512_loadu_si512(wt[i] + (kb * 3 + wi) * NT);
+      // select (imm 0xE4: c ? a : b) with c = 0x000F000F: bits 0-3 / 16-19 from a, the rest from b
+      hp[i] = wi == 0 ? _mm512_ternarylogic_epi32(h[i], _mm512_slli_epi32(h[i], 4), m0f, 0xE4)
+                      : _mm512_ternarylogic_epi32(_mm512_srli_epi32(h[i], 8), _mm512_srli_epi32(h[i], 4), m0f, 0xE4);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i w[TL];
+      for (int i = 0; i < TL; ++i) {
+        const __m512i lo = j == 0 ? v[i] : _mm512_srli_epi32(v[i], 2 * j);
+        const __m512i hs = j < 2 ? _mm512_slli_epi32(hp[i], 2 - j) : j == 2 ? hp[i] : _mm512_srli_epi32(hp[i], 1);
+        // imm 0xEC: (a & c) | b, with b = the high bits already masked to bit 2 of each byte
+        w[i] = _mm512_ternarylogic_epi32(lo, _mm512_and_si512(hs, m04), m03, 0xEC);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xb = _mm512_set1_epi32(xr[m][wi * 4 + j]);
+        for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbusd_epi32(accq[i][m], w[i], xb);
+      }
+    }
+  }
+}
 
 // Output tiles t .. t+TL-1, rows m0 .. m0+MB-1 (the structure of the bf16 kernel: each broadcast
 // activation word feeds TL dot products; the group's int32 sums and the fp32 sums stay in registers).
@@ -61,19 +104,23 @@ void tile_rows(const GemmArgs& a, int64_t t, int64_t m0) {
       const int32_t* xr[MB];
       for (int m = 0; m < MB; ++m) xr[m] = reinterpret_cast<const int32_t*>(x + kb * a.x_block_stride + (m0 + m) * KB);
       for (int i = 0; i < TL; ++i) RCSR_PREFETCH_BLOCK(wt[i] + kb * BITS * NT, BITS);
+      if constexpr (BITS == 3) {
+        block3<MB, TL>(wt, kb, xr, accq);
+      } else {
 #pragma GCC unroll 8
-      for (int wi = 0; wi < BITS; ++wi) {
-        __m512i v[TL];
-        for (int i = 0; i < TL; ++i) v[i] = _mm512_loadu_si512(wt[i] + (kb * BITS + wi) * NT);
+        for (int wi = 0; wi < BITS; ++wi) {
+          __m512i v[TL];
+          for (int i = 0; i < TL; ++i) v[i] = _mm512_loadu_si512(wt[i] + (kb * BITS + wi) * NT);
 #pragma GCC unroll 4
-        for (int j = 0; j < S; ++j) {
-          __m512i w[TL];
-          for (int i = 0; i < TL; ++i)
-            w[i] = BITS == 8 ? v[i] : _mm512_and_si512(_mm512_srli_epi32(v[i], BITS * j), bmask);
+          for (int j = 0; j < S; ++j) {
+            __m512i w[TL];
+            for (int i = 0; i < TL; ++i)
+              w[i] = BITS == 8 ? v[i] : _mm512_and_si512(_mm512_srli_epi32(v[i], BITS * j), bmask);
 #pragma GCC unroll 8
-          for (int m = 0; m < MB; ++m) {
-            const __m512i xb = _mm512_set1_epi32(xr[m][wi * S + j]);
-            for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbusd_epi32(accq[i][m], w[i], xb);
+            for (int m = 0; m < MB; ++m) {
+              const __m512i xb = _mm512_set1_epi32(xr[m][wi * S + j]);
+              for (int i = 0; i < TL; ++i) accq[i][m] = _mm512_dpbusd_epi32(accq[i][m], w[i], xb);
+            }
           }
         }
       }
@@ -143,6 +190,7 @@ void gemm_bits(const GemmArgs& a, int64_t t0, int64_t t1) {
 void gemm_avx512vnni(const GemmArgs& a, int64_t t0, int64_t t1) {
   switch (a.bits) {
     case 2: gemm_bits<2>(a, t0, t1); break;
+    case 3: gemm_bits<3>(a, t0, t1); break;
     case 4: gemm_bits<4>(a, t0, t1); break;
     case 8: gemm_bits<8>(a, t0, t1); break;
     default: break;
@@ -170,7 +218,7 @@ RCSR_INLINE __m512 load_x(const void* row, int64_t c, __mmask16 mk) {
 template <int XT>
 void quantize_rows(const void* x, int64_t m, int64_t k, int64_t kpad, int64_t ng, int bits, int8_t* xk, float* xsum,
                    float* xscale) {
-  const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / bits;
+  const int64_t gl = k / ng, kb_n = kpad / KB, per = 32 / (bits == 3 ? 2 : bits);  // 3-bit: the low plane's order
   alignas(32) int8_t ctrl[KB];
   for (int64_t w0 = 0; w0 < KB; w0 += per)
     for (int64_t j = 0; j < per / 4; ++j) {

@@ -12,8 +12,7 @@
 // ATen's GEMM in the activation dtype (fp16: in fp32).  isa: 0 scalar, 1 AVX2, 2 AVX-512, 3 AVX-512 BF16
 // (bf16 activations, bits <= 4; other layers of a bf16 model use AVX-512), 4 AVX-512 VNNI with int8
 // activations (opt-in only, never the default: it quantizes the activations per row and weight group;
-// bits 2/4/8, other layers fall back to 3 or 2; no large-M path, so a row's numerics do not depend on
-// the batch).
+// every width, 2/3/4/8; no large-M path, so a row's numerics do not depend on the batch).
 #include <ATen/Parallel.h>
 #include <cpuid.h>
 #include <torch/extension.h>
@@ -223,8 +222,6 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& packed, const at::T
     TORCH_CHECK(perm->dim() == 1 && perm->size(0) == p.k && perm->scalar_type() == at::kLong,
                 "rcsr_cpu.gemm: perm must be int64 [K]");
   // the bf16 kernel takes bf16 activations and codes of at most 4 bits; other layers use AVX-512
-  // the int8-activation kernel takes 2/4/8-bit codes; other layers run the exact kernels
-  if (isa == kAvx512VnniA8 && bits == 3) isa = isa_supported(kAvx512Bf16) ? kAvx512Bf16 : kAvx512;
   if (isa == kAvx512Bf16 && (x.scalar_type() != at::kBFloat16 || bits > 4)) isa = kAvx512;
   p.isa = isa;
   return p;

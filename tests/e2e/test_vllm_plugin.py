@@ -121,24 +121,22 @@ def test_plugin_native_bf16(ckpts, reference):
 
 def test_plugin_int8_activation_opt_in(ckpts, reference):
     """RCSR_CPU_ISA=avx512_vnni_a8 (the opt-in that quantizes activations to int8 per row and weight group)
-    in a real vLLM worker, bf16: 2/4/8-bit layers on the int8 kernel, 3-bit layers on the exact kernels;
-    teacher-forced prompt logprobs stay close to the fp32 reference."""
+    in a real vLLM worker, bf16: every layer of every width (2/3/4/8 bits, group 32 / 64 / 128 / per channel,
+    sym / asym) on the int8 kernel; teacher-forced prompt logprobs stay close to the fp32 reference."""
     import vllm_plugin.kernels.native_cpu as nc
 
     if not nc.int8_supported():
         pytest.skip("this CPU has no AVX512_VNNI: the opt-in cannot run")
-    keys = ["w4", "w2", "mix"]
+    keys = ["w4", "w2", "w3", "mix"]
     out, log = generate([(k, ckpts[k][0]) for k in keys],
                         env={"RCSR_DTYPE": "bfloat16", "RCSR_CPU_ISA": "avx512_vnni_a8"})
     lines = log.splitlines()
     assert "rcsr: layer model.layers.0.self_attn.qkv_proj -> kernel native_cpu[avx512_vnni_a8] (4-bit" in log
-    for layer, grid, kernel in (("qkv_proj", "2-bit, group 32", "avx512_vnni_a8"),
-                                ("o_proj", "3-bit, group 64", "avx512_bf16"),
-                                ("gate_up_proj", "4-bit, group 64", "avx512_vnni_a8"),
-                                ("down_proj", "8-bit, group 128", "avx512_vnni_a8")):
-        if kernel == "avx512_bf16" and "avx512_bf16" not in nc.supported_isas():
-            kernel = "avx512"
-        assert any(f"{layer} -> kernel native_cpu[{kernel}] ({grid}, sym" in ln for ln in lines), (layer, kernel)
+    for layer, grid in (("qkv_proj", "2-bit, group 32, sym"), ("o_proj", "3-bit, group 64, sym"),
+                        ("gate_up_proj", "4-bit, group 64, sym"), ("down_proj", "8-bit, group 128, sym"),
+                        ("down_proj", "3-bit, group -1, asym")):
+        assert any(f"{layer} -> kernel native_cpu[avx512_vnni_a8] ({grid}" in ln for ln in lines), (layer, grid)
+    assert "native_cpu[avx512_bf16]" not in log and "native_cpu[avx512]" not in log
     for key in keys:
         worst = max(abs(a - b) for g, e in zip(out[key], reference[key]) for a, b in zip(g["plp"], e["plp"]))
         assert worst < 0.1, f"{key}: int8-activation prompt logprobs differ from the fp32 reference by {worst}"

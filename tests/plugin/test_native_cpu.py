@@ -220,7 +220,7 @@ def _int8_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, 
     return (part * sx.double() * scales.double().t()[None]).sum(1)
 
 
-INT8_CASES = list(itertools.product((2, 4, 8), (32, 64, -1), (True, False), (False, True)))
+INT8_CASES = list(itertools.product((2, 3, 4, 8), (32, 64, -1), (True, False), (False, True)))
 
 
 @pytest.mark.parametrize("bits,gs,sym,with_perm", INT8_CASES,
@@ -264,35 +264,33 @@ def test_int8_activation_kernel_matches_its_reference(bits, gs, sym, with_perm):
 
 
 def test_int8_activation_opt_in_dispatch():
-    """3-bit layers keep the exact kernels under the int8 opt-in (bit for bit the bf16 / AVX-512 result);
-    the grouped op runs the int8 kernel per expert; the default never picks it."""
+    """Every width runs the int8 kernel under the opt-in (3-bit too, from session 24); the grouped op runs
+    it per expert; the default never picks it."""
     if not nc.int8_supported():
         pytest.skip("this CPU has no AVX512_VNNI")
     assert nc.best_isa() != nc.INT8_ACT and "avx512_vnni_a8" not in ISAS
-    w, _ = make_layer(48, 128, 3, 32, True, False)
+    for bits in (2, 3, 4, 8):
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            assert nc.effective_isa(nc.INT8_ACT, dtype, bits) == nc.INT8_ACT
     from rcsr_deploy.packing import unpack_codes
 
-    pw3 = nc.PackedWeight.from_codes(unpack_codes(w.qweight, 3, 128), w.scales, None, 3, 32)
-    x = torch.randn(9, 128).to(torch.bfloat16)
-    fallback = nc.effective_isa(nc.INT8_ACT, torch.bfloat16, 3)
-    assert fallback in (2, 3) and nc.effective_isa(nc.INT8_ACT, torch.float32, 3) == 2
-    assert torch.equal(pw3.matmul(x, nc.INT8_ACT, 0), pw3.matmul(x, fallback, 0))
     E, n, k = 4, 40, 128
     offsets = torch.tensor([0, 5, 5, 22, 23])
     x = torch.randn(23, k)
-    for sym in (False, True):  # symmetric: the int32 sums start at the zero-point term, per expert's rows
-        layers = [make_layer(n, k, 4, 64, sym, False, seed=e) for e in range(E)]
-        codes = torch.stack([unpack_codes(lw.qweight, 4, k) for lw, _ in layers])
+    # symmetric: the int32 sums start at the zero-point term, per expert's rows
+    for bits, sym in ((4, False), (4, True), (3, False), (3, True)):
+        layers = [make_layer(n, k, bits, 64, sym, False, seed=e) for e in range(E)]
+        codes = torch.stack([unpack_codes(lw.qweight, bits, k) for lw, _ in layers])
         zeros = None if sym else torch.stack([lw.zeros for lw, _ in layers])
-        pw = nc.PackedWeight.from_codes(codes, torch.stack([lw.scales for lw, _ in layers]), zeros, 4, 64)
+        pw = nc.PackedWeight.from_codes(codes, torch.stack([lw.scales for lw, _ in layers]), zeros, bits, 64)
         y = pw.grouped(x, offsets, nc.INT8_ACT, 8)
         for e in range(E):
             a, b = int(offsets[e]), int(offsets[e + 1])
             if b > a:
-                one = nc.PackedWeight(pw.packed[e], pw.scales[e], None if sym else pw.zeros[e], None, 4, 64, n, k)
-                assert torch.equal(y[a:b], one.matmul(x[a:b], nc.INT8_ACT, 0)), (sym, e)
+                one = nc.PackedWeight(pw.packed[e], pw.scales[e], None if sym else pw.zeros[e], None, bits, 64, n, k)
+                assert torch.equal(y[a:b], one.matmul(x[a:b], nc.INT8_ACT, 0)), (bits, sym, e)
                 if sym:
-                    want = _int8_reference(x[a:b], codes[e], layers[e][0].scales, None, 4, 64)
+                    want = _int8_reference(x[a:b], codes[e], layers[e][0].scales, None, bits, 64)
                     assert float((y[a:b].double() - want).abs().max()) <= 1e-6 * float(want.abs().max())
 
 

@@ -15,8 +15,8 @@ the CPU runs).  ``avx512_bf16`` multiplies bf16 activations with the exact bf16 
 ``RCSR_CPU_ISA=avx512_vnni_a8`` is an **opt-in** that changes numerics (never chosen by default): each
 row's activations are quantized to int8 per weight group (symmetric, scale ``max|x| / 127``) and
 ``vpdpbusd`` multiplies them with the codes, 64 MACs per instruction instead of ``vdpbf16ps``' 32 --
-the lever for compute-bound batches (decode at batch 16, prefill).  2/4/8-bit layers; 3-bit layers keep
-the exact kernels; no large-M path, so a row's result does not depend on the batch it is in.
+the lever for compute-bound batches (decode at batch 16, prefill).  Every width (2/3/4/8 bits); no large-M
+path, so a row's result does not depend on the batch it is in.
 
 Two code paths per call, switched at ``large_m`` rows: below it the kernel reads the packed codes once
 per 8 (AVX2: 3) rows; from it on, column chunks of ``W^T`` are dequantized into cache and multiplied by
@@ -47,7 +47,6 @@ ENV_LARGE_M = "RCSR_CPU_LARGE_M"
 ISA_NAMES = ("scalar", "avx2", "avx512", "avx512_bf16", "avx512_vnni_a8")
 EXACT_ISAS = 4  #: ISA levels below this keep the activations in their dtype (A16); level 4 quantizes them
 INT8_ACT = 4    #: ``avx512_vnni_a8``: int8 activations, opt-in only
-INT8_BITS = (2, 4, 8)
 NT, KB = 16, 32  # output channels per tile, input columns per block (csrc/cpu/kernel.h)
 
 _EXT = None
@@ -125,14 +124,8 @@ def int8_supported() -> bool:
 
 
 def effective_isa(isa: int, dtype: torch.dtype, bits: int) -> int:
-    """The kernel a call really runs (as ``csrc/cpu/ops.cpp`` decides): the int8 kernel takes 2/4/8-bit
-    codes (3-bit layers run the bf16 kernel where the CPU has it, else AVX-512); the bf16 kernel takes bf16
-    activations and <= 4 bits."""
-    if isa == INT8_ACT:
-        if bits in INT8_BITS:
-            return isa
-        ext = extension()
-        isa = 3 if ext is not None and ext.isa_supported(3) else 2
+    """The kernel a call really runs (as ``csrc/cpu/ops.cpp`` decides): the int8 kernel takes every width; the
+    bf16 kernel takes bf16 activations and <= 4 bits (other layers run AVX-512)."""
     if isa == 3 and (dtype != torch.bfloat16 or bits > 4):
         return 2
     return isa
