@@ -303,8 +303,8 @@ void block_rows_avx512bf16(const uint16_t* x, int64_t m, int64_t k, int64_t kpad
       const __mmask32 mk = len == KB ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
       const __m512i v = _mm512_maskz_loadu_epi16(mk, row + c0);
       _mm512_storeu_si512(xk + (kb * m + r) * KB, v);
-      const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
-      const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+      const __m512 lo = simd_bf16_to_ps(_mm512_castsi512_si256(v));
+      const __m512 hi = simd_bf16_to_ps(_mm512_extracti64x4_epi64(v, 1));
       s0 = _mm512_add_pd(s0, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(lo)),
                                            _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lo), 1)))));
       s1 = _mm512_add_pd(s1, _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(hi)),

@@ -19,9 +19,14 @@ static inline __attribute__((always_inline)) __m256i simd_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(h);
 }
 
+// 16 bf16 values widened exactly to fp32
+static inline __attribute__((always_inline)) __m512 simd_bf16_to_ps(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
 // up to 16 bf16 values (mask mk) widened exactly to fp32; masked-off lanes are 0
 static inline __attribute__((always_inline)) __m512 simd_load_bf16(const uint16_t* p, __mmask16 mk) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, p)), 16));
+  return simd_bf16_to_ps(_mm256_maskz_loadu_epi16(mk, p));
 }
 
 }  // namespace rcsr_cpu
